@@ -1,0 +1,1 @@
+"""Benchmark drivers behind `turbollm bench` (each compares against a same-run baseline)."""

@@ -1,0 +1,87 @@
+"""transformers as the same-run baseline: the same checkpoint, its own `generate`.
+
+Only the benchmark and the tests build transformers models; serving code never does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from turbollm.models.loader import ModelSource
+
+
+def load_hf_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The transformers model for the same weights turbollm loaded from `source`."""
+    from transformers import AutoModelForCausalLM
+
+    if source.kind == "gguf":
+        assert source.path is not None
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(source.path), gguf_file=os.path.basename(source.path), dtype=dtype
+        )
+    elif source.kind == "hf":
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, local_files_only=True)
+    else:
+        raise ValueError("--compare hf needs a real checkpoint (HF directory or GGUF), not dummy weights")
+    return model.to(device).eval()
+
+
+@dataclass
+class HFRun:
+    """One baseline configuration's result."""
+
+    name: str
+    num_prompts: int
+    output_tokens: int
+    seconds: float
+    outputs: list[list[int]]
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def _trim(row: list[int], eos: set[int], pad: int | None) -> list[int]:
+    """Generated ids up to and including the first EOS (HF pads finished rows after it)."""
+    out = []
+    for t in row:
+        out.append(t)
+        if t in eos:
+            break
+    return out
+
+
+@torch.inference_mode()
+def hf_generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    batch_size: int,
+    max_new_tokens: int,
+    ignore_eos: bool,
+    eos: set[int],
+    pad_id: int,
+) -> HFRun:
+    """Greedy `generate` over padded static batches (left padding), timed end to end."""
+    dev = next(model.parameters()).device
+    outputs: list[list[int]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i : i + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=dev)
+        gen = model.generate(  # type: ignore[operator]
+            input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens if ignore_eos else None, pad_token_id=pad_id,
+            eos_token_id=sorted(eos), top_p=None, top_k=None, temperature=None,
+        )
+        outputs += [_trim(row[width:].tolist(), eos, pad_id) for row in gen]
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    secs = time.perf_counter() - t0
+    name = "hf one-at-a-time" if batch_size == 1 else f"hf static batch {batch_size}"
+    return HFRun(name, len(prompts), sum(len(o) for o in outputs), secs, outputs)

@@ -1,0 +1,96 @@
+"""`turbollm bench throughput`: N prompts through turbollm and through transformers.
+
+Same model, same weights, same greedy settings, same run. Prints output tokens/s for each
+and the ratios, checks the greedy tokens agree, and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+
+from turbollm.bench.hf_baseline import hf_generate, load_hf_model
+from turbollm.bench.prompts import chat_prompts, random_prompts
+from turbollm.engine.llm import LLM
+from turbollm.sampling_params import SamplingParams
+
+
+def _turbollm_run(llm: LLM, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=args.ignore_eos)
+    llm.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    secs = time.perf_counter() - t0
+    toks = [o.outputs[0].token_ids for o in outs]
+    n_out = sum(len(t) for t in toks)
+    return {"name": "turbollm", "num_prompts": len(prompts), "output_tokens": n_out,
+            "seconds": secs, "tok_per_s": n_out / secs, "outputs": toks}
+
+
+def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
+    opts = dict(engine_opts)
+    llm = LLM(opts.pop("model", None), **opts)
+    eng = llm.engine
+    info = eng.model_info
+    if args.dataset == "chat":
+        prompts = chat_prompts(eng.tokenizer, args.num_prompts)
+    else:
+        prompts = random_prompts(info.arch.vocab_size, args.num_prompts, args.input_len)
+    ours = _turbollm_run(llm, prompts, args)
+    source, device, dtype = eng.executor.source, eng.executor.runner.device, eng.executor.runner.dtype
+    eos = set(eng.eos_token_ids)
+    del llm, eng
+    runs: list[dict[str, Any]] = []
+    if args.compare == "hf":
+        hf = load_hf_model(source, dtype, device)
+        pad = next(iter(sorted(eos)))
+        single = hf_generate(hf, prompts[: args.hf_single_prompts], 1, args.output_len, args.ignore_eos, eos, pad)
+        runs.append(vars(single) | {"tok_per_s": single.tok_per_s})
+        for bs in [int(b) for b in args.hf_batch_sizes.split(",") if b]:
+            r = hf_generate(hf, prompts, bs, args.output_len, args.ignore_eos, eos, pad)
+            runs.append(vars(r) | {"tok_per_s": r.tok_per_s})
+    report = _report(args, info, device, dtype, prompts, ours, runs)
+    _print_table(report)
+    if args.output_json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
+        with open(args.output_json, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+def _report(args: argparse.Namespace, info: Any, device: torch.device, dtype: torch.dtype,
+            prompts: list[list[int]], ours: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    for r in runs:
+        r["turbollm_speedup"] = ours["tok_per_s"] / r["tok_per_s"]
+        n = r["num_prompts"]
+        r["greedy_match"] = sum(a == b for a, b in zip(ours["outputs"][:n], r["outputs"])) / n
+    strip = [{k: v for k, v in r.items() if k != "outputs"} for r in [ours, *runs]]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                 "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "model": info.path or "dummy", "dtype": str(dtype).removeprefix("torch."),
+        "dataset": args.dataset, "num_prompts": len(prompts),
+        "mean_prompt_len": sum(map(len, prompts)) / len(prompts),
+        "output_len": args.output_len, "ignore_eos": args.ignore_eos,
+        "runs": strip,
+    }
+
+
+def _print_table(rep: dict[str, Any]) -> None:
+    print(f"\nmodel {rep['model']} ({rep['dtype']}, {rep['host']['device']}), {rep['num_prompts']} prompts "
+          f"(mean {rep['mean_prompt_len']:.0f} tokens), up to {rep['output_len']} new tokens"
+          f"{', ignore_eos' if rep['ignore_eos'] else ''}")
+    print(f"{'run':<24}{'prompts':>8}{'out tok':>9}{'sec':>9}{'tok/s':>9}{'turbollm x':>12}{'same tokens':>13}")
+    for r in rep["runs"]:
+        sp = f"{r['turbollm_speedup']:.2f}" if "turbollm_speedup" in r else "-"
+        gm = f"{100 * r['greedy_match']:.0f}%" if "greedy_match" in r else "-"
+        print(f"{r['name']:<24}{r['num_prompts']:>8}{r['output_tokens']:>9}{r['seconds']:>9.2f}"
+              f"{r['tok_per_s']:>9.1f}{sp:>12}{gm:>13}")

@@ -1,0 +1,80 @@
+"""What the scheduler hands the worker each step, and what comes back (plain Python, CPU).
+
+Owned by the scheduler (StepPlan) and the worker (StepResult); both live on the host and are
+dropped after the step. The worker keeps per-request state between steps, so a plan carries
+a request's full data only when the worker has not seen it (new, or resumed after
+preemption) and otherwise only what changed (new KV blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from turbollm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """A request the worker has no state for: first scheduled, or resumed after preemption."""
+
+    request_id: str
+    token_ids: list[int]
+    """Prompt followed by every output token so far (non-empty after preemption)."""
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    """KV blocks holding token i at block_ids[i // block_size], slot i % block_size."""
+    num_computed_tokens: int
+    """Tokens whose KV is already in the cache (prefix-cache hits)."""
+
+
+@dataclass
+class CachedRequestData:
+    """A request the worker already holds; only its newly allocated blocks travel."""
+
+    request_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+    """Tokens with KV in the cache before this step (lets the worker check it agrees)."""
+
+
+@dataclass
+class StepPlan:
+    """One step: which requests compute how many new tokens."""
+
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    """request_id -> tokens to compute this step: a prompt chunk, 1 for decode, 0 never."""
+    finished_request_ids: set[str] = field(default_factory=set)
+    """Requests freed since the last plan (finished, aborted, preempted): drop their state."""
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities at one output position (from the model's raw distribution)."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    """1-based rank of the sampled token in the distribution."""
+    top: list[tuple[int, float]]
+    """The most likely (token_id, logprob) pairs, best first; as many as asked for."""
+
+
+@dataclass
+class StepResult:
+    """What one step produced. Requests mid-prompt (a partial chunk) sample nothing."""
+
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """request_id -> tokens sampled this step (one, or none for a partial prefill)."""
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """request_id -> logprobs for each sampled token, for requests that asked."""

@@ -1,0 +1,1 @@
+"""The engine: requests in, outputs out (LLMEngine), and the offline `LLM` API."""

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per family, each with a typed launcher and a torch reference."""

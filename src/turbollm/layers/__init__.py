@@ -1,0 +1,1 @@
+"""Building blocks of the decoder: parallel-aware linears, attention, rotary, norms."""

@@ -1,0 +1,123 @@
+"""Paged attention in plain torch (fast Triton kernels replace the inner calls later).
+
+The KV cache of one layer is one tensor [2, num_blocks, block_size, num_kv_heads, head_dim]
+on the model's device, allocated by the worker. Token t of a request lives in block
+block_table[t // block_size] at slot t % block_size; `slot_mapping` gives the flat slot
+(block * block_size + offset) of every token computed this step.
+
+Batch layout contract (built by the worker): requests with one query token (decodes) come
+first, then requests with longer chunks (prompt chunks). Every request attends to all of
+its cached tokens plus its own new tokens, causally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens sit in the paged cache. Tensors live on the model's device."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64 flat cache slot of each new token
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int64, padded with 0
+    seq_lens: torch.Tensor  # [num_reqs] int64 tokens in the cache after this step
+    query_lens_cpu: list[int]
+    """New tokens of each request this step (host copy: sizes the python-side loops)."""
+    seq_lens_cpu: list[int]
+    num_decodes: int
+    """The first num_decodes requests have exactly one query token."""
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.query_lens_cpu)
+
+
+class Attention(nn.Module):
+    """Writes this step's k/v into the paged cache, then attends over each request's cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, H * D]
+        k: torch.Tensor,  # [T, KV * D]
+        v: torch.Tensor,  # [T, KV * D]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KV, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)  # [T, H, D]
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_cache, meta)
+        start = nd
+        for i in range(nd, meta.num_reqs):
+            qlen = meta.query_lens_cpu[i]
+            out[start : start + qlen] = self._prefill(q[start : start + qlen], kv_cache, meta, i)
+            start += qlen
+        return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One query per request, batched: q [nd, H, D] -> [nd, H, D]."""
+        nd = q.shape[0]
+        max_len = max(meta.seq_lens_cpu[:nd])
+        k, v = gather_kv(kv_cache, meta.block_tables[:nd], max_len)  # [nd, L, KV, D] each
+        groups = self.num_heads // self.num_kv_heads
+        qg = q.view(nd, self.num_kv_heads, groups, self.head_dim)  # [nd, KV, G, D]
+        scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * self.scale  # [nd, KV, G, L]
+        pos = torch.arange(max_len, device=q.device)
+        pad = pos[None, :] >= meta.seq_lens[:nd, None]  # [nd, L]
+        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [nd, KV, G, L]
+        out = torch.einsum("bkgl,blkd->bkgd", probs, v)  # [nd, KV, G, D]
+        return out.reshape(nd, self.num_heads, self.head_dim)
+
+    def _prefill(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, i: int
+    ) -> torch.Tensor:
+        """A chunk of one request: q [qlen, H, D] -> [qlen, H, D], causal over its cache."""
+        qlen, seq_len = q.shape[0], meta.seq_lens_cpu[i]
+        k, v = gather_kv(kv_cache, meta.block_tables[i : i + 1], seq_len)  # [1, S, KV, D]
+        qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
+        kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [1, KV, S, D]
+        if qlen == seq_len:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+        else:
+            # Query j sits at position seq_len - qlen + j and sees keys up to it.
+            qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
+            mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]  # [qlen, S]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+        return out[0].transpose(0, 1)  # [qlen, H, D]
+
+
+def write_kv_cache(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store k, v ([T, KV * D]) at their flat slots in the cache, in place."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)  # [2, slots, KV, D]
+    flat[0].index_copy_(0, slot_mapping, k.view(-1, kv_heads, head_dim))
+    flat[1].index_copy_(0, slot_mapping, v.view(-1, kv_heads, head_dim))
+
+
+def gather_kv(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous k, v [B, length, KV, D] for each row of block_tables [B, max_blocks]."""
+    block_size = kv_cache.shape[2]
+    nblocks = -(-length // block_size)
+    bt = block_tables[:, :nblocks]  # [B, nblocks]
+    b = bt.shape[0]
+    k = kv_cache[0][bt].view(b, nblocks * block_size, *kv_cache.shape[3:])[:, :length]
+    v = kv_cache[1][bt].view(b, nblocks * block_size, *kv_cache.shape[3:])[:, :length]
+    return k, v

@@ -1,0 +1,51 @@
+"""Vocabulary-parallel token embedding and LM head.
+
+Each rank holds a contiguous slice of the vocabulary rows (on the model's device). Lookups
+outside the slice give zeros and are summed over ranks; the head gathers logit slices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from turbollm.distributed.parallel import ParallelContext
+from turbollm.layers.linear import _param
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token id -> hidden vector, vocabulary split over ranks."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // ctx.tp_size)
+        self.start = ctx.tp_rank * self.per_rank
+        self.end = min(self.start + self.per_rank, vocab_size)
+        self.weight = _param((self.per_rank, hidden_size), self.weight_loader)  # [vocab / tp, hidden]
+
+    def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if loaded.shape[0] != self.vocab_size:
+            raise ValueError(f"embedding has {loaded.shape[0]} rows, expected {self.vocab_size}")
+        rows = loaded[self.start : self.end]
+        param.data[: rows.shape[0]].copy_(rows)
+        param.data[rows.shape[0] :].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.tp_size == 1:
+            return F.embedding(input_ids, self.weight)  # [num_tokens, hidden]
+        outside = (input_ids < self.start) | (input_ids >= self.end)
+        local = (input_ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        return self.ctx.all_reduce(out)  # [num_tokens, hidden]
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """hidden -> logits over the full vocabulary; may share the embedding's weight."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        local = F.linear(hidden, self.weight)  # [n, vocab / tp]
+        full = self.ctx.all_gather(local, dim=-1)  # [n, per_rank * tp]
+        return full[..., : self.vocab_size]  # [n, vocab]

@@ -1,0 +1,173 @@
+"""The Llama-family decoder: Llama 2/3 (incl. 3.1 rope scaling), Mistral, Qwen2, SmolLM2.
+
+Plain PyTorch: knows nothing of requests or processes. Tensor parallelism enters only
+through the ParallelContext handed to the layers and their weight loaders. Weights live on
+the device the model was built on; activations are flattened over the step's tokens
+([num_tokens, hidden]) across all requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from turbollm.distributed.parallel import ParallelContext
+from turbollm.layers.activation import SiluAndMul
+from turbollm.layers.attention import Attention, AttentionMetadata
+from turbollm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from turbollm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from turbollm.layers.norm import RMSNorm
+from turbollm.layers.rotary import RotaryEmbedding
+from turbollm.models.arch import ModelArch
+
+# HF checkpoint name -> (our merged parameter, shard index within it).
+_MERGED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+        super().__init__()
+        d = arch.head_dim
+        self.num_heads = ctx.shard(arch.num_attention_heads, "num_attention_heads")
+        self.num_kv_heads = ctx.shard(arch.num_key_value_heads, "num_key_value_heads")
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        kv_out = arch.num_key_value_heads * d
+        self.qkv_proj = ColumnParallelLinear(
+            arch.hidden_size, [arch.num_attention_heads * d, kv_out, kv_out], arch.qkv_bias, ctx
+        )
+        self.o_proj = RowParallelLinear(arch.num_attention_heads * d, arch.hidden_size, arch.o_bias, ctx)
+        self.rotary = RotaryEmbedding(d, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))  # [T, hidden]
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+        super().__init__()
+        i = arch.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], arch.mlp_bias, ctx)
+        self.down_proj = RowParallelLinear(i, arch.hidden_size, arch.mlp_bias, ctx)
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, hidden]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = LlamaAttention(arch, ctx)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = LlamaMLP(arch, ctx)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, ctx)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, ctx) for _ in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, KV, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        residual = None
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x, residual = layer(positions, x, residual, cache, meta)
+        return self.norm(x, residual)[0]  # [T, hidden]
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM: `forward` gives hidden states, `compute_logits` the chosen rows' logits."""
+
+    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch, ctx)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, ctx)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)  # [T, hidden]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.logits(hidden)  # [n, vocab]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named checkpoint tensors into place; every parameter must be covered."""
+        params = dict(self.named_parameters())
+        loaded: dict[str, set[int | None]] = {}
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if self.arch.tie_word_embeddings and name == "lm_head.weight":
+                continue  # same storage as the embedding; some checkpoints still ship it
+            target, shard = name, None
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in _MERGED:
+                merged, shard = _MERGED[parts[-2]]
+                target = ".".join([*parts[:-2], merged, parts[-1]])
+            param = params.get(target)
+            if param is None:
+                raise KeyError(f"checkpoint tensor {name!r} matches no parameter of the model")
+            param.weight_loader(param, tensor.to(param.dtype), shard)  # type: ignore[attr-defined]
+            loaded.setdefault(target, set()).add(shard)
+        missing = [
+            n for n, p in params.items()
+            if loaded.get(n, set()) != set(getattr(p, "shard_ids", (None,)))
+        ]
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+    @torch.no_grad()
+    def init_dummy_weights(self, seed: int) -> None:
+        """Random weights with the checkpoint's shapes (benchmarks): N(0, 0.02), norms 1."""
+        gen = torch.Generator(device=next(self.parameters()).device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)

@@ -1,0 +1,251 @@
+"""The sampler: one step's logits `[num_reqs, vocab]` to token ids and logprobs (vLLM semantics).
+
+Ownership: the worker owns each request's `SamplingState` (host side, kept between steps; it
+appends every sampled token to `output_token_ids`). The `Sampler` is stateless apart from a
+cached torch.Generator per device; it reads the logits on their device (GPU, or CPU in tests),
+never writes to them, and returns a `SamplerOutput` of plain Python values.
+
+Order of work (each stage skipped when no row needs it):
+  raw logprobs (log_softmax of the input) -> min_tokens mask -> penalties
+  -> greedy rows: argmax
+  -> other rows: temperature -> top-k -> top-p -> min-p -> exponential race.
+
+Host syncs: exactly one per call, the `.tolist()` at the end that brings back token ids and
+logprobs together. Everything before it is queued on the device; host lists reach the
+device through non-blocking pinned copies (see `logits_processors.to_device`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from turbollm.core.plan import TokenLogprobs
+from turbollm.sample.logits_processors import (
+    apply_min_p,
+    apply_penalties,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+    mask_tokens,
+    to_device,
+)
+from turbollm.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SamplingState:
+    """Per-request sampling state the worker keeps between steps (host side)."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    """Every token sampled so far; the worker appends each new one."""
+    eos_token_ids: frozenset[int]
+    """Masked (with params.stop_token_ids) until params.min_tokens outputs exist."""
+    seed: int | None
+    """params.seed, or a seed the engine assigned (n > 1 children); None: the global RNG."""
+
+
+@dataclass
+class SamplerOutput:
+    """One step's result, on the host."""
+
+    token_ids: list[int]
+    """[num_reqs]: the token chosen for each row."""
+    logprobs: list[TokenLogprobs | None]
+    """[num_reqs]: None where params.logprobs is None."""
+
+
+class Sampler:
+    """Turns logits into tokens. Call it with the logits of the positions that sample."""
+
+    def __init__(self) -> None:
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+        """Sample one token per row; logprobs come from the raw (unprocessed) distribution.
+
+        logits: [num_reqs, vocab], any float dtype (processing runs in float32). Row i belongs
+        to states[i]. The input tensor is not modified.
+        """
+        if not states:
+            return SamplerOutput(token_ids=[], logprobs=[])
+        processed = _process(logits, states)  # [num_reqs, vocab]
+        token_ids = self._choose(processed, states)  # [num_reqs] int64
+
+        lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+        if not lp_rows:
+            # The one host sync of this call.
+            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(states))
+        max_k = max(states[i].params.logprobs or 0 for i in lp_rows)
+        packed = _gather_logprobs(logits, token_ids, lp_rows, max_k)  # [num_lp_rows, 2 + 2*max_k]
+        # float64 holds token ids, ranks and float32 logprobs exactly, so one tensor carries
+        # everything across. The one host sync of this call:
+        host = torch.cat([token_ids.to(torch.float64), packed.flatten()]).tolist()
+        num_reqs = len(states)
+        out_ids = [int(t) for t in host[:num_reqs]]
+        logprobs: list[TokenLogprobs | None] = [None] * num_reqs
+        width = 2 + 2 * max_k
+        for j, i in enumerate(lp_rows):
+            row = host[num_reqs + j * width : num_reqs + (j + 1) * width]
+            k = states[i].params.logprobs or 0
+            top_lp, top_ids = row[2 : 2 + max_k], row[2 + max_k :]
+            logprobs[i] = TokenLogprobs(
+                token_id=out_ids[i],
+                logprob=row[0],
+                rank=int(row[1]),
+                top=[(int(top_ids[r]), top_lp[r]) for r in range(k)],
+            )
+        return SamplerOutput(token_ids=out_ids, logprobs=logprobs)
+
+    def _choose(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Greedy rows take the argmax, the others are sampled: [num_reqs] int64 on the device."""
+        sample_rows = [i for i, s in enumerate(states) if not s.params.greedy]
+        if not sample_rows:
+            # Fast path: argmax of bf16/fp16 values equals argmax of their exact float32 copies.
+            return logits.argmax(dim=-1)
+        logits = logits.float()
+        if len(sample_rows) == len(states):
+            return self._sample(logits, states)
+        greedy = logits.argmax(dim=-1)  # [num_reqs]
+        index = to_device(sample_rows, torch.long, logits.device)  # [num_sampled]
+        sub = logits.index_select(0, index)  # [num_sampled, vocab]
+        sampled = self._sample(sub, [states[i] for i in sample_rows])  # [num_sampled]
+        return greedy.index_copy(0, index, sampled)
+
+    def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p, then the exponential race. float32 [n, vocab] -> [n]."""
+        vocab = logits.shape[1]
+        params = [s.params for s in states]
+        if any(p.temperature != 1.0 for p in params):
+            logits = apply_temperature(logits, [p.temperature for p in params])  # [n, vocab]
+        top_k = [p.top_k if p.top_k < vocab else 0 for p in params]
+        if any(top_k):
+            logits = apply_top_k(logits, top_k)  # [n, vocab]
+        p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
+        if p_rows:
+            # Only rows that use top-p pay for its full-vocab sort.
+            top_p = [params[j].top_p for j in p_rows]
+            logits = _on_rows(logits, p_rows, lambda x: apply_top_p(x, top_p))  # [n, vocab]
+        if any(p.min_p > 0.0 for p in params):
+            logits = apply_min_p(logits, [p.min_p for p in params])  # [n, vocab]
+        probs = logits.softmax(dim=-1)  # [n, vocab]
+        # Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., picks token i with probability p_i.
+        return probs.div_(self._exponentials(probs, states)).argmax(dim=-1)  # [n]
+
+    def _exponentials(self, probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+        """Exp(1) noise shaped like `probs` [n, vocab].
+
+        Unseeded rows share one batched draw from the default generator. A seeded row draws
+        its own vector from a generator seeded by (seed, position), so its token depends only
+        on its seed, its position and its probabilities, never on the batch around it.
+        """
+        seeded = [j for j, s in enumerate(states) if s.seed is not None]
+        noise = torch.empty_like(probs)  # [n, vocab]
+        if len(seeded) < len(states):
+            noise.exponential_()
+        if seeded:
+            gen = self._generator(probs.device)
+            vocab = probs.shape[1]
+            for j in seeded:
+                state = states[j]
+                assert state.seed is not None
+                gen.manual_seed(_step_seed(state.seed, len(state.output_token_ids)))
+                # A fresh contiguous buffer, so the draw cannot depend on the row's offset.
+                row = torch.empty(vocab, dtype=probs.dtype, device=probs.device)  # [vocab]
+                noise[j] = row.exponential_(generator=gen)
+        return noise
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """One reusable generator per device, re-seeded for each seeded row."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        return gen
+
+
+def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """min_tokens masking, then penalties. Returns the input itself when no row needs either."""
+    mask_rows: list[int] = []
+    mask_ids: list[int] = []
+    for i, s in enumerate(states):
+        if len(s.output_token_ids) < s.params.min_tokens:
+            banned = s.eos_token_ids | s.params.stop_token_set
+            mask_rows.extend([i] * len(banned))
+            mask_ids.extend(banned)
+    if mask_rows:
+        logits = mask_tokens(logits.float(), mask_rows, mask_ids)  # [num_reqs, vocab]
+
+    pen_rows = [i for i, s in enumerate(states) if _uses_penalties(s.params)]
+    if pen_rows:
+        pen = [states[i] for i in pen_rows]
+        prompts = [s.prompt_token_ids if s.params.repetition_penalty != 1.0 else [] for s in pen]
+
+        def penalize(x: torch.Tensor) -> torch.Tensor:
+            return apply_penalties(
+                x,
+                prompt_ids=prompts,
+                output_ids=[s.output_token_ids for s in pen],
+                repetition=[s.params.repetition_penalty for s in pen],
+                presence=[s.params.presence_penalty for s in pen],
+                frequency=[s.params.frequency_penalty for s in pen],
+            )
+
+        logits = _on_rows(logits.float(), pen_rows, penalize)  # [num_reqs, vocab]
+    return logits
+
+
+def _uses_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+
+def _on_rows(logits: torch.Tensor, rows: list[int], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply `fn` to the given rows of `logits` [n, vocab] only; out-of-place."""
+    if len(rows) == logits.shape[0]:
+        return fn(logits)
+    index = to_device(rows, torch.long, logits.device)  # [num_rows]
+    return logits.index_copy(0, index, fn(logits.index_select(0, index)))
+
+
+def _gather_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, rows: list[int], max_k: int
+) -> torch.Tensor:
+    """Raw logprob, rank and top-max_k of the chosen tokens, packed as float64.
+
+    logits: the unprocessed input [num_reqs, vocab]; token_ids: [num_reqs]. Returns
+    [len(rows), 2 + 2 * max_k]: logprob, rank, max_k top logprobs (best first), their ids.
+    Rank is 1 + the number of tokens strictly more likely than the chosen one.
+    """
+    if len(rows) < logits.shape[0]:
+        index = to_device(rows, torch.long, logits.device)  # [num_lp_rows]
+        logits = logits.index_select(0, index)  # [num_lp_rows, vocab]
+        token_ids = token_ids.index_select(0, index)  # [num_lp_rows]
+    raw = logits.float().log_softmax(dim=-1)  # [num_lp_rows, vocab]
+    chosen = raw.gather(1, token_ids[:, None])  # [num_lp_rows, 1]
+    rank = (raw > chosen).sum(dim=-1, keepdim=True) + 1  # [num_lp_rows, 1]
+    parts = [chosen.to(torch.float64), rank.to(torch.float64)]
+    if max_k > 0:
+        top_lp, top_ids = raw.topk(max_k, dim=-1)  # [num_lp_rows, max_k] each
+        parts += [top_lp.to(torch.float64), top_ids.to(torch.float64)]
+    return torch.cat(parts, dim=1)  # [num_lp_rows, 2 + 2 * max_k]
+
+
+def _step_seed(seed: int, position: int) -> int:
+    """A 64-bit generator seed from (request seed, output position): splitmix64, twice.
+
+    Mixing (rather than seed + position) keeps neighbouring seeds' streams unrelated.
+    """
+    return _mix64((_mix64(seed & _MASK64) + position) & _MASK64)
+
+
+def _mix64(x: int) -> int:
+    z = (x + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+

@@ -1,0 +1,1 @@
+"""Reserved for a later stage (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""The only place requests meet tensors: inputs, KV cache, model runner, executor."""

@@ -1,0 +1,87 @@
+"""Per-request worker state and the tensors of one step.
+
+The model runner keeps one RequestState per live request (host memory) and updates it from
+each StepPlan with only what changed. `build_step_inputs` turns the plan into flat tensors:
+decodes first (one token each), then prompt chunks, as AttentionMetadata requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from turbollm.core.plan import StepPlan
+from turbollm.layers.attention import AttentionMetadata
+from turbollm.sample.sampler import SamplingState
+
+
+@dataclass
+class RequestState:
+    """What the worker remembers about one request between steps (host side)."""
+
+    request_id: str
+    token_ids: list[int]
+    """Prompt + outputs; the worker appends each token it samples."""
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingState
+
+
+@dataclass
+class StepInputs:
+    """Device tensors and host bookkeeping for one forward pass."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_sampling] int64 row of each sampling request's last token
+    sampling_states: list[RequestState]
+    """Requests that sample a token this step, in logits_indices order."""
+
+
+def build_step_inputs(
+    plan: StepPlan, states: dict[str, RequestState], block_size: int, device: torch.device
+) -> StepInputs:
+    """Flatten the plan's scheduled tokens and advance each state's num_computed_tokens."""
+    order = sorted(plan.num_scheduled_tokens, key=lambda r: plan.num_scheduled_tokens[r] != 1)
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    tables: list[list[int]] = []
+    logits_idx: list[int] = []
+    sampling: list[RequestState] = []
+    for rid in order:
+        st, n = states[rid], plan.num_scheduled_tokens[rid]
+        start, end = st.num_computed_tokens, st.num_computed_tokens + n
+        input_ids += st.token_ids[start:end]
+        positions += range(start, end)
+        blocks = st.block_ids
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+        query_lens.append(n)
+        seq_lens.append(end)
+        tables.append(blocks)
+        st.num_computed_tokens = end
+        if end == len(st.token_ids):  # the chunk reaches the last known token: sample next
+            logits_idx.append(len(input_ids) - 1)
+            sampling.append(st)
+    width = max(len(t) for t in tables)
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    pin = device.type == "cuda"
+
+    def to_dev(x: list[int] | list[list[int]]) -> torch.Tensor:
+        t = torch.tensor(x, dtype=torch.int64, pin_memory=pin)
+        return t.to(device, non_blocking=True)
+
+    num_decodes = sum(1 for q in query_lens if q == 1)
+    meta = AttentionMetadata(
+        slot_mapping=to_dev(slots),
+        block_tables=to_dev(padded),
+        seq_lens=to_dev(seq_lens),
+        query_lens_cpu=query_lens,
+        seq_lens_cpu=seq_lens,
+        num_decodes=num_decodes,
+    )
+    return StepInputs(to_dev(input_ids), to_dev(positions), meta, to_dev(logits_idx), sampling)
