@@ -40,7 +40,10 @@ def test_hash_chain_depends_on_parent_and_tokens() -> None:
 
 
 def test_hash_is_stable_across_processes() -> None:
-    code = "from turbollm.core.block_pool import hash_block; print(hash_block(hash_block(None, [1, 2]), [3, 4]))"
+    code = (
+        "from turbollm.core.block_pool import hash_block; "
+        "print(hash_block(hash_block(None, [1, 2]), [3, 4]))"
+    )
     outs = {
         subprocess.run(
             [sys.executable, "-c", code],
@@ -184,7 +187,8 @@ def test_duplicate_hash_keeps_first_mapping(make_request: MakeRequest) -> None:
     for r in (a, b):
         r.num_computed_tokens = 9
         kv.cache_full_blocks(r, 9)
-    assert kv.pool.get_cached_block(hash_block(None, list(range(4)))).block_id == kv.block_ids("a")[0]
+    first = kv.pool.get_cached_block(hash_block(None, list(range(4))))
+    assert first is not None and first.block_id == kv.block_ids("a")[0]
     assert [kv.pool.blocks[i].block_hash for i in kv.block_ids("b")] == [None, None, None]
     kv.free(a)
     kv.free(b)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from turbollm.core.plan import StepPlan
 from turbollm.core.request import Request, RequestStatus
@@ -15,7 +16,7 @@ from turbollm.core.scheduler import Scheduler
 
 MakeRequest = Callable[..., Request]
 MakeScheduler = Callable[..., Scheduler]
-MakeWorker = Callable[..., object]
+MakeWorker = Callable[..., Any]  # -> conftest.FakeWorker
 RunUntilDone = Callable[..., list[StepPlan]]
 
 
@@ -30,9 +31,9 @@ def cycle_sampler(tokens: list[int]) -> Callable[[str, int], int]:
     return lambda _rid, _pos: next(it)
 
 
-def step(sched: Scheduler, worker: object) -> StepPlan:
+def step(sched: Scheduler, worker: Any) -> StepPlan:
     plan = sched.schedule()
-    sched.update(plan, worker.execute(plan))  # type: ignore[attr-defined]
+    sched.update(plan, worker.execute(plan))
     return plan
 
 
@@ -45,7 +46,9 @@ def test_budget_and_max_num_seqs_respected(
 ) -> None:
     rng = random.Random(0)
     sched = make_scheduler(num_blocks=64, max_num_batched_tokens=16, max_num_seqs=4)
-    reqs = [make_request(f"r{i}", rng.randint(1, 40), max_tokens=rng.randint(1, 9)) for i in range(12)]
+    reqs = [
+        make_request(f"r{i}", rng.randint(1, 40), max_tokens=rng.randint(1, 9)) for i in range(12)
+    ]
     for r in reqs:
         sched.add_request(r)
     plans = run_until_done(sched, make_worker(block_size=4))
@@ -63,7 +66,8 @@ def test_chunked_prefill_runs_alongside_decodes(
 ) -> None:
     sched = make_scheduler(max_num_batched_tokens=8)
     worker = make_worker(block_size=4)
-    a, b, long = make_request("a", 3, max_tokens=10), make_request("b", 3, max_tokens=10), make_request("L", 30)
+    a, b = make_request("a", 3, max_tokens=10), make_request("b", 3, max_tokens=10)
+    long = make_request("L", 30)
     for r in (a, b, long):
         sched.add_request(r)
     plan = step(sched, worker)
@@ -191,16 +195,19 @@ def test_newest_running_request_is_preempted(
     sched.add_request(a)
     sched.add_request(b)
     step(sched, worker)  # a: 1 block, b: 2 blocks, none free
+    c = make_request("c", 4, max_tokens=2)
+    sched.add_request(c)  # waits: no block free
     plan = step(sched, worker)  # a needs a second block: b (newest) goes
     assert plan.num_scheduled_tokens == {"a": 1}
     assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert b.output_token_ids == [10_008] and b.num_preemptions == 1
-    assert list(sched.waiting) == [b] and sched.stats().num_preemptions == 1
+    assert list(sched.waiting) == [b, c] and sched.stats().num_preemptions == 1
     assert "b" in plan.finished_request_ids
     plans = run_until_done(sched, worker)
     resumed = [n for p in plans for n in p.new_requests if n.request_id == "b"]
     assert len(resumed) == 1 and resumed[0].token_ids == b.prompt_token_ids + [10_008]
     assert a.output_token_ids == expected_outputs(a) and b.output_token_ids == expected_outputs(b)
+    assert c.output_token_ids == expected_outputs(c)
     assert sched.kv.num_free_blocks == 3
 
 
@@ -223,6 +230,30 @@ def test_request_needing_blocks_preempts_itself_when_newest(
     assert resumed[0].num_computed_tokens == 4 and len(resumed[0].token_ids) == 5
     assert b.output_token_ids == expected_outputs(b)
     assert sched.kv.num_free_blocks == 3
+
+
+def test_no_admission_in_a_step_that_preempted(
+    make_request: MakeRequest, make_scheduler: MakeScheduler, make_worker: MakeWorker,
+    run_until_done: RunUntilDone,
+) -> None:
+    sched = make_scheduler(
+        num_blocks=4, long_prefill_token_threshold=4, enable_prefix_caching=False
+    )
+    worker = make_worker(block_size=4)
+    a, c = make_request("a", 4, max_tokens=4), make_request("c", 12, max_tokens=4)
+    sched.add_request(a)
+    sched.add_request(c)
+    step(sched, worker)  # a: 1 block, c: first chunk in 1 block
+    step(sched, worker)  # a: 2nd block, c: 2nd chunk and block; pool full
+    plan = step(sched, worker)  # c needs a block, is the newest: preempts itself
+    # Two blocks are free now and c's next chunk needs one, but it waits for the next step.
+    assert plan.num_scheduled_tokens == {"a": 1} and plan.new_requests == []
+    assert c.status is RequestStatus.PREEMPTED and sched.kv.num_free_blocks == 2
+    plan = sched.schedule()
+    assert [n.request_id for n in plan.new_requests] == ["c"]
+    sched.update(plan, worker.execute(plan))
+    run_until_done(sched, worker)
+    assert c.output_token_ids == expected_outputs(c)
 
 
 def test_tiny_pool_preempts_and_everything_finishes(
@@ -264,7 +295,8 @@ def test_random_workload_with_aborts_frees_every_block(
         prefixes = [[rng.randint(1, 50) for _ in range(8)] for _ in range(3)]
         reqs = []
         for i in range(20):
-            prompt = rng.choice(prefixes)[: rng.randint(1, 8)] + [rng.randint(1, 50) for _ in range(rng.randint(0, 9))]
+            prompt = rng.choice(prefixes)[: rng.randint(1, 8)]
+            prompt += [rng.randint(1, 50) for _ in range(rng.randint(0, 9))]
             # prompt <= 17 tokens, so prompt + max_tokens fits the 40 slots (the engine's check)
             reqs.append(make_request(f"r{i}", prompt, max_tokens=rng.randint(1, 40 - 17)))
             sched.add_request(reqs[-1])
@@ -321,7 +353,15 @@ def test_abort_between_schedule_and_update_is_skipped(
     assert sched.update(plan, result) == [b]
     assert a.output_token_ids == [] and a.status is RequestStatus.FINISHED_STOPPED
     assert b.output_token_ids == [10_005]
-    assert "a" in sched.schedule().finished_request_ids
+    plan = sched.schedule()
+    assert "a" in plan.finished_request_ids and plan.num_scheduled_tokens == {"b": 1}
+    # A new request reusing an aborted id is not fed the old plan's tokens.
+    result = worker.execute(plan)
+    assert result.sampled_token_ids == {"b": [10_006]}
+    sched.abort_requests(["b"])
+    b2 = make_request("b", 5)
+    sched.add_request(b2)
+    assert sched.update(plan, result) == [] and b2.output_token_ids == []
 
 
 def test_partial_prefill_samples_nothing(
@@ -355,7 +395,9 @@ def finish_one(
     return req.output_token_ids
 
 
-def test_stop_on_eos(make_request: MakeRequest, make_scheduler: MakeScheduler, make_worker: MakeWorker) -> None:
+def test_stop_on_eos(
+    make_request: MakeRequest, make_scheduler: MakeScheduler, make_worker: MakeWorker
+) -> None:
     r = make_request("r", 3, max_tokens=10, eos_token_ids=frozenset({7}))
     assert finish_one(make_scheduler(), make_worker, r, [5, 6, 7, 8]) == [5, 6, 7]
     assert r.status is RequestStatus.FINISHED_STOPPED and r.stop_reason is None

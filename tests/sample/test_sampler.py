@@ -86,7 +86,7 @@ _CHI2_7DF_P1E4 = 29.88
 
 @pytest.mark.parametrize("seeded", [False, True])
 def test_temperature_sampling_matches_softmax(device: torch.device, seeded: bool) -> None:
-    vocab, n, temperature = 8, 4000, 0.7
+    vocab, n, temperature = 8, 4000, 0.5
     row = torch.randn(vocab, device=device) * 1.5  # [vocab]
     logits = row.expand(n, vocab).contiguous()  # [n, vocab]
     states = [
@@ -97,7 +97,7 @@ def test_temperature_sampling_matches_softmax(device: torch.device, seeded: bool
     assert _chi_square(counts, expected, n) < _CHI2_7DF_P1E4
     # The check has power: the untempered distribution is clearly rejected.
     wrong = torch.softmax(row.double(), dim=-1).tolist()
-    assert _chi_square(counts, wrong, n) > 10 * _CHI2_7DF_P1E4
+    assert _chi_square(counts, wrong, n) > 4 * _CHI2_7DF_P1E4
 
 
 # ----------------------------------------------------------------------------- filters
@@ -230,7 +230,7 @@ def test_penalties_match_reference(device: torch.device) -> None:
     logits = randn(n, vocab, device, scale=3.0)  # [n, vocab]
     got = apply_penalties(
         logits,
-        prompt_ids=[s.prompt_token_ids for s in states],
+        prompt_ids=[torch.tensor(s.prompt_token_ids, device=device) for s in states],
         output_ids=[s.output_token_ids for s in states],
         repetition=[s.params.repetition_penalty for s in states],
         presence=[s.params.presence_penalty for s in states],
@@ -243,9 +243,13 @@ def test_penalties_match_reference(device: torch.device) -> None:
     # the chosen token is the argmax of the reference-penalized logits.
     for i in range(0, n, 4):
         states[i] = make_state(temperature=0.0, output=[int(logits[i].argmax())] * 3)
-    tokens = Sampler()(logits, states).token_ids
+    sampler = Sampler()
+    tokens = sampler(logits, states).token_ids
     want = [_penalize_reference(row, s) for row, s in zip(logits.tolist(), states)]
     assert tokens == [max(range(vocab), key=row.__getitem__) for row in want]
+    # The second step reads the prompts from the sampler's per-state device cache.
+    assert all(s.prompt_ids_device is not None for s in states if s.params.repetition_penalty != 1)
+    assert sampler(logits, states).token_ids == tokens
     assert tokens != logits.argmax(dim=-1).tolist()  # the penalties did change some choices
 
 
@@ -309,9 +313,10 @@ def test_logprobs_are_raw_log_softmax(device: torch.device, dtype: torch.dtype) 
         assert lp.rank == 1 + int((ref[i] > ref[i, token]).sum())
         k = state.params.logprobs
         assert len(lp.top) == k
-        assert [t for t, _ in lp.top] == ref[i].topk(k).indices.tolist() if k else lp.top == []
+        # Compare values, not ids: bfloat16 logits tie often, and ties may come in any order.
         values = [v for _, v in lp.top]
-        assert values == sorted(values, reverse=True)
+        assert values == pytest.approx(ref[i].topk(k).values.tolist(), abs=1e-5)
+        assert len({t for t, _ in lp.top}) == k
         for t, v in lp.top:
             assert v == pytest.approx(ref[i, t].item(), abs=1e-5)
     # Greedy rows rank first; the penalized greedy row still reports its raw logprob.

@@ -40,10 +40,14 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """Writes this step's k/v into the paged cache, then attends over each request's cache."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
+        self.window = sliding_window
+        """A query at position p sees keys in (p - window, p] (Mistral); None: all earlier keys."""
 
     def forward(
         self,
@@ -77,6 +81,8 @@ class Attention(nn.Module):
         scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * self.scale  # [nd, KV, G, L]
         pos = torch.arange(max_len, device=q.device)
         pad = pos[None, :] >= meta.seq_lens[:nd, None]  # [nd, L]
+        if self.window is not None:
+            pad |= pos[None, :] <= meta.seq_lens[:nd, None] - 1 - self.window
         scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [nd, KV, G, L]
         out = torch.einsum("bkgl,blkd->bkgd", probs, v)  # [nd, KV, G, D]
@@ -90,12 +96,15 @@ class Attention(nn.Module):
         k, v = gather_kv(kv_cache, meta.block_tables[i : i + 1], seq_len)  # [1, S, KV, D]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
         kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [1, KV, S, D]
-        if qlen == seq_len:
+        if qlen == seq_len and (self.window is None or seq_len <= self.window):
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
         else:
             # Query j sits at position seq_len - qlen + j and sees keys up to it.
-            qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)
-            mask = torch.arange(seq_len, device=q.device)[None, :] <= qpos[:, None]  # [qlen, S]
+            qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)[:, None]  # [qlen, 1]
+            kpos = torch.arange(seq_len, device=q.device)[None, :]  # [1, S]
+            mask = kpos <= qpos  # [qlen, S]
+            if self.window is not None:
+                mask &= kpos > qpos - self.window
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
         return out[0].transpose(0, 1)  # [qlen, H, D]
 

@@ -39,7 +39,7 @@ class ModelArch:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     sliding_window: int | None = None
-    """Mistral's attention window; recorded, enforced only past it (see llama.py)."""
+    """Attention window (Mistral, Qwen2 with use_sliding_window): a query sees the last `window` keys."""
 
     @property
     def model_type(self) -> str:
@@ -66,6 +66,11 @@ class ModelArch:
         hidden = _get(d, "hidden_size", int)
         heads = _get(d, "num_attention_heads", int)
         layers = _get(d, "num_hidden_layers", int)
+        if d.get("head_dim") is None and heads > 0 and hidden % heads:
+            raise ModelLoadError(
+                f"config: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+                "and no head_dim is given"
+            )
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         elif model_type == "llama":

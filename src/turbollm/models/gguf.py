@@ -106,7 +106,8 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     if rows % (2 * n_head):
         raise ModelLoadError(f"cannot unpermute {rows} rows into {n_head} rotary heads")
     half = rows // n_head // 2
-    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    pairs = w.reshape(n_head, half, 2, *w.shape[1:])  # [n_head, head_dim/2, 2, ...] interleaved
+    return pairs.swapaxes(1, 2).reshape(w.shape)  # [n_head, 2, head_dim/2, ...] → [rows, ...]
 
 
 def arch_from_gguf(reader: GGUFReader, path: str) -> ModelArch:
@@ -301,7 +302,7 @@ def _llama3_scaling_from_factors(
     """
     if divisors.shape != (head_dim // 2,):
         raise ModelLoadError(f"{path}: rope_freqs has shape {divisors.shape}, expected ({head_dim // 2},)")
-    factor = float(divisors.max())
+    factor = round(float(divisors.max()), 4)  # float32 in the file: 8.000001 means 8
     if np.allclose(divisors, 1.0):
         return None
     low, high = 1.0, 4.0

@@ -45,7 +45,7 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = RowParallelLinear(arch.num_attention_heads * d, arch.hidden_size, arch.o_bias, ctx)
         self.rotary = RotaryEmbedding(d, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, d)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, arch.sliding_window)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata

@@ -111,11 +111,16 @@ class ModelSource:
         """The tokenizer from `tokenizer` (a directory or .gguf) if given, else from the source.
 
         GGUF tokenizers (with their chat template) are rebuilt by transformers from the file.
-        Returns None only for a preset with no tokenizer given. Raises ModelNotFoundError for
-        a missing path and ModelLoadError when no tokenizer can be loaded from it.
+        Returns None for a preset, or a checkpoint directory that ships no tokenizer files
+        (prompts must then be token ids). Raises ModelNotFoundError for a missing path and
+        ModelLoadError when a tokenizer that should be there cannot be loaded.
         """
         target = tokenizer if tokenizer is not None else self.path
-        return None if target is None else load_tokenizer(target)
+        if target is None:
+            return None
+        if tokenizer is None and os.path.isdir(target) and not has_tokenizer(target):
+            return None
+        return load_tokenizer(target)
 
     def __getstate__(self) -> dict[str, Any]:
         # A memory-mapped reader does not cross process boundaries; workers reopen the file.
@@ -155,6 +160,11 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
     return replace(source, kind="dummy") if dummy else source
 
 
+def has_tokenizer(directory: str) -> bool:
+    """Whether a checkpoint directory ships tokenizer files."""
+    return any(os.path.isfile(os.path.join(directory, f)) for f in _TOKENIZER_FILES)
+
+
 def load_tokenizer(target: str) -> PreTrainedTokenizerBase:
     """A local tokenizer from a directory or a .gguf file (never the hub, never remote code)."""
     # transformers is imported here, not at module top: it costs seconds and only the
@@ -165,18 +175,63 @@ def load_tokenizer(target: str) -> PreTrainedTokenizerBase:
         raise ModelNotFoundError(f"tokenizer path {target!r} does not exist")
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if os.path.isfile(target):
+        cached = _gguf_tokenizer_cache(target)
+        if cached is not None and os.path.isdir(cached):
+            return AutoTokenizer.from_pretrained(cached, **kwargs)
         directory, kwargs["gguf_file"] = os.path.split(os.path.abspath(target))
+        tok = _from_pretrained(AutoTokenizer, target, directory, kwargs)
+        if cached is not None:
+            _save_atomically(tok, cached)
+        return tok
     else:
         directory = target
-        if not any(os.path.isfile(os.path.join(target, f)) for f in _TOKENIZER_FILES):
+        if not has_tokenizer(target):
             raise ModelLoadError(
                 f"no tokenizer in {target} (none of {', '.join(_TOKENIZER_FILES)}); "
                 "pass a tokenizer directory"
             )
+    return _from_pretrained(AutoTokenizer, target, directory, kwargs)
+
+
+def _from_pretrained(auto: Any, target: str, directory: str, kwargs: dict[str, Any]) -> Any:
     try:
-        return AutoTokenizer.from_pretrained(directory, **kwargs)
+        return auto.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"cannot load tokenizer from {target}: {e}") from e
+
+
+def _gguf_tokenizer_cache(gguf_path: str) -> str | None:
+    """Where the tokenizer converted from this GGUF file is kept, or None if caching is off.
+
+    Rebuilding a tokenizer from GGUF metadata takes seconds; the converted one loads in a
+    fraction of that. The key covers the file's path, size and mtime and the transformers
+    version, so a changed file or library never reuses a stale conversion.
+    Set TURBOLLM_CACHE_DIR to move the cache, or to an empty string to turn it off.
+    """
+    import hashlib
+
+    import transformers
+
+    root = os.environ.get("TURBOLLM_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "turbollm"))
+    if not root:
+        return None
+    st = os.stat(gguf_path)
+    key = f"{os.path.abspath(gguf_path)}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    return os.path.join(root, "tokenizers", hashlib.sha256(key.encode()).hexdigest()[:24])
+
+
+def _save_atomically(tok: Any, directory: str) -> None:
+    """Save the tokenizer to `directory` via a temporary sibling; failures only skip caching."""
+    import shutil
+    import tempfile
+
+    try:
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=os.path.dirname(directory))
+        tok.save_pretrained(tmp)
+        os.replace(tmp, directory)
+    except OSError:
+        shutil.rmtree(locals().get("tmp", ""), ignore_errors=True)
 
 
 def _resolve_preset(model: str, load_format: str) -> ModelSource:

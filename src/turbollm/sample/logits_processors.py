@@ -11,21 +11,31 @@ Contracts shared by every function here:
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
+from itertools import chain
 
 import torch
 
 _NEG_INF = float("-inf")
 
 
-def to_device(values: Sequence[int | float | bool], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def to_device(
+    values: Sequence[int | float | bool], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """A host list as a 1-D tensor on `device`, without a host sync.
 
     `torch.tensor(values, device="cuda")` copies from pageable memory and then waits for the
     stream; staging in pinned memory and copying with `non_blocking=True` does not wait.
     """
-    pin = device.type == "cuda"
-    return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+    return _upload(torch.tensor(values, dtype=dtype), device)
+
+
+def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to CUDA through pinned memory, non-blocking (no host sync)."""
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def mask_tokens(logits: torch.Tensor, rows: list[int], token_ids: list[int]) -> torch.Tensor:
@@ -35,9 +45,19 @@ def mask_tokens(logits: torch.Tensor, rows: list[int], token_ids: list[int]) -> 
     return logits.index_put(index, torch.full((), _NEG_INF, dtype=logits.dtype, device=device))
 
 
+def ids_to_device(token_ids: list[int], device: torch.device) -> torch.Tensor:
+    """Token ids as a 1-D int64 tensor on `device`, without a host sync.
+
+    Goes through `array`, several times faster than `torch.tensor(list)` for long lists.
+    """
+    if not token_ids:
+        return torch.empty(0, dtype=torch.long, device=device)
+    return _upload(torch.frombuffer(array("q", token_ids), dtype=torch.long), device)
+
+
 def apply_penalties(
     logits: torch.Tensor,
-    prompt_ids: list[list[int]],
+    prompt_ids: list[torch.Tensor],
     output_ids: list[list[int]],
     repetition: list[float],
     presence: list[float],
@@ -48,14 +68,28 @@ def apply_penalties(
     Repetition (Hugging Face semantics) applies to every token in the row's prompt or output:
     a positive logit is divided by the penalty, a negative one multiplied by it. Presence and
     frequency (OpenAI semantics) apply to output tokens only:
-    `logit -= presence * (count > 0) + frequency * count`. Pass an empty prompt list for a row
-    whose repetition penalty is 1 to skip uploading its prompt.
+    `logit -= presence * (count > 0) + frequency * count`.
+
+    prompt_ids: per row, a 1-D int64 tensor on the logits' device (the sampler caches these,
+    since prompts do not change; an empty one for a row whose repetition penalty is 1).
+    output_ids: per row, the host list of tokens generated so far.
     """
     num_rows, vocab = logits.shape
     device = logits.device
-    counts = _token_counts(output_ids, num_rows, vocab, device)  # [num_rows, vocab]
+    counts = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)  # [num_rows, vocab]
+    out_lengths = [len(ids) for ids in output_ids]
+    if sum(out_lengths):
+        flat_out = ids_to_device(list(chain.from_iterable(output_ids)), device)  # [num_out]
+        out_index = _flat_index(flat_out, out_lengths, vocab)  # [num_out]
+        # Float sums of ones are exact, so the atomic adds' order cannot change the result.
+        ones = torch.ones(out_index.shape[0], dtype=torch.float32, device=device)  # [num_out]
+        counts.view(-1).index_add_(0, out_index, ones)
     in_output = counts > 0  # [num_rows, vocab]
-    seen = in_output | (_token_counts(prompt_ids, num_rows, vocab, device) > 0)  # [num_rows, vocab]
+    seen = in_output.clone()  # [num_rows, vocab]
+    prompt_lengths = [ids.shape[0] for ids in prompt_ids]
+    if sum(prompt_lengths):
+        prompt_index = _flat_index(torch.cat(prompt_ids), prompt_lengths, vocab)  # [num_prompt]
+        seen.view(-1).index_fill_(0, prompt_index, True)
 
     rep = to_device(repetition, torch.float32, device)[:, None]  # [num_rows, 1]
     penalized = torch.where(logits > 0, logits / rep, logits * rep)  # [num_rows, vocab]
@@ -66,18 +100,17 @@ def apply_penalties(
     return logits - freq * counts - pres * in_output.to(torch.float32)  # [num_rows, vocab]
 
 
-def _token_counts(
-    token_ids: list[list[int]], num_rows: int, vocab: int, device: torch.device
-) -> torch.Tensor:
-    """How often each token occurs in each row's list: float32 [num_rows, vocab]."""
-    counts = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)  # [num_rows, vocab]
-    rows = [r for r, ids in enumerate(token_ids) for _ in ids]
-    if rows:
-        flat = [t for ids in token_ids for t in ids]
-        index = (to_device(rows, torch.long, device), to_device(flat, torch.long, device))
-        ones = torch.ones(len(flat), dtype=torch.float32, device=device)  # [num_tokens]
-        counts.index_put_(index, ones, accumulate=True)
-    return counts
+def _flat_index(flat_ids: torch.Tensor, lengths: list[int], vocab: int) -> torch.Tensor:
+    """`row * vocab + token` for row-concatenated ids [total] with per-row `lengths`: [total].
+
+    The row index is expanded on the device; `output_size` spares `repeat_interleave` the
+    host sync it would otherwise need to size its output.
+    """
+    device = flat_ids.device
+    rows = torch.arange(len(lengths), dtype=torch.long, device=device)  # [num_rows]
+    repeats = to_device(lengths, torch.long, device)  # [num_rows]
+    row_of = rows.repeat_interleave(repeats, output_size=flat_ids.shape[0])  # [total]
+    return row_of * vocab + flat_ids
 
 
 def apply_temperature(logits: torch.Tensor, temperature: list[float]) -> torch.Tensor:
@@ -109,7 +142,8 @@ def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
     top_p, so the top token (preceded by mass 0) always survives. Sorts the full row: call it
     only on rows with top_p < 1.
     """
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [num_rows, vocab] each
+    # Stable: tied tokens keep index order, so the cut through a tie is the same in any batch.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [num_rows, vocab]
     probs = sorted_logits.softmax(dim=-1)  # [num_rows, vocab]
     mass_before = probs.cumsum(dim=-1) - probs  # [num_rows, vocab]; exactly 0 at the top token
     p = to_device(top_p, torch.float32, logits.device)[:, None]  # [num_rows, 1]

@@ -18,7 +18,7 @@ device through non-blocking pinned copies (see `logits_processors.to_device`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ from turbollm.sample.logits_processors import (
     apply_temperature,
     apply_top_k,
     apply_top_p,
+    ids_to_device,
     mask_tokens,
     to_device,
 )
@@ -49,6 +50,9 @@ class SamplingState:
     """Masked (with params.stop_token_ids) until params.min_tokens outputs exist."""
     seed: int | None
     """params.seed, or a seed the engine assigned (n > 1 children); None: the global RNG."""
+    prompt_ids_device: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    """Sampler-owned cache: prompt_token_ids on the logits' device [num_prompt_tokens], made on
+    first use by a repetition penalty so long prompts are uploaded once, not every step."""
 
 
 @dataclass
@@ -184,7 +188,11 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     pen_rows = [i for i, s in enumerate(states) if _uses_penalties(s.params)]
     if pen_rows:
         pen = [states[i] for i in pen_rows]
-        prompts = [s.prompt_token_ids if s.params.repetition_penalty != 1.0 else [] for s in pen]
+        no_prompt = torch.empty(0, dtype=torch.long, device=logits.device)
+        prompts = [
+            _prompt_ids(s, logits.device) if s.params.repetition_penalty != 1.0 else no_prompt
+            for s in pen
+        ]
 
         def penalize(x: torch.Tensor) -> torch.Tensor:
             return apply_penalties(
@@ -198,6 +206,14 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
 
         logits = _on_rows(logits.float(), pen_rows, penalize)  # [num_reqs, vocab]
     return logits
+
+
+def _prompt_ids(state: SamplingState, device: torch.device) -> torch.Tensor:
+    """The state's prompt ids on `device` [num_prompt_tokens], uploaded once and cached."""
+    cached = state.prompt_ids_device
+    if cached is None or cached.device != device:
+        cached = state.prompt_ids_device = ids_to_device(state.prompt_token_ids, device)
+    return cached
 
 
 def _uses_penalties(p: SamplingParams) -> bool:

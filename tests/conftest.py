@@ -1,0 +1,71 @@
+"""Shared fixtures: the embedded model, its transformers twin, tiny random checkpoints."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from turbollm.models.arch import PRESETS
+from turbollm.models.loader import embedded_model_path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def embedded_gguf() -> str:
+    return embedded_model_path()
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(embedded_gguf: str) -> torch.nn.Module:
+    """transformers' LlamaForCausalLM on the embedded GGUF (dequantized, float32)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    d, f = os.path.split(embedded_gguf)
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(embedded_gguf: str):  # type: ignore[no-untyped-def]
+    from turbollm.models.loader import load_tokenizer
+
+    return load_tokenizer(embedded_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[str, torch.nn.Module]]:
+    """preset name -> (HF checkpoint dir with random weights, the transformers model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    made: dict[str, tuple[str, torch.nn.Module]] = {}
+
+    def make(preset: str) -> tuple[str, torch.nn.Module]:
+        if preset not in made:
+            cfg = PRESETS[preset].to_hf_config()
+            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+            torch.manual_seed(1234)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            # Larger weights than the default init, so logits are far from uniform and
+            # greedy choices are not near-ties.
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "norm" not in name:
+                        p.normal_(0.0, 0.08)
+            out = str(tmp_path_factory.mktemp(preset))
+            model.save_pretrained(out, max_shard_size="200KB")
+            made[preset] = (out, model)
+        return made[preset]
+
+    return make
