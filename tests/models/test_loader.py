@@ -155,8 +155,8 @@ def test_hf_single_file_bf16_keeps_dtype_and_dummy_format(tmp_path: Path) -> Non
     assert dummy.kind == "dummy" and dummy.arch.hidden_size == 64
     with pytest.raises(RuntimeError, match="dummy"):
         dummy.iter_weights()
-    with pytest.raises(ModelLoadError, match="no tokenizer"):
-        dummy.load_tokenizer()
+    # No tokenizer files: the engine runs on token ids (an explicit tokenizer dir still works).
+    assert dummy.load_tokenizer() is None
 
 
 @pytest.mark.slow

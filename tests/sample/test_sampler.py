@@ -167,8 +167,9 @@ def test_seeded_rows_are_reproducible_and_batch_independent(device: torch.device
     def seeded_token(position: int, seed: int, row: int, batch: int) -> int:
         others = randn(batch, vocab, device)  # [batch, vocab]
         others[row] = target[0]
+        # Neighbours: greedy, unseeded and seeded-with-another-seed rows.
         states = [
-            make_state(temperature=0.0) if i % 3 == 0 else make_state(seed=None if i % 3 == 1 else 7)
+            make_state(temperature=0.0) if i % 3 == 0 else make_state(seed=[None, 7][i % 3 - 1])
             for i in range(batch)
         ]
         states[row] = make_state(output=[5] * position, seed=seed, top_p=0.99)
@@ -179,6 +180,10 @@ def test_seeded_rows_are_reproducible_and_batch_independent(device: torch.device
         assert seeded_token(position, seed=1234, row=0, batch=1) == alone
         assert seeded_token(position, seed=1234, row=3, batch=6) == alone
         assert seeded_token(position, seed=1234, row=5, batch=9) == alone
+
+    # A fresh sampler (a request resumed after preemption, a restarted worker) agrees.
+    fresh = Sampler()(target, [make_state(output=[5] * 3, seed=1234, top_p=0.99)]).token_ids
+    assert fresh == [seeded_token(3, seed=1234, row=0, batch=1)]
 
     # Different seeds, and different positions of one seed, give different tokens.
     assert len({seeded_token(0, seed=s, row=0, batch=1) for s in range(10)}) > 5

@@ -1,10 +1,12 @@
 """GGUF files: metadata → ModelArch, tensors → HF-named float32 torch tensors (CPU).
 
-The loader owns one GGUFReader per source; its tensor data is memory-mapped, so
-`iter_gguf_weights` dequantizes one tensor at a time and never holds the file twice.
+The loader owns one GGUFFile (models/gguf_reader.py) per source; its tensor data is
+memory-mapped, so `iter_gguf_weights` dequantizes one tensor at a time and never holds the
+file twice. Opening parses only the header (no per-token objects for the vocabulary).
 
 Two llama.cpp conventions are undone here:
-- GGUF shapes list the innermost dimension first (ggml `ne`); numpy/torch order is the reverse.
+- GGUF shapes list the innermost dimension first (ggml `ne`, GGUFTensor.dims); numpy/torch
+  order is the reverse (GGUFTensor.shape), which is what this module uses.
 - llama.cpp's converter permutes the rows of Q and K (weights and biases) of `llama` models so
   that rotary pairs are interleaved (x0, x1), (x2, x3) ...; HF models use rotate-half pairs
   (x_i, x_{i+d/2}). `unpermute_rotary` restores the HF row order. `qwen2` is not permuted.
@@ -21,13 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.quants import dequantize
 
 from turbollm.errors import ModelLoadError
 from turbollm.models.arch import ModelArch
-
-GGUF_MAGIC = b"GGUF"
+from turbollm.models.gguf_reader import GGUF_MAGIC, GGUFFile, GGUFFormatError
 
 _Q = GGMLQuantizationType
 SUPPORTED_TENSOR_TYPES: frozenset[GGMLQuantizationType] = frozenset({
@@ -71,7 +72,7 @@ _SAMPLING_KEYS = {
 }
 
 
-def open_gguf(path: str) -> GGUFReader:
+def open_gguf(path: str) -> GGUFFile:
     """Open a GGUF file (memory-mapped); ModelLoadError if it is not one or is truncated."""
     try:
         with open(path, "rb") as f:
@@ -81,9 +82,11 @@ def open_gguf(path: str) -> GGUFReader:
     if magic != GGUF_MAGIC:
         raise ModelLoadError(f"{path} is not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
     try:
-        return GGUFReader(path)
-    except Exception as e:  # gguf raises ValueError/IndexError/... on truncated files
+        return GGUFFile(path)
+    except GGUFFormatError as e:
         raise ModelLoadError(f"corrupt GGUF file {path}: {e}") from e
+    except OSError as e:
+        raise ModelLoadError(f"cannot read GGUF file {path}: {e.strerror or e}") from e
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -110,7 +113,7 @@ def unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return pairs.swapaxes(1, 2).reshape(w.shape)  # [n_head, 2, head_dim/2, ...] → [rows, ...]
 
 
-def arch_from_gguf(reader: GGUFReader, path: str) -> ModelArch:
+def arch_from_gguf(reader: GGUFFile, path: str) -> ModelArch:
     """ModelArch from GGUF metadata (general.architecture 'llama' | 'qwen2') and tensor names.
 
     Validates the tensor set too (every tensor mappable, every type supported), so an
@@ -162,7 +165,7 @@ def arch_from_gguf(reader: GGUFReader, path: str) -> ModelArch:
     return arch
 
 
-def generation_defaults_from_gguf(reader: GGUFReader, path: str) -> dict[str, object]:
+def generation_defaults_from_gguf(reader: GGUFFile, path: str) -> dict[str, object]:
     """Sampling defaults recorded under general.sampling.* (rare); {} when absent."""
     meta = _Metadata(reader, path)
     out: dict[str, object] = {}
@@ -173,15 +176,14 @@ def generation_defaults_from_gguf(reader: GGUFReader, path: str) -> dict[str, ob
     return out
 
 
-def iter_gguf_weights(reader: GGUFReader, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(reader: GGUFFile, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 CPU tensor in torch shape) for each parameter tensor, in file order."""
     permuted = _gguf_arch(reader) in _PERMUTED_ARCHS
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:  # rope_freqs: already folded into arch.rope_scaling
             continue
-        shape = tuple(int(n) for n in reversed(t.shape))  # ggml ne is innermost-first
-        w = dequantize(t.data, t.tensor_type).reshape(shape)  # [out, in] or [n]
+        w = dequantize(t.data, t.tensor_type).reshape(t.shape)  # [out, in] or [n]
         if permuted and ".attn_q." in t.name:
             w = unpermute_rotary(w, arch.num_attention_heads)
         elif permuted and ".attn_k." in t.name:
@@ -212,7 +214,7 @@ def llama3_rope_factors(
 class _Metadata:
     """Typed access to GGUF key/values; errors name the key and the file."""
 
-    def __init__(self, reader: GGUFReader, path: str) -> None:
+    def __init__(self, reader: GGUFFile, path: str) -> None:
         self._fields = reader.fields
         self.path = path
 
@@ -222,12 +224,15 @@ class _Metadata:
             if default is ...:
                 raise ModelLoadError(f"{self.path}: GGUF metadata lacks required key {key!r}")
             return default
-        if not field.types or field.types[0] == GGUFValueType.ARRAY:
+        if field.type == GGUFValueType.ARRAY:
             raise ModelLoadError(f"{self.path}: GGUF key {key!r} is an array, expected {kind.__name__}")
-        value = field.contents()
+        try:
+            value = field.value()
+        except GGUFFormatError as e:
+            raise ModelLoadError(f"corrupt GGUF file {self.path}: key {key!r}: {e}") from e
         if kind is float and isinstance(value, float):
             # float32 metadata: keep the shortest decimal that round-trips (1e-05, not 9.99e-06)
-            return float(str(np.float32(value))) if field.types[0] == GGUFValueType.FLOAT32 else value
+            return float(str(np.float32(value))) if field.type == GGUFValueType.FLOAT32 else value
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -235,12 +240,11 @@ class _Metadata:
         return value
 
 
-def _gguf_arch(reader: GGUFReader) -> str:
-    field = reader.fields["general.architecture"]
-    return str(field.contents())
+def _gguf_arch(reader: GGUFFile) -> str:
+    return str(reader.fields["general.architecture"].value())
 
 
-def _check_tensors(reader: GGUFReader, path: str) -> set[str]:
+def _check_tensors(reader: GGUFFile, path: str) -> set[str]:
     """Names of all tensors, after checking each maps to a HF name and has a supported type."""
     names = set()
     for t in reader.tensors:
@@ -258,16 +262,16 @@ def _check_tensors(reader: GGUFReader, path: str) -> set[str]:
     return names
 
 
-def _embedding_rows(reader: GGUFReader, path: str) -> int:
-    """Vocabulary size from the embedding's shape (ggml ne = [hidden, vocab])."""
-    for t in reader.tensors:
-        if t.name == "token_embd.weight":
-            return int(t.shape[-1])
+def _embedding_rows(reader: GGUFFile, path: str) -> int:
+    """Vocabulary size from the embedding's shape ([vocab, hidden])."""
+    t = reader.get_tensor("token_embd.weight")
+    if t is not None:
+        return t.shape[0]
     raise ModelLoadError(f"{path}: GGUF file has no token_embd.weight tensor")
 
 
 def _rope_scaling(
-    meta: _Metadata, reader: GGUFReader, a: str, theta: float, head_dim: int
+    meta: _Metadata, reader: GGUFFile, a: str, theta: float, head_dim: int
 ) -> dict[str, Any] | None:
     """HF rope_scaling from {a}.rope.scaling.* metadata, or from a Llama 3 rope_freqs tensor."""
     kind = meta.get(f"{a}.rope.scaling.type", str, None)
@@ -276,7 +280,7 @@ def _rope_scaling(
         factor = meta.get(f"{a}.rope.scale_linear", float, None)
         kind = kind or ("linear" if factor is not None else None)
     original = meta.get(f"{a}.rope.scaling.original_context_length", int, None)
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    freqs = reader.get_tensor("rope_freqs.weight")
     if freqs is not None:
         divisors = dequantize(freqs.data, freqs.tensor_type).reshape(-1)
         return _llama3_scaling_from_factors(divisors, theta, head_dim, original, meta.path)

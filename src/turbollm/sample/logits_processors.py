@@ -1,4 +1,4 @@
-"""Logit processors: pure functions from logits `[rows, vocab]` plus host-side settings to new logits.
+"""Logit processors: pure functions of logits `[rows, vocab]` and host-side settings.
 
 Contracts shared by every function here:
 - Device-agnostic (CPU and CUDA) and free of host syncs: host values reach the device through
@@ -136,7 +136,7 @@ def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
 
 
 def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-    """Nucleus filter: keep the smallest best-first set of tokens whose probability reaches top_p[i].
+    """Nucleus filter: keep the smallest best-first set of tokens whose mass reaches top_p[i].
 
     A token is kept when the probability of the tokens strictly better than it is below
     top_p, so the top token (preceded by mass 0) always survives. Sorts the full row: call it

@@ -123,7 +123,7 @@ class Sampler:
         return greedy.index_copy(0, index, sampled)
 
     def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p, then the exponential race. float32 [n, vocab] -> [n]."""
+        """Temperature, top-k, top-p, min-p, then the exponential race: [n, vocab] -> [n]."""
         vocab = logits.shape[1]
         params = [s.params for s in states]
         if any(p.temperature != 1.0 for p in params):
@@ -220,7 +220,9 @@ def _uses_penalties(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
-def _on_rows(logits: torch.Tensor, rows: list[int], fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def _on_rows(
+    logits: torch.Tensor, rows: list[int], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Apply `fn` to the given rows of `logits` [n, vocab] only; out-of-place."""
     if len(rows) == logits.shape[0]:
         return fn(logits)

@@ -1,0 +1,58 @@
+"""The CLI: one clear line for user errors, never a traceback; --help lists the commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from turbollm.cli import build_parser, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "turbollm.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands() -> None:
+    text = build_parser().format_help()
+    for cmd in ("generate", "chat", "bench"):
+        assert cmd in text
+    gen_help = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()  # type: ignore[union-attr]
+    assert "--model" in gen_help and "--dtype" in gen_help and "--device" in gen_help
+    assert "Tokens per KV-cache block" in gen_help  # field docstrings become --help
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["generate", "--model", "/no/such/dir", "hi"], "/no/such/dir"),
+        (["generate", "--model", "llama-9000", "hi"], "llama-9000"),
+        (["generate", "--model", "tiny-llama", "--temperature", "-1", "hi"], "temperature"),
+        (["generate", "--model", "tiny-llama", "--block-size", "3", "hi"], "block_size"),
+    ],
+)
+def test_user_errors_are_one_line(args: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_malformed_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["generate", "--model", str(tmp_path), "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err
+
+
+@pytest.mark.slow
+def test_generate_and_too_long_prompt_in_a_real_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ok = run_cli("generate", "--device", "cpu", "--max-tokens", "5", "--temperature", "0", "The capital of France is")
+    assert ok.returncode == 0, ok.stderr
+    assert "tok/s" in ok.stdout and "[5 tokens" in ok.stdout
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("word " * 40 + "\nshort\n")
+    bad = run_cli("generate", "--device", "cpu", "--max-model-len", "16", "--file", str(prompts))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("turbollm: error: the prompt has")
+    assert "Traceback" not in bad.stderr
