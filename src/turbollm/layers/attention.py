@@ -76,17 +76,20 @@ class Attention(nn.Module):
         nd = q.shape[0]
         max_len = max(meta.seq_lens_cpu[:nd])
         k, v = gather_kv(kv_cache, meta.block_tables[:nd], max_len)  # [nd, L, KV, D] each
-        groups = self.num_heads // self.num_kv_heads
-        qg = q.view(nd, self.num_kv_heads, groups, self.head_dim)  # [nd, KV, G, D]
-        scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * self.scale  # [nd, KV, G, L]
         pos = torch.arange(max_len, device=q.device)
-        pad = pos[None, :] >= meta.seq_lens[:nd, None]  # [nd, L]
+        seq_lens = meta.seq_lens[:nd, None]  # [nd, 1]
+        visible = pos[None, :] < seq_lens  # [nd, L]
         if self.window is not None:
-            pad |= pos[None, :] <= meta.seq_lens[:nd, None] - 1 - self.window
-        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [nd, KV, G, L]
-        out = torch.einsum("bkgl,blkd->bkgd", probs, v)  # [nd, KV, G, D]
-        return out.reshape(nd, self.num_heads, self.head_dim)
+            visible &= pos[None, :] > seq_lens - 1 - self.window
+        # SDPA reads k/v through strides (no copy) and handles GQA without repeating heads.
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :],  # [nd, H, 1, D]
+            k.transpose(1, 2),  # [nd, KV, L, D]
+            v.transpose(1, 2),
+            attn_mask=visible[:, None, None, :],  # [nd, 1, 1, L]
+            enable_gqa=True,
+        )  # [nd, H, 1, D]
+        return out[:, :, 0]
 
     def _prefill(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, i: int
@@ -123,10 +126,12 @@ def gather_kv(
     kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous k, v [B, length, KV, D] for each row of block_tables [B, max_blocks]."""
-    block_size = kv_cache.shape[2]
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
     nblocks = -(-length // block_size)
     bt = block_tables[:, :nblocks]  # [B, nblocks]
     b = bt.shape[0]
-    k = kv_cache[0][bt].view(b, nblocks * block_size, *kv_cache.shape[3:])[:, :length]
-    v = kv_cache[1][bt].view(b, nblocks * block_size, *kv_cache.shape[3:])[:, :length]
-    return k, v
+    # One index_select over the flattened table fetches k and v together (faster than
+    # advanced indexing, which is generic over index shapes).
+    kv = kv_cache.index_select(1, bt.reshape(-1))  # [2, B * nblocks, block_size, KV, D]
+    kv = kv.view(2, b, nblocks * block_size, kv_heads, head_dim)[:, :, :length]
+    return kv[0], kv[1]

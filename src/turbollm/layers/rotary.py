@@ -1,7 +1,8 @@
 """Rotary position embedding (rotate-half layout, as HF stores Llama weights).
 
-The cos/sin table is built once at construction on the model's device ([max_pos, dim/2],
-float32) and cast to the activations' dtype at use, matching transformers' numerics.
+One module per model: the cos/sin table is built once at construction on the model's
+device ([max_pos, dim/2], float32); each forward looks up the step's rows once
+(`cos_sin`) and every layer reuses them, cast to the activations' dtype as transformers does.
 Supported scalings: none, 'linear', 'llama3' (Llama 3.1+).
 """
 
@@ -60,17 +61,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_pos, head_dim / 2]
         self.register_buffer("sin", freqs.sin(), persistent=False)  # [max_pos, head_dim / 2]
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's rotation factors, looked up once and shared by every layer.
+
+        positions [T] -> (cos, sin), each [T, 1, D / 2] in the activations' dtype.
+        """
+        cos = self.cos[positions].to(dtype).unsqueeze(1)
+        sin = self.sin[positions].to(dtype).unsqueeze(1)
+        return cos, sin
+
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, H * D]; k [T, KV * D] -> rotated (q, k), same shapes."""
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D / 2]
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)  # [T, 1, D / 2]
+        """q [T, H * D], k [T, KV * D] -> rotated (q, k), same shapes."""
+        cos, sin = cos_sin
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.view(shape[0], -1, self.head_dim)  # [T, heads, D]
+        x = x.reshape(shape[0], -1, self.head_dim)  # [T, heads, D]
         x1, x2 = x.chunk(2, dim=-1)  # [T, heads, D / 2] each
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [T, heads, D]
         return out.view(shape)

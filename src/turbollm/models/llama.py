@@ -33,9 +33,10 @@ _MERGED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+    def __init__(self, arch: ModelArch, ctx: ParallelContext, rotary: RotaryEmbedding) -> None:
         super().__init__()
         d = arch.head_dim
+        self.rotary = [rotary]  # shared with every layer; a list keeps it out of this module's children
         self.num_heads = ctx.shard(arch.num_attention_heads, "num_attention_heads")
         self.num_kv_heads = ctx.shard(arch.num_key_value_heads, "num_key_value_heads")
         self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
@@ -44,15 +45,15 @@ class LlamaAttention(nn.Module):
             arch.hidden_size, [arch.num_attention_heads * d, kv_out, kv_out], arch.qkv_bias, ctx
         )
         self.o_proj = RowParallelLinear(arch.num_attention_heads * d, arch.hidden_size, arch.o_bias, ctx)
-        self.rotary = RotaryEmbedding(d, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, arch.sliding_window)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary[0](q, k, rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))  # [T, hidden]
 
 
@@ -69,23 +70,23 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+    def __init__(self, arch: ModelArch, ctx: ParallelContext, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, ctx)
+        self.self_attn = LlamaAttention(arch, ctx, rotary)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch, ctx)
 
     def forward(
         self,
-        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         x: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(positions, h, kv_cache, meta)
+        h = self.self_attn(rope, h, kv_cache, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -94,7 +95,12 @@ class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, ctx)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, ctx) for _ in range(arch.num_hidden_layers))
+        self.rotary = RotaryEmbedding(
+            arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(arch, ctx, self.rotary) for _ in range(arch.num_hidden_layers)
+        )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
     def forward(
@@ -105,9 +111,10 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, hidden]
+        rope = self.rotary.cos_sin(positions, x.dtype)
         residual = None
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(positions, x, residual, cache, meta)
+            x, residual = layer(rope, x, residual, cache, meta)
         return self.norm(x, residual)[0]  # [T, hidden]
 
 
