@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/turbollm generate --max-tokens 48 \
+	$(VENV)/bin/turbollm generate --chat --temperature 0 --max-tokens 48 \
 		"What is the capital of France?" \
 		"Write a haiku about the sea." \
 		"Explain what a GPU is in one sentence." \

@@ -110,9 +110,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         history.append({"role": "user", "content": line})
         reply = []
-        for piece in llm.stream_chat(history, params):
-            reply.append(piece)
-            print(piece, end="", flush=True)
+        try:
+            for piece in llm.stream_chat(history, params):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        except TurbollmError as e:  # e.g. the conversation outgrew the context: say so, go on
+            history.pop()
+            print(f"turbollm: error: {e}", file=sys.stderr)
+            continue
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
     return 0

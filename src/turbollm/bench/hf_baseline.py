@@ -45,7 +45,7 @@ class HFRun:
         return self.output_tokens / self.seconds
 
 
-def _trim(row: list[int], eos: set[int], pad: int | None) -> list[int]:
+def _trim(row: list[int], eos: set[int]) -> list[int]:
     """Generated ids up to and including the first EOS (HF pads finished rows after it)."""
     out = []
     for t in row:
@@ -79,7 +79,7 @@ def hf_generate(
             min_new_tokens=max_new_tokens if ignore_eos else None, pad_token_id=pad_id,
             eos_token_id=sorted(eos), top_p=None, top_k=None, temperature=None,
         )
-        outputs += [_trim(row[width:].tolist(), eos, pad_id) for row in gen]
+        outputs += [_trim(row[width:].tolist(), eos) for row in gen]
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     secs = time.perf_counter() - t0

@@ -65,9 +65,8 @@ class LLMEngine:
         self._counter = 0
 
     def _eos_ids(self) -> frozenset[int]:
+        # The loader already merged generation_config.json's eos ids into the arch.
         ids = set(self.model_info.arch.eos_token_ids)
-        gen_eos = self.model_info.generation_defaults.get("eos_token_id")
-        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if isinstance(gen_eos, int) else [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(ids)
