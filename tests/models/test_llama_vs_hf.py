@@ -12,6 +12,7 @@ import torch
 
 from turbollm.distributed.parallel import SINGLE
 from turbollm.layers.attention import AttentionMetadata
+from turbollm.layers.cpu_gemm import prepack_cpu_linears
 from turbollm.models.llama import LlamaForCausalLM
 from turbollm.models.loader import resolve_model
 
@@ -43,17 +44,20 @@ def run_chunks(model: LlamaForCausalLM, ids: list[int], chunks: list[int]) -> to
     return torch.cat(out)
 
 
-def load_ours(path: str) -> LlamaForCausalLM:
+def load_ours(path: str, packed: bool = False) -> LlamaForCausalLM:
     src = resolve_model(path)
     model = LlamaForCausalLM(src.arch, SINGLE)
     model.load_weights(src.iter_weights())
+    if packed:
+        assert prepack_cpu_linears(model) > 0
     return model.eval()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "onednn"])
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-llama3", "tiny-qwen2", "tiny-mistral"])
-def test_logits_match_transformers(preset: str, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+def test_logits_match_transformers(preset: str, packed: bool, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
     path, hf = tiny_checkpoint(preset)
-    ours = load_ours(path)
+    ours = load_ours(path, packed)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, ours.arch.vocab_size, (45,), generator=g).tolist()
     with torch.inference_mode():
@@ -102,7 +106,7 @@ def test_sliding_window_matches_transformers(tiny_checkpoint, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_embedded_smollm_logits_match_transformers(hf_smollm, smollm_tokenizer, embedded_gguf) -> None:  # type: ignore[no-untyped-def]
-    ours = load_ours(embedded_gguf)
+    ours = load_ours(embedded_gguf, packed=True)  # as the CPU engine runs it
     ids = smollm_tokenizer("The quick brown fox jumps over the lazy dog because it").input_ids
     with torch.inference_mode():
         ref = hf_smollm(torch.tensor([ids])).logits[0]

@@ -1,7 +1,9 @@
 """`turbollm bench throughput`: N prompts through turbollm and through transformers.
 
-Same model, same weights, same greedy settings, same run. Prints output tokens/s for each
-and the ratios, checks the greedy tokens agree, and writes JSON.
+Same model, same weights, same greedy settings, same run. Each system runs --repeats times
+in interleaved rounds and the median is reported (a shared 2-core machine drifts by ±25%
+between minutes). Prints output tokens/s for each and the ratios, checks the greedy tokens
+agree, and writes JSON with every sample.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from typing import Any
 
@@ -24,14 +27,21 @@ from turbollm.sampling_params import SamplingParams
 
 def _turbollm_run(llm: LLM, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=args.ignore_eos)
-    llm.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     secs = time.perf_counter() - t0
     toks = [o.outputs[0].token_ids for o in outs]
-    n_out = sum(len(t) for t in toks)
-    return {"name": "turbollm", "num_prompts": len(prompts), "output_tokens": n_out,
-            "seconds": secs, "tok_per_s": n_out / secs, "outputs": toks}
+    return {"name": "turbollm", "num_prompts": len(prompts), "output_tokens": sum(map(len, toks)),
+            "seconds": secs, "outputs": toks}
+
+
+def _median_run(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median time, with every sample's seconds and the median rate."""
+    ordered = sorted(samples, key=lambda r: r["seconds"])
+    run = dict(ordered[len(ordered) // 2])
+    run["seconds_samples"] = [round(r["seconds"], 3) for r in samples]
+    run["tok_per_s"] = run["output_tokens"] / run["seconds"]
+    return run
 
 
 def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
@@ -43,20 +53,26 @@ def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int
         prompts = chat_prompts(eng.tokenizer, args.num_prompts)
     else:
         prompts = random_prompts(info.arch.vocab_size, args.num_prompts, args.input_len)
-    ours = _turbollm_run(llm, prompts, args)
-    source, device, dtype = eng.executor.source, eng.executor.runner.device, eng.executor.runner.dtype
+    device, dtype = eng.executor.runner.device, eng.executor.runner.dtype
     eos = set(eng.eos_token_ids)
-    del llm, eng
-    runs: list[dict[str, Any]] = []
-    if args.compare == "hf":
-        hf = load_hf_model(source, dtype, device)
-        pad = next(iter(sorted(eos)))
-        single = hf_generate(hf, prompts[: args.hf_single_prompts], 1, args.output_len, args.ignore_eos, eos, pad)
-        runs.append(vars(single) | {"tok_per_s": single.tok_per_s})
-        for bs in [int(b) for b in args.hf_batch_sizes.split(",") if b]:
-            r = hf_generate(hf, prompts, bs, args.output_len, args.ignore_eos, eos, pad)
-            runs.append(vars(r) | {"tok_per_s": r.tok_per_s})
-    report = _report(args, info, device, dtype, prompts, ours, runs)
+    hf = load_hf_model(eng.executor.source, dtype, device) if args.compare == "hf" else None
+    batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b]
+    llm.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
+    samples: dict[str, list[dict[str, Any]]] = {}
+    # Rounds interleave the systems so that drifting machine speed hits all of them alike.
+    for rnd in range(args.repeats):
+        print(f"round {rnd + 1}/{args.repeats}", file=sys.stderr, flush=True)
+        samples.setdefault("turbollm", []).append(_turbollm_run(llm, prompts, args))
+        if hf is None:
+            continue
+        pad = min(eos)
+        configs = ([1] if rnd == 0 else []) + batch_sizes  # one-at-a-time is slow: one round
+        for bs in configs:
+            subset = prompts[: args.hf_single_prompts] if bs == 1 else prompts
+            r = hf_generate(hf, subset, bs, args.output_len, args.ignore_eos, eos, pad)
+            samples.setdefault(r.name, []).append(vars(r))
+    runs = [_median_run(v) for v in samples.values()]
+    report = _report(args, info, device, dtype, prompts, runs[0], runs[1:])
     _print_table(report)
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
@@ -79,7 +95,7 @@ def _report(args: argparse.Namespace, info: Any, device: torch.device, dtype: to
         "model": info.path or "dummy", "dtype": str(dtype).removeprefix("torch."),
         "dataset": args.dataset, "num_prompts": len(prompts),
         "mean_prompt_len": sum(map(len, prompts)) / len(prompts),
-        "output_len": args.output_len, "ignore_eos": args.ignore_eos,
+        "output_len": args.output_len, "ignore_eos": args.ignore_eos, "repeats": args.repeats,
         "runs": strip,
     }
 

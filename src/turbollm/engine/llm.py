@@ -124,6 +124,8 @@ class LLM:
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req")
         want = set(ids)
         while len(done) < len(ids):
+            if not self.engine.has_unfinished_requests():
+                raise RuntimeError("the engine stopped before every request finished")
             for out in self.engine.step():
                 if out.finished and out.request_id in want:
                     done[out.request_id] = out

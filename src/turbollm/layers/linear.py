@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbollm.distributed.parallel import ParallelContext
+from turbollm.layers.cpu_gemm import packed_linear, prepack
 
 
 def _param(shape: tuple[int, ...], loader: object) -> nn.Parameter:
@@ -50,6 +51,8 @@ class ColumnParallelLinear(nn.Module):
         out = sum(self.local_sizes)
         self.weight = _param((out, input_size), self.weight_loader)  # [out / tp, in]
         self.bias = _param((out,), self.weight_loader) if bias else None  # [out / tp]
+        self.packed: torch.Tensor | None = None
+        """oneDNN-packed weight on CPU (see layers/cpu_gemm.py), else None."""
         if len(output_sizes) > 1:
             # load_weights checks every part of a merged parameter arrived.
             for p in (self.weight, self.bias):
@@ -68,7 +71,13 @@ class ColumnParallelLinear(nn.Module):
         part = loaded.narrow(0, self.ctx.tp_rank * size, size)
         param.data.narrow(0, offset, size).copy_(part)
 
+    def prepack_cpu(self) -> None:
+        """Use a oneDNN-packed copy of the weight from now on (CPU only, after loading)."""
+        self.packed = prepack(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, self.bias)  # [num_tokens, out / tp]
         return F.linear(x, self.weight, self.bias)  # [num_tokens, out / tp]
 
 
@@ -81,6 +90,8 @@ class RowParallelLinear(nn.Module):
         self.local_in = ctx.shard(input_size, "input size")
         self.weight = _param((output_size, self.local_in), self.weight_loader)  # [out, in / tp]
         self.bias = _param((output_size,), default_weight_loader) if bias else None
+        self.packed: torch.Tensor | None = None
+        """oneDNN-packed weight on CPU (see layers/cpu_gemm.py), else None."""
 
     def weight_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
         if loaded.shape[1] != self.local_in * self.ctx.tp_size:
@@ -90,6 +101,11 @@ class RowParallelLinear(nn.Module):
             )
         param.data.copy_(loaded.narrow(1, self.ctx.tp_rank * self.local_in, self.local_in))
 
+    def prepack_cpu(self) -> None:
+        """Use a oneDNN-packed copy of the weight from now on (CPU only, after loading)."""
+        self.packed = prepack(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(F.linear(x, self.weight))  # [num_tokens, out]
+        partial = F.linear(x, self.weight) if self.packed is None else packed_linear(x, self.packed)
+        y = self.ctx.all_reduce(partial)  # [num_tokens, out]
         return y if self.bias is None else y + self.bias

@@ -17,6 +17,7 @@ from turbollm.core.plan import StepPlan, StepResult
 from turbollm.distributed.parallel import SINGLE, ParallelContext
 from turbollm.errors import ModelLoadError
 from turbollm.layers.attention import AttentionMetadata
+from turbollm.layers.cpu_gemm import prepack_cpu_linears
 from turbollm.models.loader import ModelSource
 from turbollm.models.registry import get_model_class
 from turbollm.sample.sampler import Sampler, SamplingState
@@ -84,6 +85,8 @@ class ModelRunner:
                 model.load_weights(source.iter_weights())  # type: ignore[operator]
             except (KeyError, ValueError) as e:
                 raise ModelLoadError(f"{source.path}: weights do not fit the model: {e}") from e
+        if self.device.type == "cpu":
+            prepack_cpu_linears(model)
         return model.eval()
 
     # ---- KV cache ------------------------------------------------------------------------
