@@ -17,6 +17,7 @@ from typing import Any
 from turbollm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, field_help
 from turbollm.errors import TurbollmError
 from turbollm.sampling_params import SamplingParams
+from turbollm.server.options import ServerOptions
 
 _ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
 _SAMPLING_FLAGS = (
@@ -129,6 +130,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_throughput(args, engine_options(args))
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from turbollm.bench.serve import run_bench_serve
+
+    return run_bench_serve(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from turbollm.server.launcher import run_server
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerOptions)
+             if getattr(args, f.name, None) is not None}
+    return run_server(engine_options(args), ServerOptions(**given))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turbollm", description="Fast inference for Llama-family LLMs."
@@ -146,13 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     from turbollm.bench.args import add_throughput_args
 
     add_throughput_args(thr)
-    for p in (gen, chat, thr):
+    bserve = bsub.add_parser("serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, goodput)")
+    from turbollm.bench.args import add_serve_args
+
+    add_serve_args(bserve)
+    bserve.set_defaults(func=cmd_bench_serve)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    add_config_flags(serve, [ServerOptions])
+    for p in (gen, chat, thr, serve):
         add_config_flags(p, _ENGINE_SECTIONS)
     for p in (gen, chat):
         _add_sampling_flags(p)
     gen.set_defaults(func=cmd_generate)
     chat.set_defaults(func=cmd_chat)
     thr.set_defaults(func=cmd_bench)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -21,3 +21,21 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved rounds; the median of each system is reported")
     p.add_argument("--output-json", default=None, help="write the results here as JSON")
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="model name to send (default: the server's first)")
+    p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer <key>")
+    p.add_argument("--num-prompts", type=int, default=32, help="requests per rate")
+    p.add_argument("--request-rate", type=float, nargs="+", default=[float("inf")],
+                   help="Poisson arrival rates in requests/s (several: a sweep; inf: all at once)")
+    p.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight")
+    p.add_argument("--input-len", type=int, default=128, help="random prompt length in tokens")
+    p.add_argument("--output-len", type=int, default=64, help="new tokens per request (ignore_eos)")
+    p.add_argument("--prompt-file", default=None, help="text prompts, one per line, instead of random")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts and arrival times")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput SLO on time to first token")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput SLO on time per output token")
+    p.add_argument("--output-json", default=None, help="write the results here as JSON")
+    p.add_argument("--plot", default=None, help="write a PNG of latency against request rate (matplotlib)")

@@ -1,1 +1,1 @@
-"""Reserved for a later stage (see DESIGN.md)."""
+"""The OpenAI-compatible HTTP server (`turbollm serve`): FastAPI + uvicorn over AsyncEngine."""

@@ -1,0 +1,43 @@
+"""Fast checks of the server's pure pieces (no model, no process)."""
+
+from __future__ import annotations
+
+import pytest
+
+from turbollm.server.errors import error_body
+from turbollm.server.options import ServerOptions
+from turbollm.server.streaming import TextHoldback, sse
+
+
+def test_holdback_never_sends_a_prefix_of_a_stop_string() -> None:
+    # The engine's cumulative text as it grows; at the end it cut "STOP" and finished.
+    h = TextHoldback(["STOP"])
+    sent = [h.delta("Hello S", False), h.delta("Hello ST", False), h.delta("Hello STO", False)]
+    sent.append(h.delta("Hello ", True))
+    assert "".join(sent) == "Hello "
+    assert all("S" not in piece for piece in sent)
+
+
+def test_holdback_without_stop_strings_sends_everything_at_once() -> None:
+    h = TextHoldback([])
+    assert h.delta("ab", False) == "ab" and h.delta("abc", False) == "c" and h.delta("abc", True) == ""
+
+
+def test_holdback_releases_held_text_on_finish() -> None:
+    h = TextHoldback(["\n\nUser:"])
+    assert h.delta("Hi there", False) == "Hi"
+    assert h.delta("Hi there", True) == " there"
+
+
+def test_error_body_scrubs_addresses_and_has_openai_shape() -> None:
+    body = error_body(400, "bad <object at 0x7f3a2b4c5d6e>", param="n")
+    assert body == {"error": {"message": "bad <object at 0x…>", "type": "invalid_request_error",
+                              "param": "n", "code": None}}
+    assert sse({"a": 1}) == b'data: {"a":1}\n\n'
+
+
+@pytest.mark.parametrize("bad", [{"max_n": 0}, {"max_logprobs": 21}, {"api_key": ""},
+                                 {"shutdown_timeout": -1}, {"max_queue": -1}])
+def test_server_options_reject_bad_values(bad: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ServerOptions(**bad)  # type: ignore[arg-type]
