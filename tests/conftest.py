@@ -8,8 +8,14 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from turbollm.models.arch import PRESETS
-from turbollm.models.loader import embedded_model_path
+if not torch.cuda.is_available():
+    # Triton kernels run through the interpreter on CPU. The variable is read when a kernel
+    # is decorated (its module's import), and test modules collected before tests/kernels
+    # import them via layers/attention.py, so it is set here, before any turbollm import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from turbollm.models.arch import PRESETS  # noqa: E402
+from turbollm.models.loader import embedded_model_path  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

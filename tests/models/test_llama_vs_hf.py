@@ -34,6 +34,7 @@ def run_chunks(model: LlamaForCausalLM, ids: list[int], chunks: list[int]) -> to
             slot_mapping=torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in pos.tolist()]),
             block_tables=torch.tensor([table]),
             seq_lens=torch.tensor([start + n]),
+            query_start_loc=torch.tensor([0, n]),
             query_lens_cpu=[n],
             seq_lens_cpu=[start + n],
             num_decodes=int(n == 1),

@@ -5,6 +5,9 @@ on the model's device, allocated by the worker. Token t of a request lives in bl
 block_table[t // block_size] at slot t % block_size; `slot_mapping` gives the flat slot
 (block * block_size + offset) of every token computed this step.
 
+On a GPU both phases run the Triton kernels of kernels/paged_attention.py; on the CPU (and
+as their executable specification) the torch code below runs.
+
 Batch layout contract (built by the worker): requests with one query token (decodes) come
 first, then requests with longer chunks (prompt chunks). Every request attends to all of
 its cached tokens plus its own new tokens, causally.
@@ -18,6 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:  # the Triton kernels need triton, which CPU-only torch builds lack
+    from turbollm.kernels import paged_attention as paged_kernels
+except ImportError:  # pragma: no cover
+    paged_kernels = None
+
 
 @dataclass
 class AttentionMetadata:
@@ -26,6 +34,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64 flat cache slot of each new token
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int64, padded with 0
     seq_lens: torch.Tensor  # [num_reqs] int64 tokens in the cache after this step
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int64 offset of each request's first token
     query_lens_cpu: list[int]
     """New tokens of each request this step (host copy: sizes the python-side loops)."""
     seq_lens_cpu: list[int]
@@ -60,6 +69,8 @@ class Attention(nn.Module):
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+        if q.is_cuda and paged_kernels is not None:
+            return self._forward_triton(q, kv_cache, meta).view(num_tokens, -1)
         out = torch.empty_like(q)  # [T, H, D]
         nd = meta.num_decodes
         if nd:
@@ -70,6 +81,25 @@ class Attention(nn.Module):
             out[start : start + qlen] = self._prefill(q[start : start + qlen], kv_cache, meta, i)
             start += qlen
         return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _forward_triton(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """GPU: the Triton paged kernels (kernels/paged_attention.py); q [T, H, D] -> [T, H, D]."""
+        assert paged_kernels is not None
+        nd = meta.num_decodes
+        out = torch.empty_like(q)  # [T, H, D]
+        if nd:
+            out[:nd] = paged_kernels.paged_decode_attention(
+                q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
+                max_seq_len=max(meta.seq_lens_cpu[:nd]), sliding_window=self.window,
+            )
+        if nd < meta.num_reqs:
+            # Prompt chunks follow the decodes, whose tokens are the first nd rows of q.
+            out[nd:] = paged_kernels.paged_prefill_attention(
+                q[nd:], kv_cache, meta.block_tables[nd:], meta.query_start_loc[nd:] - nd,
+                meta.seq_lens[nd:], self.scale, max_query_len=max(meta.query_lens_cpu[nd:]),
+                sliding_window=self.window,
+            )
+        return out
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per request, batched: q [nd, H, D] -> [nd, H, D]."""

@@ -7,6 +7,7 @@ decodes first (one token each), then prompt chunks, as AttentionMetadata require
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,7 @@ def build_step_inputs(
         slot_mapping=to_dev(slots),
         block_tables=to_dev(padded),
         seq_lens=to_dev(seq_lens),
+        query_start_loc=to_dev([0, *itertools.accumulate(query_lens)]),
         query_lens_cpu=query_lens,
         seq_lens_cpu=seq_lens,
         num_decodes=num_decodes,

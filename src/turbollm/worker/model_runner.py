@@ -8,6 +8,7 @@ sync per step: the sampler's final `.tolist()`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -123,6 +124,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots, device=dev),
             block_tables=torch.tensor(tables, device=dev),
             seq_lens=torch.tensor(lens, device=dev),
+            query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], device=dev),
             query_lens_cpu=lens,
             seq_lens_cpu=lens,
             num_decodes=sum(1 for n in lens if n == 1),

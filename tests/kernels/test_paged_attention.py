@@ -1,0 +1,259 @@
+"""Paged-attention kernels vs their torch references (CPU: Triton interpreter, small shapes;
+GPU-marked tests: real shapes) and vs the engine's torch attention layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from turbollm.kernels.paged_attention import (
+    choose_num_splits,
+    paged_decode_attention,
+    paged_decode_attention_ref,
+    paged_prefill_attention,
+    paged_prefill_attention_ref,
+)
+from turbollm.layers.attention import Attention, AttentionMetadata, write_kv_cache
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+HEADS = [(4, 4), (8, 4), (8, 2), (8, 1)]  # GQA group sizes 1, 2, 4, 8
+
+
+def make_cache(
+    seq_lens: list[int], kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+    index_dtype: torch.dtype = torch.int32, spare_blocks: int = 3, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random cache with shuffled, non-contiguous block tables padded with random ids."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // block_size) for n in seq_lens]
+    max_blocks = max(max(need), 1) + 1
+    num_blocks = sum(need) + spare_blocks
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.randint(0, num_blocks, (len(seq_lens), max_blocks), generator=g)  # padding
+    used = 0
+    for r, n in enumerate(need):
+        tables[r, :n] = perm[used : used + n]
+        used += n
+    return kv_cache.to(DEVICE), tables.to(index_dtype).to(DEVICE)
+
+
+def check_decode(
+    seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int,
+    dtype: torch.dtype = torch.float32, window: int | None = None, num_splits: int | None = None,
+    index_dtype: torch.dtype = torch.int32, max_seq_len: int | None = None,
+) -> None:
+    kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype, index_dtype)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=g).to(dtype).to(DEVICE)  # [B, H, D]
+    lens = torch.tensor(seq_lens, dtype=index_dtype, device=DEVICE)  # [B]
+    scale = head_dim**-0.5
+    args = (q, kv_cache, tables, lens, scale, max_seq_len or max(seq_lens), window, num_splits)
+    out = paged_decode_attention(*args)
+    ref = paged_decode_attention_ref(*args)
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+# Lengths: 1, odd, exactly at 16/32-token block boundaries, one past them, several blocks.
+EDGE_LENS = [1, 16, 17, 31, 32, 33, 64, 97]
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("window", [None, 7])
+def test_decode_gqa_blocks_window(heads: int, kv_heads: int, block_size: int, window: int | None) -> None:
+    check_decode(EDGE_LENS, heads, kv_heads, 32, block_size, window=window)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, None])
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_splits(num_splits: int | None, window: int | None) -> None:
+    # max_seq_len above every length: trailing splits are empty for all requests.
+    check_decode([5, 70, 129, 200], 8, 2, 64, 16, window=window, num_splits=num_splits, max_seq_len=260)
+
+
+def test_decode_auto_splits_long_context() -> None:
+    assert choose_num_splits(2, 1, 700) == 3  # 2 programs, 3 partitions of >= 256 keys
+    check_decode([700, 333], 4, 1, 32, 32, num_splits=None)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 80])
+def test_decode_head_dims(head_dim: int) -> None:
+    check_decode([3, 48, 50], 8, 2, head_dim, 16, num_splits=2)
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_decode_index_dtypes(index_dtype: torch.dtype) -> None:
+    check_decode([9, 40], 4, 2, 32, 16, index_dtype=index_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_half_precision(dtype: torch.dtype, num_splits: int) -> None:
+    check_decode([1, 33, 100], 8, 2, 64, 16, dtype=dtype, num_splits=num_splits, window=None)
+
+
+def test_decode_zero_length_request_gives_zeros() -> None:
+    kv_cache, tables = make_cache([20, 0], 2, 32, 16, torch.float32)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    lens = torch.tensor([20, 0], device=DEVICE)
+    for splits in (1, 2):
+        out = paged_decode_attention(q, kv_cache, tables, lens, 0.2, 20, num_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        ref = paged_decode_attention_ref(q, kv_cache, tables, lens, 0.2)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def check_prefill(
+    query_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype = torch.float32, window: int | None = None,
+) -> None:
+    kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g).to(dtype).to(DEVICE)  # [T, H, D]
+    starts = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0)  # [R + 1]
+    lens = torch.tensor(seq_lens, device=DEVICE)  # [R]
+    args = (q, kv_cache, tables, starts, lens, head_dim**-0.5, max(query_lens), window)
+    out = paged_prefill_attention(*args)
+    ref = paged_prefill_attention_ref(*args)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+# A whole prompt, a chunk after a cached prefix, one token, a chunk over several query blocks.
+PREFILL_QLENS = [17, 9, 1, 40]
+PREFILL_SEQLENS = [17, 41, 32, 64]
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEADS)
+@pytest.mark.parametrize("window", [None, 12])
+def test_prefill_gqa_window(heads: int, kv_heads: int, window: int | None) -> None:
+    check_prefill(PREFILL_QLENS, PREFILL_SEQLENS, heads, kv_heads, 32, 16, window=window)
+
+
+@pytest.mark.parametrize("block_size,head_dim", [(32, 64), (16, 128)])
+def test_prefill_shapes(block_size: int, head_dim: int) -> None:
+    check_prefill([33, 5], [33, 70], 4, 2, head_dim, block_size)
+
+
+def test_prefill_bf16() -> None:
+    check_prefill(PREFILL_QLENS, PREFILL_SEQLENS, 8, 2, 64, 16, dtype=torch.bfloat16, window=20)
+
+
+@pytest.mark.parametrize("window", [None, 10])
+def test_matches_engine_attention_layer(window: int | None) -> None:
+    """The kernels reproduce layers.attention's torch path (the engine's semantics): the layer
+    writes this step's k/v into the cache and attends with gather_kv + SDPA; the kernels read
+    that cache. The torch methods are called directly: on a GPU forward() runs the kernels."""
+    heads, kv_heads, head_dim, block_size = 8, 2, 32, 16
+    query_lens, seq_lens = [1, 1, 12, 30], [23, 40, 12, 45]  # 2 decodes, then 2 prefill chunks
+    kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, torch.float32,
+                                  index_dtype=torch.int64)
+    slots = []
+    for r, (ql, sl) in enumerate(zip(query_lens, seq_lens)):
+        pos = torch.arange(sl - ql, sl)
+        slots.append(tables[r].cpu()[pos // block_size] * block_size + pos % block_size)
+    starts = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0)  # [R + 1]
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat(slots).to(DEVICE), block_tables=tables,
+        seq_lens=torch.tensor(seq_lens, device=DEVICE), query_start_loc=starts,
+        query_lens_cpu=query_lens, seq_lens_cpu=seq_lens, num_decodes=2,
+    )
+    T = sum(query_lens)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(T, n * head_dim, generator=g).to(DEVICE) for n in (heads, kv_heads, kv_heads))
+    layer = Attention(heads, kv_heads, head_dim, sliding_window=window)
+    write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+    qh = q.view(T, heads, head_dim)  # [T, H, D]
+    expected = [layer._decode(qh[:2], kv_cache, meta)]
+    expected += [layer._prefill(qh[2:14], kv_cache, meta, 2), layer._prefill(qh[14:], kv_cache, meta, 3)]
+    expected_t = torch.cat(expected)  # [T, H, D]
+
+    dec = paged_decode_attention(qh[:2], kv_cache, tables[:2], meta.seq_lens[:2], layer.scale,
+                                 max_seq_len=64, sliding_window=window, num_splits=2)
+    pre = paged_prefill_attention(qh[2:], kv_cache, tables[2:], starts[2:] - 2, meta.seq_lens[2:],
+                                  layer.scale, max_query_len=30, sliding_window=window)
+    torch.testing.assert_close(dec, expected_t[:2], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(pre, expected_t[2:], atol=2e-5, rtol=2e-5)
+    # And forward() end to end (torch path on CPU, the kernels on a GPU).
+    layer_out = layer(q, k, v, kv_cache, meta).view(T, heads, head_dim)
+    torch.testing.assert_close(layer_out, expected_t, atol=2e-5, rtol=2e-5)
+
+
+def test_launcher_rejects_bad_inputs() -> None:
+    kv_cache, tables = make_cache([5, 9], 2, 32, 16, torch.float32)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    lens = torch.tensor([5, 9], device=DEVICE)
+    bad = [
+        ((q.half(), kv_cache, tables, lens), "dtype"),
+        ((q.long(), kv_cache.long(), tables, lens), "dtype"),
+        ((torch.randn(2, 3, 32, device=DEVICE), kv_cache, tables, lens), "multiple"),
+        ((torch.randn(2, 4, 16, device=DEVICE), kv_cache, tables, lens), "head_dim"),
+        ((q, kv_cache[0], tables, lens), "kv_cache shape"),
+        ((q, kv_cache, tables[:1], lens), "block_tables shape"),
+        ((q, kv_cache, tables.float(), lens), "block_tables dtype"),
+        ((q, kv_cache, tables, lens[:1]), "seq_lens shape"),
+    ]
+    for args, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            paged_decode_attention(*args, scale=0.2, max_seq_len=9)
+    with pytest.raises(ValueError, match="num_splits"):
+        paged_decode_attention(q, kv_cache, tables, lens, 0.2, 9, num_splits=0)
+    with pytest.raises(ValueError, match="sliding_window"):
+        paged_decode_attention(q, kv_cache, tables, lens, 0.2, 9, sliding_window=0)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        paged_prefill_attention(q, kv_cache, tables, torch.tensor([0, 1], device=DEVICE), lens, 0.2, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: real shapes (the lead runs these on an H100).
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 4])
+def test_gpu_decode_real_shapes(num_splits: int | None) -> None:
+    lens = torch.randint(1, 2049, (64,), generator=torch.Generator().manual_seed(5)).tolist()
+    lens[0] = 2048
+    check_decode(lens, 32, 8, 128, 16, dtype=torch.bfloat16, num_splits=num_splits, max_seq_len=2048)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 4096])
+def test_gpu_decode_long_context_small_batch(window: int | None) -> None:
+    check_decode([32768, 17000], 32, 8, 128, 16, dtype=torch.bfloat16, window=window)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_fp32_and_fp16() -> None:
+    check_decode([1, 513, 2048, 1000], 32, 8, 128, 32, dtype=torch.float32)
+    check_decode([1, 513, 2048, 1000], 32, 4, 64, 16, dtype=torch.float16, num_splits=3)
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_real_shapes() -> None:
+    check_prefill([1024, 512, 1, 700], [1024, 2048, 300, 1500], 32, 8, 128, 16, dtype=torch.bfloat16)
+    check_prefill([1024, 333], [1024, 3000], 32, 8, 128, 16, dtype=torch.bfloat16, window=512)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_cuda_graph_capture() -> None:
+    """The launch is capturable: replay with new seq_lens/q written in place is still exact."""
+    kv_cache, tables = make_cache([2048] * 8, 8, 128, 16, torch.bfloat16)
+    q = torch.randn(8, 32, 128, device="cuda", dtype=torch.bfloat16)
+    lens = torch.full((8,), 100, device="cuda", dtype=torch.int32)
+    run = lambda: paged_decode_attention(q, kv_cache, tables, lens, 128**-0.5, 2048)  # noqa: E731
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        run()  # compile outside capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    lens.copy_(torch.tensor([1, 17, 2048, 500, 1999, 64, 65, 1024]))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    ref = paged_decode_attention_ref(q, kv_cache, tables, lens, 128**-0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
