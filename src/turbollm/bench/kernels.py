@@ -4,7 +4,8 @@ Each line times a kernel with CUDA events (median of many CUDA-graph replays aft
 so host launch overhead is excluded, as in the engine's captured decode) and puts it
 beside two numbers measured in the same run: the achieved fraction of a large
 device-to-device copy's bandwidth (BENCHMARKS.md's roofline) and the engine's torch path
-(layers.attention: gather_kv + SDPA). GPU only.
+(layers.attention: gather_kv + SDPA). `--fused` adds the fused RMSNorm and SiLU-and-mul kernels
+against the torch code they replace. GPU only.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 import torch
 
+from turbollm.kernels.activation import silu_and_mul, silu_and_mul_ref
 from turbollm.kernels.paged_attention import choose_num_splits, paged_decode_attention
+from turbollm.kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref
 from turbollm.layers.attention import Attention, AttentionMetadata
 
 
@@ -117,13 +120,56 @@ def bench_decode_attention(
     return result
 
 
+def bench_fused(
+    tokens: tuple[int, ...] = (1, 64, 4096), hidden: int = 4096, dtype: torch.dtype = torch.bfloat16,
+    iters: int = 200, warmup: int = 20,
+) -> list[dict[str, Any]]:
+    """Time fused_add_rmsnorm and silu_and_mul (intermediate = hidden) against the torch code
+    they replace (layers/norm.py, layers/activation.py), both CUDA-graph replayed.
+
+    Bytes counted: rmsnorm reads x, residual, weight and writes out, new residual; silu_and_mul
+    reads [T, 2I] and writes [T, I]. Prints one line per kernel and size.
+    """
+    torch.manual_seed(0)
+    elem = torch.empty((), dtype=dtype).element_size()
+    weight = 1 + 0.1 * torch.randn(hidden, device="cuda", dtype=dtype)  # [N]
+    results = []
+    for t in tokens:
+        x = torch.randn(t, hidden, device="cuda", dtype=dtype)  # [T, N]
+        res = torch.randn(t, hidden, device="cuda", dtype=dtype)  # [T, N]
+        gate_up = torch.randn(t, 2 * hidden, device="cuda", dtype=dtype)  # [T, 2I]
+        cases = (
+            ("fused_add_rmsnorm", lambda: fused_add_rmsnorm(x, res, weight, 1e-6),
+             lambda: fused_add_rmsnorm_ref(x, res, weight, 1e-6), (4 * t + 1) * hidden * elem),
+            ("silu_and_mul", lambda: silu_and_mul(gate_up),
+             lambda: silu_and_mul_ref(gate_up), 3 * t * hidden * elem),
+        )
+        for name, kernel, torch_fn, num_bytes in cases:
+            kernel_ms = _graph_time_ms(kernel, iters, warmup)
+            torch_ms = _graph_time_ms(torch_fn, iters, warmup)
+            gbs = num_bytes / (kernel_ms * 1e-3) / 1e9
+            results.append({
+                "what": name, "device": torch.cuda.get_device_name(), "tokens": t, "hidden": hidden,
+                "dtype": str(dtype), "kernel_us": kernel_ms * 1e3, "torch_us": torch_ms * 1e3,
+                "bytes": num_bytes, "achieved_gbs": gbs, "speedup_vs_torch": torch_ms / kernel_ms,
+            })
+            print(
+                f"{name} T={t} N={hidden} {dtype}: {kernel_ms * 1e3:.1f} us ({gbs:.0f} GB/s); "
+                f"torch {torch_ms * 1e3:.1f} us ({torch_ms / kernel_ms:.1f}x)"
+            )
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--sweep", action="store_true", help="also other shapes and split counts")
+    parser.add_argument("--fused", action="store_true", help="also fused RMSNorm and SiLU-and-mul")
     args = parser.parse_args()
     copy_gbs = copy_bandwidth_gbs()
     results = [bench_decode_attention(copy_gbs=copy_gbs)]
+    if args.fused:
+        results.extend(bench_fused())
     if args.sweep:
         for batch, context in ((1, 32768), (8, 8192), (256, 1024)):
             results.append(bench_decode_attention(batch, context, copy_gbs=copy_gbs))
