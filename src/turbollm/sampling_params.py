@@ -49,6 +49,8 @@ class SamplingParams:
     """Fewest new tokens before EOS / stop tokens / stop strings may end the completion."""
     logprobs: int | None = None
     """Return the sampled token's logprob and this many top alternatives (0: sampled only)."""
+    prompt_logprobs: int | None = None
+    """Return each prompt token's logprob (the first: None) and this many top alternatives."""
     skip_special_tokens: bool = True
     """Leave special tokens out of the decoded text."""
     stop_token_set: frozenset[int] = field(default=frozenset(), init=False, repr=False)
@@ -84,6 +86,8 @@ class SamplingParams:
             )
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=20)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=20)
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise ValueError(f"stop must hold non-empty strings, got {s!r}")

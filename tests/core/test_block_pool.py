@@ -116,6 +116,18 @@ def test_prefix_hit_reuses_full_blocks_only(make_request: MakeRequest) -> None:
     assert kv.num_free_blocks == 16
 
 
+def test_prompt_logprobs_requests_get_no_prefix_hits(make_request: MakeRequest) -> None:
+    """The worker needs every prompt position's logits, so nothing may be skipped; the
+    request's own full blocks are still cached for others."""
+    kv = KVCacheManager(num_blocks=16, block_size=BS)
+    prompt = list(range(100, 110))
+    admit(kv, make_request("a", prompt))
+    asks = make_request("b", prompt, prompt_logprobs=1)
+    assert kv.get_computed_blocks(asks) == ([], 0)
+    admit(kv, asks)
+    assert kv.get_computed_blocks(make_request("c", prompt))[1] == 8
+
+
 def test_lookup_stops_at_first_miss(make_request: MakeRequest) -> None:
     kv = KVCacheManager(num_blocks=16, block_size=BS)
     admit(kv, make_request("a", list(range(12)) + [99]))  # 3 full blocks cached

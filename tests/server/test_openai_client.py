@@ -118,6 +118,49 @@ def test_echo_prepends_the_prompt(client: openai.OpenAI, model: str) -> None:
     assert out.choices[0].text.startswith(PROMPT) and len(out.choices[0].text) > len(PROMPT)
 
 
+def test_echo_with_logprobs_covers_prompt_then_completion(client: openai.OpenAI, model: str) -> None:
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2)
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2,
+                                    echo=True)
+    (choice,) = out.choices
+    lp, gen = choice.logprobs, plain.choices[0].logprobs
+    assert lp is not None and gen is not None
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5 + 3
+    assert choice.text == PROMPT + plain.choices[0].text == "".join(lp.tokens)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(8)]
+    for val, top in zip(lp.token_logprobs[1:5], lp.top_logprobs[1:5], strict=True):
+        assert val is not None and val <= 0.0 and top is not None and 2 <= len(top) <= 3
+        assert max(top.values()) >= val
+    assert lp.tokens[5:] == gen.tokens
+    assert lp.token_logprobs[5:] == pytest.approx(gen.token_logprobs, abs=1e-4)
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True, stream=True)]
+    assert [t for s in streamed if s for t in s.tokens] == lp.tokens
+    assert [t for s in streamed if s for t in s.text_offset] == lp.text_offset
+
+
+def test_echo_max_tokens_zero_scores_the_prompt_like_the_engine(client: openai.OpenAI, model: str,
+                                                                embedded_gguf: str) -> None:
+    """What lm-evaluation-harness sends for loglikelihood: the prompt's logprobs only."""
+    ids = [504, 3458, 282, 4649, 314, 7042, 30]
+    out = client.completions.create(model=model, prompt=ids, max_tokens=0, temperature=0, logprobs=1,
+                                    echo=True)
+    (choice,) = out.choices
+    lp = choice.logprobs
+    assert lp is not None and len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+    assert choice.finish_reason == "length"
+    assert out.usage is not None and out.usage.completion_tokens == 0 and out.usage.prompt_tokens == len(ids)
+
+    from turbollm import LLM, SamplingParams
+
+    llm = LLM(embedded_gguf, device="cpu", max_model_len=512, num_blocks=64)
+    (ref,) = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)
+    assert ref.prompt_logprobs is not None
+    want = sum(x.logprob for x in ref.prompt_logprobs if x is not None)
+    assert sum(v for v in lp.token_logprobs if v is not None) == pytest.approx(want, abs=1e-3)
+
+
 def test_tokenize_detokenize_version_health_metrics(shared_server: ServerProcess) -> None:
     with shared_server.client() as c:
         tok = c.post("/tokenize", json={"prompt": PROMPT}).json()

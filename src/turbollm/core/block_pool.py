@@ -166,8 +166,12 @@ class KVCacheManager:
         left to compute (the step must produce logits), so the hit is capped at
         `num_tokens - 1`, rounded down to whole blocks. Takes no references; pass the blocks
         to `allocate_slots`. Meant for a request that holds no blocks.
+
+        A request asking for prompt logprobs gets no hits: the worker needs the logits of
+        every prompt position, so none may be skipped.
         """
-        if not self.pool.enable_prefix_caching:
+        wants_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
+        if not self.pool.enable_prefix_caching or wants_prompt_logprobs:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVBlock] = []

@@ -60,12 +60,12 @@ class StepPlan:
 
 @dataclass
 class TokenLogprobs:
-    """Log-probabilities at one output position (from the model's raw distribution)."""
+    """Log-probabilities of one token, sampled or from the prompt (model's raw distribution)."""
 
     token_id: int
     logprob: float
     rank: int
-    """1-based rank of the sampled token in the distribution."""
+    """1-based rank of the token in the distribution (1 + the number of likelier tokens)."""
     top: list[tuple[int, float]]
     """The most likely (token_id, logprob) pairs, best first; as many as asked for."""
 
@@ -78,3 +78,9 @@ class StepResult:
     """request_id -> tokens sampled this step (one, or none for a partial prefill)."""
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     """request_id -> logprobs for each sampled token, for requests that asked."""
+    prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+    """request_id -> logprobs of the prompt tokens this step's chunk predicts, for requests
+    with prompt_logprobs. A chunk computing positions [s, e) covers prompt tokens
+    [s + 1, min(e, num_prompt_tokens - 1) + 1), preceded by None for token 0 when s == 0, so
+    a prompt's chunks concatenate to one entry per prompt token. A request resumed after
+    preemption recomputes its prompt and reports it again; the engine drops the repeats."""

@@ -3,6 +3,8 @@ detokenizes, and builds RequestOutputs. Host side; single-threaded.
 
 A prompt with n > 1 completions becomes n scheduler Requests ("<id>#<i>") that share the
 prompt's KV blocks through the prefix cache; the engine folds them back into one output.
+Prompt logprobs are asked of the first child only (they are the same for every child) and
+collected on the group, dropping what a request recomputes after a preemption.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from turbollm.config import EngineConfig
-from turbollm.core.plan import TokenLogprobs
+from turbollm.core.plan import StepPlan, StepResult, TokenLogprobs
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler, SchedulerStats
 from turbollm.engine.detokenizer import IncrementalDetokenizer
@@ -42,6 +44,8 @@ class _Group:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[_Child] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """One entry per prompt token received so far (the first is None); None if not asked."""
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
 
 
@@ -111,11 +115,15 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.tokenize(prompt) if prompt_token_ids is None else prompt_token_ids
         max_tokens = self.resolve_max_tokens(len(ids), params)
-        group = _Group(request_id, prompt if isinstance(prompt, str) else None, ids)
+        group = _Group(request_id, prompt if isinstance(prompt, str) else None, ids,
+                       prompt_logprobs=[] if params.prompt_logprobs is not None else None)
         for i in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = params.clone(seed=(params.seed * _MIX + i) % (2**63))
+            if i > 0 and params.prompt_logprobs is not None:
+                # Once per prompt: the other children may then share child 0's prefix blocks.
+                child_params = child_params.clone(prompt_logprobs=None)
             req = Request(f"{request_id}#{i}" if params.n > 1 else request_id, ids, child_params,
                           self.eos_token_ids, max_tokens, group.metrics.arrival_time)
             detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens,
@@ -163,6 +171,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         result = self.executor.execute(plan)
         updated = self.scheduler.update(plan, result)
+        if result.prompt_logprobs:
+            self._collect_prompt_logprobs(plan, result)
         now = time.monotonic()
         touched: dict[str, _Group] = {}
         for req in updated:
@@ -177,6 +187,25 @@ class LLMEngine:
                 group.metrics.first_token_time = now
             touched[gid] = group
         return [self._make_output(g, now) for g in touched.values()]
+
+    def _collect_prompt_logprobs(self, plan: StepPlan, result: StepResult) -> None:
+        """Append each chunk's prompt logprobs to its group, skipping entries already held.
+
+        A chunk starting at position s reports prompt tokens from index s + 1 (from 0 when
+        s == 0, see StepResult); after a preemption the prompt is recomputed from 0.
+        """
+        starts = {r.request_id: r.num_computed_tokens for r in plan.new_requests}
+        starts.update((r.request_id, r.num_computed_tokens) for r in plan.cached_requests)
+        for rid, entries in result.prompt_logprobs.items():
+            gid = self._child_to_group.get(rid)
+            group = self._groups.get(gid) if gid is not None else None
+            if group is None or group.prompt_logprobs is None:
+                continue  # aborted since the plan was made
+            start = starts[rid]
+            first = 0 if start == 0 else start + 1
+            have = group.prompt_logprobs
+            assert first <= len(have), f"{rid}: prompt logprobs arrived out of order"
+            have.extend(entries[len(have) - first :])
 
     def _process_child(self, child: _Child, new_tokens: list[int], logprobs: list[TokenLogprobs]) -> None:
         req = child.request
@@ -206,8 +235,9 @@ class LLMEngine:
             self._groups.pop(group.request_id, None)
             for c in group.children:
                 self._child_to_group.pop(c.request.request_id, None)
+        prompt_lps = list(group.prompt_logprobs) if group.prompt_logprobs is not None else None
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, finished,
-                             group.metrics)
+                             group.metrics, prompt_lps)
 
     def generation_defaults(self) -> dict[str, Any]:
         """Sampling defaults from the model's generation_config.json (as SamplingParams fields)."""

@@ -48,3 +48,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """With params.prompt_logprobs: one entry per prompt token, the first None (nothing
+    precedes it); complete from the first output that has a token."""

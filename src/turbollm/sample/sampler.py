@@ -63,6 +63,8 @@ class SamplerOutput:
     """[num_reqs]: the token chosen for each row."""
     logprobs: list[TokenLogprobs | None]
     """[num_reqs]: None where params.logprobs is None."""
+    extra: list[float] = field(default_factory=list)
+    """The caller's `extra` tensor, brought back in the same host sync ([] when not given)."""
 
 
 class Sampler:
@@ -71,41 +73,47 @@ class Sampler:
     def __init__(self) -> None:
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, states: list[SamplingState]) -> SamplerOutput:
+    def __call__(
+        self, logits: torch.Tensor, states: list[SamplingState], extra: torch.Tensor | None = None
+    ) -> SamplerOutput:
         """Sample one token per row; logprobs come from the raw (unprocessed) distribution.
 
         logits: [num_reqs, vocab], any float dtype (processing runs in float32). Row i belongs
-        to states[i]. The input tensor is not modified.
+        to states[i]. The input tensor is not modified. `extra` [num_extra] float64, on the
+        logits' device, rides along in this call's one host sync and comes back as
+        SamplerOutput.extra (the worker's prompt logprobs use it).
         """
         if not states:
             return SamplerOutput(token_ids=[], logprobs=[])
         processed = _process(logits, states)  # [num_reqs, vocab]
         token_ids = self._choose(processed, states)  # [num_reqs] int64
 
+        num_reqs = len(states)
         lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        if not lp_rows:
+        if not lp_rows and extra is None:
             # The one host sync of this call.
-            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * len(states))
-        max_k = max(states[i].params.logprobs or 0 for i in lp_rows)
-        packed = _gather_logprobs(logits, token_ids, lp_rows, max_k)  # [num_lp_rows, 2 + 2*max_k]
+            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * num_reqs)
+        max_k = max((states[i].params.logprobs or 0 for i in lp_rows), default=0)
+        parts = [token_ids.to(torch.float64)]
+        if lp_rows:
+            # [num_lp_rows, 2 + 2 * max_k]
+            parts.append(gather_logprobs(logits, token_ids, lp_rows, max_k).flatten())
+        num_extra = 0
+        if extra is not None:
+            parts.append(extra)
+            num_extra = extra.numel()
         # float64 holds token ids, ranks and float32 logprobs exactly, so one tensor carries
         # everything across. The one host sync of this call:
-        host = torch.cat([token_ids.to(torch.float64), packed.flatten()]).tolist()
-        num_reqs = len(states)
+        host = torch.cat(parts).tolist()
         out_ids = [int(t) for t in host[:num_reqs]]
         logprobs: list[TokenLogprobs | None] = [None] * num_reqs
         width = 2 + 2 * max_k
         for j, i in enumerate(lp_rows):
             row = host[num_reqs + j * width : num_reqs + (j + 1) * width]
-            k = states[i].params.logprobs or 0
-            top_lp, top_ids = row[2 : 2 + max_k], row[2 + max_k :]
-            logprobs[i] = TokenLogprobs(
-                token_id=out_ids[i],
-                logprob=row[0],
-                rank=int(row[1]),
-                top=[(int(top_ids[r]), top_lp[r]) for r in range(k)],
-            )
-        return SamplerOutput(token_ids=out_ids, logprobs=logprobs)
+            logprobs[i] = unpack_logprobs(row, out_ids[i], states[i].params.logprobs or 0, max_k)
+        return SamplerOutput(
+            token_ids=out_ids, logprobs=logprobs, extra=host[len(host) - num_extra :]
+        )
 
     def _choose(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Greedy rows take the argmax, the others are sampled: [num_reqs] int64 on the device."""
@@ -230,16 +238,17 @@ def _on_rows(
     return logits.index_copy(0, index, fn(logits.index_select(0, index)))
 
 
-def _gather_logprobs(
-    logits: torch.Tensor, token_ids: torch.Tensor, rows: list[int], max_k: int
+def gather_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, rows: list[int] | None, max_k: int
 ) -> torch.Tensor:
     """Raw logprob, rank and top-max_k of the chosen tokens, packed as float64.
 
-    logits: the unprocessed input [num_reqs, vocab]; token_ids: [num_reqs]. Returns
-    [len(rows), 2 + 2 * max_k]: logprob, rank, max_k top logprobs (best first), their ids.
-    Rank is 1 + the number of tokens strictly more likely than the chosen one.
+    logits: the unprocessed input [num_reqs, vocab]; token_ids: [num_reqs]; rows: which rows
+    to keep (None: all). Returns [len(rows), 2 + 2 * max_k]: logprob, rank, max_k top
+    logprobs (best first), their ids. log_softmax runs in float32. Rank is 1 + the number of
+    tokens strictly more likely than the chosen one. Read a row back with `unpack_logprobs`.
     """
-    if len(rows) < logits.shape[0]:
+    if rows is not None and len(rows) < logits.shape[0]:
         index = to_device(rows, torch.long, logits.device)  # [num_lp_rows]
         logits = logits.index_select(0, index)  # [num_lp_rows, vocab]
         token_ids = token_ids.index_select(0, index)  # [num_lp_rows]
@@ -251,6 +260,17 @@ def _gather_logprobs(
         top_lp, top_ids = raw.topk(max_k, dim=-1)  # [num_lp_rows, max_k] each
         parts += [top_lp.to(torch.float64), top_ids.to(torch.float64)]
     return torch.cat(parts, dim=1)  # [num_lp_rows, 2 + 2 * max_k]
+
+
+def unpack_logprobs(row: list[float], token_id: int, k: int, max_k: int) -> TokenLogprobs:
+    """One host row of `gather_logprobs` (width 2 + 2 * max_k) as TokenLogprobs with k top."""
+    top_lp, top_ids = row[2 : 2 + max_k], row[2 + max_k :]
+    return TokenLogprobs(
+        token_id=token_id,
+        logprob=row[0],
+        rank=int(row[1]),
+        top=[(int(top_ids[r]), top_lp[r]) for r in range(k)],
+    )
 
 
 def _step_seed(seed: int, position: int) -> int:

@@ -1,8 +1,10 @@
 """POST /v1/completions: text or token-id prompts (one or many), plain or streamed.
 
 Logprobs use OpenAI's legacy shape (tokens, token_logprobs, top_logprobs, text_offset).
-`echo` prepends the prompt text; `echo` together with `logprobs` needs prompt logprobs,
-which the engine does not compute yet, so that combination is refused with a 400.
+`echo` prepends the prompt text; with `logprobs` too, the choice's logprobs cover the prompt
+tokens (the first has None: nothing precedes it) and then the generated ones, with one
+text_offset running over both, as OpenAI and vLLM do. `echo` with `max_tokens=0` returns
+only the prompt (and its logprobs): how lm-evaluation-harness scores a loglikelihood.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from turbollm.server.streaming import DONE, SSE_HEADERS, sse, until_disconnected
 
 async def create_completion(serving: Serving, request: Request, body: CompletionRequest) -> Response:
     serving.check_model(body.model)
-    if body.echo and body.logprobs is not None:
-        raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not "
-                       "compute yet", param="echo")
+    # The engine always generates at least one token: for echo with max_tokens=0, ask for one
+    # and drop it (its text, logprobs and usage) from the reply.
+    prompt_only = body.echo and body.max_tokens == 0
     prompts = _prompt_list(body.prompt, serving.options.max_prompts)
-    params = serving.sampling_params(body, body.max_tokens, body.logprobs)
+    params = serving.sampling_params(body, 1 if prompt_only else body.max_tokens, body.logprobs)
+    if body.echo and body.logprobs is not None:
+        params = params.clone(prompt_logprobs=body.logprobs)
     ids = [await serving.tokenize(p) for p in prompts]
     for prompt_ids in ids:
         serving.check_context(len(prompt_ids), params)
@@ -48,7 +52,7 @@ async def create_completion(serving: Serving, request: Request, body: Completion
     await gen.__aenter__()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_stream(serving, gen, base, echo, include_usage),
+        return StreamingResponse(_stream(serving, gen, base, echo, include_usage, prompt_only),
                                  media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=BackgroundTask(gen.close))
     try:
@@ -59,12 +63,31 @@ async def create_completion(serving: Serving, request: Request, body: Completion
     for p, out in enumerate(outputs):
         for c in out.outputs:
             prefix = echo[p] if echo else ""
-            lp = (await _legacy_logprobs(serving, c.logprobs, len(prefix))
-                  if c.logprobs is not None else None)
-            choices.append(CompletionChoice(index=p * params.n + c.index, text=prefix + c.text,
-                                            logprobs=lp, finish_reason=c.finish_reason))
-    resp = CompletionResponse(id=base, model=serving.model_name, choices=choices, usage=gen.usage())
+            lp = None
+            if c.logprobs is not None:
+                ids, lps = _echoed(out.prompt_token_ids, out.prompt_logprobs)
+                if not prompt_only:
+                    ids, lps = ids + [x.token_id for x in c.logprobs], lps + list(c.logprobs)
+                lp = await _legacy_logprobs(serving, ids, lps, 0)
+            choices.append(CompletionChoice(
+                index=p * params.n + c.index, text=prefix + ("" if prompt_only else c.text),
+                logprobs=lp, finish_reason=_finish_reason(c.finish_reason, prompt_only)))
+    resp = CompletionResponse(id=base, model=serving.model_name, choices=choices,
+                              usage=gen.usage(count_completion=not prompt_only))
     return JSONResponse(dump(resp))
+
+
+def _echoed(prompt_ids: list[int], prompt_lps: list[TokenLogprobs | None] | None
+            ) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """The prompt's (token ids, logprobs) to prepend to a choice's logprobs; empty without echo."""
+    if prompt_lps is None:
+        return [], []
+    return list(prompt_ids), list(prompt_lps)
+
+
+def _finish_reason(reason: str | None, prompt_only: bool) -> str | None:
+    """With max_tokens=0 the (dropped) token always ends the choice by length, as in vLLM."""
+    return "length" if prompt_only and reason is not None and reason != "abort" else reason
 
 
 def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]], cap: int) -> list[str | list[int]]:
@@ -82,34 +105,43 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]], cap: int
     return out
 
 
-async def _legacy_logprobs(serving: Serving, lps: list[TokenLogprobs], offset: int) -> CompletionLogprobs:
-    """OpenAI's legacy logprobs; text_offset counts from `offset` (the echoed prompt)."""
-    ids = sorted({lp.token_id for lp in lps} | {t for lp in lps for t, _ in lp.top})
+async def _legacy_logprobs(serving: Serving, token_ids: list[int], lps: list[TokenLogprobs | None],
+                           offset: int) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs of `token_ids`; lps[i] is None for a token with no logprob (the
+    echoed prompt's first). text_offset counts from `offset`."""
+    ids = sorted(set(token_ids) | {t for lp in lps if lp is not None for t, _ in lp.top})
     text = dict(zip(ids, await serving.token_strings(ids), strict=True))
     out = CompletionLogprobs()
-    for lp in lps:
-        tok = text[lp.token_id]
+    for tid, lp in zip(token_ids, lps, strict=True):
+        tok = text[tid]
         out.tokens.append(tok)
+        out.text_offset.append(offset)
+        offset += len(tok)
+        if lp is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(lp.logprob)
         top = {text[t]: v for t, v in lp.top}
         top.setdefault(tok, lp.logprob)
         out.top_logprobs.append(top)
-        out.text_offset.append(offset)
-        offset += len(tok)
     return out
 
 
 async def _stream(serving: Serving, gen: Generation, base: str, echo: list[str] | None,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+                  include_usage: bool, prompt_only: bool) -> AsyncIterator[bytes]:
     n = gen.requests[0].params.n
     offsets: dict[int, int] = {}
     try:
         async for d in gen.deltas():
-            yield sse(await _chunk(serving, base, d, echo[d.index // n] if echo and d.first else "",
-                                   offsets))
+            p = d.index // n
+            prefix = echo[p] if echo and d.first else ""
+            yield sse(await _chunk(serving, base, d, prefix, gen.requests[p].prompt_token_ids,
+                                   offsets, prompt_only))
         if include_usage:
+            usage = gen.usage(count_completion=not prompt_only)
             yield sse({"id": base, "object": "text_completion", "created": int(time.time()),
-                       "model": serving.model_name, "choices": [], "usage": dump(gen.usage())})
+                       "model": serving.model_name, "choices": [], "usage": dump(usage)})
     except Exception as e:  # noqa: BLE001 - the stream has started: report in-band
         yield stream_error_frame(e)
     finally:
@@ -117,13 +149,17 @@ async def _stream(serving: Serving, gen: Generation, base: str, echo: list[str] 
     yield DONE
 
 
-async def _chunk(serving: Serving, base: str, d: Delta, prefix: str, offsets: dict[int, int]) -> dict:
+async def _chunk(serving: Serving, base: str, d: Delta, prefix: str, prompt_ids: list[int],
+                 offsets: dict[int, int], prompt_only: bool) -> dict:
     lp = None
     if d.logprobs is not None:
-        start = offsets.get(d.index, len(prefix))
-        lp = await _legacy_logprobs(serving, d.logprobs, start)
+        ids, lps = _echoed(prompt_ids, d.prompt_logprobs)
+        if not prompt_only:
+            ids, lps = ids + [x.token_id for x in d.logprobs], lps + list(d.logprobs)
+        start = offsets.get(d.index, 0)
+        lp = await _legacy_logprobs(serving, ids, lps, start)
         offsets[d.index] = start + sum(len(t) for t in lp.tokens)
-    choice = CompletionChoice(index=d.index, text=prefix + d.text, logprobs=lp,
-                              finish_reason=d.finish_reason)
+    choice = CompletionChoice(index=d.index, text=prefix + ("" if prompt_only else d.text),
+                              logprobs=lp, finish_reason=_finish_reason(d.finish_reason, prompt_only))
     return {"id": base, "object": "text_completion", "created": int(time.time()),
             "model": serving.model_name, "choices": [dump(choice)]}

@@ -31,6 +31,9 @@ class Delta:
     logprobs: list[TokenLogprobs] | None
     finish_reason: str | None
     first: bool
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """On a choice's first delta, when prompt logprobs were asked for (complete by then: the
+    first delta carries the first token, sampled after the whole prompt)."""
 
 
 @dataclass
@@ -108,12 +111,15 @@ class Generation:
                 cur.tokens_sent = len(c.token_ids)
                 if not (text or new_ids or c.finished):
                     continue
-                yield Delta(p * params.n + c.index, text, new_ids, lps, c.finish_reason, not cur.started)
+                yield Delta(p * params.n + c.index, text, new_ids, lps, c.finish_reason, not cur.started,
+                            out.prompt_logprobs if not cur.started else None)
                 cur.started = True
                 cur.done = c.finished
 
-    def usage(self) -> Usage:
-        """Token counts so far: each prompt once, every choice's tokens."""
+    def usage(self, count_completion: bool = True) -> Usage:
+        """Token counts so far: each prompt once, every choice's tokens (unless the endpoint
+        drops them: echo with max_tokens=0)."""
         prompt = sum(len(r.prompt_token_ids) for r in self.requests)
-        completion = sum(len(c.token_ids) for o in self._last.values() for c in o.outputs)
+        completion = sum(len(c.token_ids) for o in self._last.values() for c in o.outputs
+                         if count_completion)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

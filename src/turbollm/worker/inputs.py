@@ -27,6 +27,36 @@ class RequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingState
+    num_prompt_tokens: int
+    prompt_logprobs: int | None = None
+    """Top alternatives per prompt logprob; None when not asked, or when a request resumed
+    after preemption already had its prompt reported (its recompute reports nothing)."""
+
+
+@dataclass
+class PromptLogprobsSpan:
+    """One request's share of the step's prompt-logprob rows (host side)."""
+
+    request_id: str
+    num_rows: int
+    """Positions of this chunk whose next token is still in the prompt."""
+    k: int
+    """Top alternatives asked for."""
+    first: bool
+    """The chunk starts at position 0: report None for prompt token 0 before the rows."""
+
+
+@dataclass
+class PromptLogprobsInputs:
+    """The step's rows that score the next prompt token, for requests with prompt_logprobs."""
+
+    rows: torch.Tensor  # [num_pl_rows] int64 row in the step's tokens of each scored position
+    targets: torch.Tensor  # [num_pl_rows] int64 the prompt token that follows each position
+    target_ids: list[int]
+    """Host copy of targets, in the same order."""
+    spans: list[PromptLogprobsSpan]
+    """One per asking request, in row order."""
+    max_k: int
 
 
 @dataclass
@@ -39,6 +69,8 @@ class StepInputs:
     logits_indices: torch.Tensor  # [num_sampling] int64 row of each sampling request's last token
     sampling_states: list[RequestState]
     """Requests that sample a token this step, in logits_indices order."""
+    prompt_logprobs: PromptLogprobsInputs | None = None
+    """None unless a scheduled chunk belongs to a request asking for prompt logprobs."""
 
 
 def build_step_inputs(
@@ -54,9 +86,20 @@ def build_step_inputs(
     tables: list[list[int]] = []
     logits_idx: list[int] = []
     sampling: list[RequestState] = []
+    pl_rows: list[int] = []
+    pl_targets: list[int] = []
+    pl_spans: list[PromptLogprobsSpan] = []
     for rid in order:
         st, n = states[rid], plan.num_scheduled_tokens[rid]
         start, end = st.num_computed_tokens, st.num_computed_tokens + n
+        if st.prompt_logprobs is not None and start < st.num_prompt_tokens:
+            # Position p scores prompt token p + 1: positions [start, last) of this chunk.
+            last = min(end, st.num_prompt_tokens - 1)
+            row0 = len(input_ids)
+            pl_rows += range(row0, row0 + max(0, last - start))
+            pl_targets += st.token_ids[start + 1 : last + 1]
+            pl_spans.append(PromptLogprobsSpan(rid, max(0, last - start), st.prompt_logprobs,
+                                               start == 0))
         input_ids += st.token_ids[start:end]
         positions += range(start, end)
         blocks = st.block_ids
@@ -86,4 +129,9 @@ def build_step_inputs(
         seq_lens_cpu=seq_lens,
         num_decodes=num_decodes,
     )
-    return StepInputs(to_dev(input_ids), to_dev(positions), meta, to_dev(logits_idx), sampling)
+    prompt_lp = None
+    if pl_spans:
+        prompt_lp = PromptLogprobsInputs(to_dev(pl_rows), to_dev(pl_targets), pl_targets, pl_spans,
+                                         max_k=max(sp.k for sp in pl_spans))
+    return StepInputs(to_dev(input_ids), to_dev(positions), meta, to_dev(logits_idx), sampling,
+                      prompt_lp)

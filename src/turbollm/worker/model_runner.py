@@ -2,7 +2,8 @@
 
 Lives in the worker process; everything it holds (weights, KV cache, per-request state)
 is on the model's device except the RequestState bookkeeping (host). One documented host
-sync per step: the sampler's final `.tolist()`.
+sync per step: the sampler's final `.tolist()`, which also carries the prompt logprobs of
+requests that ask (in a step where nobody samples, their own `.tolist()` is that sync).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from collections.abc import Iterator
 import torch
 
 from turbollm.config import EngineConfig
-from turbollm.core.plan import StepPlan, StepResult
+from turbollm.core.plan import StepPlan, StepResult, TokenLogprobs
 from turbollm.distributed.parallel import SINGLE, ParallelContext
 from turbollm.errors import ModelLoadError
 from turbollm.layers.attention import AttentionMetadata
 from turbollm.layers.cpu_gemm import prepack_cpu_linears
 from turbollm.models.loader import ModelSource
 from turbollm.models.registry import get_model_class
-from turbollm.sample.sampler import Sampler, SamplingState
-from turbollm.worker.inputs import RequestState, build_step_inputs
+from turbollm.sample.sampler import Sampler, SamplingState, gather_logprobs, unpack_logprobs
+from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, build_step_inputs
 from turbollm.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -157,6 +158,10 @@ class ModelRunner:
                     eos_token_ids=frozenset(self.arch.eos_token_ids),
                     seed=sp.seed,
                 ),
+                num_prompt_tokens=new.num_prompt_tokens,
+                # Output tokens exist only after the whole prompt was reported once.
+                prompt_logprobs=(sp.prompt_logprobs
+                                 if len(new.token_ids) == new.num_prompt_tokens else None),
             )
         for cached in plan.cached_requests:
             st = self.states[cached.request_id]
@@ -174,14 +179,50 @@ class ModelRunner:
             return result
         inp = build_step_inputs(plan, self.states, self.block_size, self.device)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)  # [T, hidden]
+        pl = inp.prompt_logprobs
+        # Before the sampler's logits, so its slices reuse memory the profile run accounted for.
+        packed = self._score_prompt(hidden, pl) if pl is not None and pl.target_ids else None
         if not inp.sampling_states:
+            if pl is not None:
+                # Nobody samples this step: this is its one host sync.
+                host = packed.tolist() if packed is not None else []
+                result.prompt_logprobs = _unpack_prompt(pl, host)
             return result
         logits = self.model.compute_logits(hidden[inp.logits_indices])  # [num_sampling, vocab]
-        out = self.sampler(logits, [s.sampling for s in inp.sampling_states])
+        out = self.sampler(logits, [s.sampling for s in inp.sampling_states], extra=packed)
         for st, tok, lp in zip(inp.sampling_states, out.token_ids, out.logprobs, strict=True):
             st.token_ids.append(tok)
             st.sampling.output_token_ids.append(tok)
             result.sampled_token_ids[st.request_id] = [tok]
             if lp is not None:
                 result.logprobs[st.request_id] = [lp]
+        if pl is not None:
+            result.prompt_logprobs = _unpack_prompt(pl, out.extra)
         return result
+
+    def _score_prompt(self, hidden: torch.Tensor, pl: PromptLogprobsInputs) -> torch.Tensor:
+        """Logprob, rank and top-k of each next prompt token: [num_pl_rows * (2 + 2 * max_k)]
+        float64 on the device. Only the asking requests' rows reach the LM head, in slices of
+        max_num_seqs rows: the logits size the profile run measured, so a long chunk fits."""
+        step = max(1, self.config.scheduler.max_num_seqs)
+        parts = []
+        for i in range(0, pl.rows.numel(), step):
+            logits = self.model.compute_logits(hidden[pl.rows[i : i + step]])  # [rows, vocab]
+            # [rows, 2 + 2 * max_k]
+            parts.append(gather_logprobs(logits, pl.targets[i : i + step], None, pl.max_k))
+        return torch.cat(parts).flatten()
+
+
+def _unpack_prompt(pl: PromptLogprobsInputs, host: list[float]) -> dict[str, list[TokenLogprobs | None]]:
+    """Per-request prompt logprobs from the host copy of `_score_prompt`'s output."""
+    width = 2 + 2 * pl.max_k
+    out: dict[str, list[TokenLogprobs | None]] = {}
+    row = 0
+    for span in pl.spans:
+        entries: list[TokenLogprobs | None] = [None] if span.first else []
+        for r in range(row, row + span.num_rows):
+            entries.append(unpack_logprobs(host[r * width : (r + 1) * width], pl.target_ids[r],
+                                           span.k, pl.max_k))
+        row += span.num_rows
+        out[span.request_id] = entries
+    return out
