@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -44,6 +44,19 @@ class SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # OpenAI features turbollm does not implement: a 400 naming the field, never silently
+    # ignored (a client asking for JSON output or a logit bias must not get something else).
+    logit_bias: Any = None
+    response_format: Any = None
+    best_of: Any = None
+
+    @field_validator("logit_bias", "response_format", "best_of", mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: Any) -> Any:
+        harmless = (None, {}, 1, {"type": "text"})
+        if any(value == h and type(value) is type(h) for h in harmless):
+            return None
+        raise ValueError(f"{info.field_name} is not supported by turbollm")
 
 
 class CompletionRequest(SamplingFields):
@@ -73,6 +86,16 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
+
+    tools: Any = None
+    functions: Any = None
+
+    @field_validator("tools", "functions", mode="before")
+    @classmethod
+    def _no_tools(cls, value: Any, info: Any) -> Any:
+        if value:
+            raise ValueError(f"{info.field_name} (tool calling) is not supported by turbollm")
+        return None
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
