@@ -78,3 +78,24 @@ def test_queue_cap_503_then_sigterm_drains_and_exits_0(server: ServerProcess) ->
     assert running.frames[-1] == "[DONE]" and running.finish_reason() == "length"
     assert waiting.frames[-1] == "[DONE]" and waiting.finish_reason() == "length"
     assert server.proc.wait(30) == 0
+
+
+def test_sigterm_past_shutdown_timeout_ends_streams_with_error_frame() -> None:
+    """In-flight work that outlives --shutdown-timeout is aborted: an error frame, [DONE], exit 0."""
+    server = launch("--shutdown-timeout", "1")
+    try:
+        long = _Streamer(server, 4000)  # far more tokens than 1 s allows on the CPU
+        long.start()
+        assert long.first.wait(60) and long.status == 200
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        long.join(60)
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - started < 20
+        assert long.frames[-1] == "[DONE]"
+        errors = [json.loads(f) for f in long.frames[:-1] if "error" in json.loads(f)]
+        assert errors, "the aborted stream must end with an error frame"
+        err = errors[-1]["error"]
+        assert set(err) >= {"message", "type", "param", "code"} and "Traceback" not in err["message"]
+    finally:
+        server.stop()
