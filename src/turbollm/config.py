@@ -33,6 +33,8 @@ class ModelConfig:
     """Seed for dummy weights and the random stream of requests that give no seed of their own."""
     tokenizer: str | None = None
     """Tokenizer directory, when it differs from the model's."""
+    enforce_eager: bool = False
+    """GPU: run every step eagerly instead of replaying CUDA graphs for decode steps."""
 
     def __post_init__(self) -> None:
         _check_choice("load_format", self.load_format, ("auto", "safetensors", "gguf", "dummy"))

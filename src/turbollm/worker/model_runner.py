@@ -23,7 +23,8 @@ from turbollm.layers.cpu_gemm import prepack_cpu_linears
 from turbollm.models.loader import ModelSource
 from turbollm.models.registry import get_model_class
 from turbollm.sample.sampler import Sampler, SamplingState, gather_logprobs, unpack_logprobs
-from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, build_step_inputs
+from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs
+from turbollm.worker.cuda_graphs import DecodeGraphs
 from turbollm.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +75,7 @@ class ModelRunner:
         self.model = self._build_model(source)
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
+        self.graphs: DecodeGraphs | None = None
         self.states: dict[str, RequestState] = {}
 
     def _build_model(self, source: ModelSource) -> torch.nn.Module:
@@ -138,7 +140,14 @@ class ModelRunner:
         torch.cuda.synchronize(dev)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = allocate_kv_caches(self.arch, num_blocks, self.block_size, self.dtype, self.device)
+        """Allocate the cache; on a GPU also capture the decode graphs (one extra scratch block)."""
+        use_graphs = self.device.type == "cuda" and not self.config.model.enforce_eager
+        total = num_blocks + 1 if use_graphs else num_blocks
+        self.kv_caches = allocate_kv_caches(self.arch, total, self.block_size, self.dtype, self.device)
+        if use_graphs:
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
+                                       self.max_model_len, self.block_size, scratch_block=num_blocks)
+            self.graphs.capture()
 
     # ---- one step ------------------------------------------------------------------------
     def _apply_plan(self, plan: StepPlan) -> None:
@@ -178,7 +187,7 @@ class ModelRunner:
         if plan.is_empty:
             return result
         inp = build_step_inputs(plan, self.states, self.block_size, self.device)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)  # [T, hidden]
+        hidden = self._forward(inp)  # [T, hidden]
         pl = inp.prompt_logprobs
         # Before the sampler's logits, so its slices reuse memory the profile run accounted for.
         packed = self._score_prompt(hidden, pl) if pl is not None and pl.target_ids else None
@@ -199,6 +208,15 @@ class ModelRunner:
         if pl is not None:
             result.prompt_logprobs = _unpack_prompt(pl, out.extra)
         return result
+
+    def _forward(self, inp: StepInputs) -> torch.Tensor:
+        """Replay a captured graph for a batch of single-token requests, else run eagerly."""
+        meta = inp.meta
+        if self.graphs is not None and meta.num_decodes == meta.num_reqs:
+            bucket = self.graphs.bucket_for(meta.num_reqs)
+            if bucket is not None:
+                return self.graphs.run(inp.input_ids, inp.positions, meta, bucket)  # [B, hidden]
+        return self.model(inp.input_ids, inp.positions, self.kv_caches, meta)  # [T, hidden]
 
     def _score_prompt(self, hidden: torch.Tensor, pl: PromptLogprobsInputs) -> torch.Tensor:
         """Logprob, rank and top-k of each next prompt token: [num_pl_rows * (2 + 2 * max_k)]
