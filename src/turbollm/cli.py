@@ -130,6 +130,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_throughput(args, engine_options(args))
 
 
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from turbollm.bench.latency import run_latency
+
+    return run_latency(args, engine_options(args))
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     from turbollm.bench.serve import run_bench_serve
 
@@ -161,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     from turbollm.bench.args import add_throughput_args
 
     add_throughput_args(thr)
+    lat = bsub.add_parser("latency", help="decode tok/s and TTFT per batch size vs the bandwidth roofline")
+    from turbollm.bench.args import add_latency_args
+
+    add_latency_args(lat)
+    lat.set_defaults(func=cmd_bench_latency)
     bserve = bsub.add_parser("serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, goodput)")
     from turbollm.bench.args import add_serve_args
 
@@ -168,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.set_defaults(func=cmd_bench_serve)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
     add_config_flags(serve, [ServerOptions])
-    for p in (gen, chat, thr, serve):
+    for p in (gen, chat, thr, lat, serve):
         add_config_flags(p, _ENGINE_SECTIONS)
     for p in (gen, chat):
         _add_sampling_flags(p)

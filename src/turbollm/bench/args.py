@@ -39,3 +39,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput SLO on time per output token")
     p.add_argument("--output-json", default=None, help="write the results here as JSON")
     p.add_argument("--plot", default=None, help="write a PNG of latency against request rate (matplotlib)")
+
+
+def add_latency_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-sizes", default="1,8,32,64,128,256", help="comma-separated batch sizes")
+    p.add_argument("--input-len", type=int, default=128, help="prompt tokens (random ids)")
+    p.add_argument("--output-len", type=int, default=256, help="new tokens per request (ignore_eos)")
+    p.add_argument("--output-json", default=None, help="write the results here as JSON")

@@ -1,0 +1,31 @@
+"""The benchmark drivers run end to end on a tiny preset (numbers are not checked: timing is
+for benchmarks, not tests; the structure and the roofline arithmetic are)."""
+
+from __future__ import annotations
+
+import json
+
+from turbollm.bench.latency import step_bytes
+from turbollm.cli import main
+from turbollm.engine.llm import LLM
+
+
+def test_bench_latency_writes_rows(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "lat.json"
+    rc = main(["bench", "latency", "--model", "tiny-llama", "--device", "cpu", "--batch-sizes", "1,3",
+               "--input-len", "9", "--output-len", "5", "--output-json", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert [r["batch"] for r in rep["rows"]] == [1, 3] and rep["copy_bandwidth_gb_s"] > 0
+    for r in rep["rows"]:
+        assert r["decode_tok_s_total"] == r["batch"] * r["decode_tok_s_per_seq"]
+        assert 0 < r["roofline_fraction"] and r["ttft_ms"] > 0
+
+
+def test_step_bytes_counts_weights_and_kv() -> None:
+    llm = LLM("tiny-llama", device="cpu", num_blocks=16)
+    arch = llm.engine.model_info.arch
+    params = sum(p.numel() for p in llm.engine.executor.runner.model.parameters())
+    kv_tok = 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * 4
+    untied = 0 if arch.tie_word_embeddings else (arch.vocab_size - 2) * arch.hidden_size * 4
+    assert step_bytes(llm, 2, 10.0) == params * 4 - untied + 2 * 10.0 * kv_tok
