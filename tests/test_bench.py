@@ -29,3 +29,15 @@ def test_step_bytes_counts_weights_and_kv() -> None:
     kv_tok = 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * 4
     untied = 0 if arch.tie_word_embeddings else (arch.vocab_size - 2) * arch.hidden_size * 4
     assert step_bytes(llm, 2, 10.0) == params * 4 - untied + 2 * 10.0 * kv_tok
+
+
+def test_bench_throughput_compares_dummy_preset_with_transformers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "thr.json"
+    rc = main(["bench", "throughput", "--model", "tiny-llama", "--device", "cpu", "--dataset", "random",
+               "--num-prompts", "4", "--input-len", "8", "--output-len", "6", "--hf-batch-sizes", "2,4",
+               "--hf-single-prompts", "2", "--repeats", "1", "--output-json", str(out)])
+    assert rc == 0
+    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    assert set(runs) == {"turbollm", "hf one-at-a-time", "hf static batch 2", "hf static batch 4"}
+    assert all(r["output_tokens"] == r["num_prompts"] * 6 for r in runs.values())
+    assert all(0.0 <= r["greedy_match"] <= 1.0 for n, r in runs.items() if n != "turbollm")

@@ -116,3 +116,22 @@ def test_embedded_smollm_logits_match_transformers(hf_smollm, smollm_tokenizer, 
         err = (got - ref).abs().max().item()
         assert err <= 2e-3, f"max logit error {err}"
         assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama3", "tiny-qwen2"])
+def test_hf_twin_of_dummy_weights(preset: str) -> None:
+    """Benchmarks compare dummy presets with transformers on the very same weights."""
+    from turbollm.bench.hf_baseline import hf_twin
+    from turbollm.models.arch import PRESETS
+
+    ours = LlamaForCausalLM(PRESETS[preset], SINGLE)
+    ours.init_dummy_weights(seed=3)
+    with torch.no_grad():  # larger than N(0, 0.02) so logits differ visibly between tokens
+        for p in ours.parameters():
+            p.mul_(4.0)
+    twin = hf_twin(ours, torch.float32, torch.device("cpu"))
+    ids = list(range(5, 40))
+    with torch.inference_mode():
+        ref = twin(torch.tensor([ids])).logits[0]
+    got = run_chunks(ours.eval(), ids, [len(ids)])
+    assert (got - ref).abs().max().item() <= 1e-4

@@ -13,7 +13,8 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128, help="prompt length for --dataset random")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
     p.add_argument("--compare", choices=("hf", "none"), default="hf",
-                   help="hf: also run transformers' generate on the same model and weights")
+                   help="hf: also run transformers' generate on the same model and weights (dummy "
+                        "weights are copied into it; on a GPU leave room, e.g. --gpu-memory-utilization 0.45)")
     p.add_argument("--hf-single-prompts", type=int, default=8,
                    help="prompts for the transformers one-at-a-time baseline (a rate is compared)")
     p.add_argument("--hf-batch-sizes", default="8,16,32",

@@ -14,10 +14,20 @@ import torch
 from turbollm.models.loader import ModelSource
 
 
-def load_hf_model(source: ModelSource, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """The transformers model for the same weights turbollm loaded from `source`."""
+def load_hf_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, ours: torch.nn.Module | None = None
+) -> torch.nn.Module:
+    """The transformers model for the same weights turbollm loaded from `source`.
+
+    Dummy weights exist only in turbollm's model (`ours`): they are copied into a
+    transformers model built from the preset's config.
+    """
     from transformers import AutoModelForCausalLM
 
+    if source.kind == "dummy":
+        if ours is None:
+            raise ValueError("dummy weights: pass the turbollm model to copy them from")
+        return hf_twin(ours, dtype, device)
     if source.kind == "gguf":
         assert source.path is not None
         model = AutoModelForCausalLM.from_pretrained(
@@ -26,8 +36,23 @@ def load_hf_model(source: ModelSource, dtype: torch.dtype, device: torch.device)
     elif source.kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, local_files_only=True)
     else:
-        raise ValueError("--compare hf needs a real checkpoint (HF directory or GGUF), not dummy weights")
+        raise ValueError(f"unknown model source kind {source.kind!r}")
     return model.to(device).eval()
+
+
+def hf_twin(ours: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """A transformers model of the same architecture holding a copy of `ours`' weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = ours.arch.to_hf_config()  # type: ignore[attr-defined]
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(dict(ours.hf_state_dict()), strict=False)  # type: ignore[operator]
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"weights do not map onto transformers: missing {missing}, unexpected {unexpected}")
+    return model.eval()
 
 
 @dataclass

@@ -55,7 +55,8 @@ def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int
         prompts = random_prompts(info.arch.vocab_size, args.num_prompts, args.input_len)
     device, dtype = eng.executor.runner.device, eng.executor.runner.dtype
     eos = set(eng.eos_token_ids)
-    hf = load_hf_model(eng.executor.source, dtype, device) if args.compare == "hf" else None
+    runner = eng.executor.runner
+    hf = load_hf_model(eng.executor.source, dtype, device, runner.model) if args.compare == "hf" else None
     batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b]
     llm.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
     samples: dict[str, list[dict[str, Any]]] = {}

@@ -8,7 +8,7 @@ the device the model was built on; activations are flattened over the step's tok
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -166,6 +166,25 @@ class LlamaForCausalLM(nn.Module):
         ]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+    def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """This model's weights under HF names (the inverse of load_weights; one rank only).
+
+        Lets a transformers twin run on exactly these weights, e.g. dummy ones, as a baseline.
+        """
+        if self.model.embed_tokens.ctx.tp_size != 1:
+            raise ValueError("hf_state_dict needs the whole model: tensor-parallel size 1")
+        split = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+        modules = dict(self.named_modules())
+        for name, param in self.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            parent, _, attr = owner.rpartition(".")
+            if attr in split:
+                sizes = modules[owner].local_sizes  # type: ignore[union-attr]
+                for part, t in zip(split[attr], param.detach().split(sizes, dim=0), strict=True):
+                    yield f"{parent}.{part}.{leaf}", t
+            else:
+                yield name, param.detach()
 
     @torch.no_grad()
     def init_dummy_weights(self, seed: int) -> None:
