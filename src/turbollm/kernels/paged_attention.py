@@ -42,7 +42,9 @@ _MAX_SPLITS = 64
 
 if triton is not None:
 
-    @triton.jit
+    # Runtime ints that change from step to step are not specialized on (==1, %16), so a new
+    # value never triggers a JIT compile in the middle of serving.
+    @triton.jit(do_not_specialize=["window", "max_blocks", "num_splits"])
     def _decode_split_kernel(
         q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
         qk_scale, window, max_blocks, num_splits,
