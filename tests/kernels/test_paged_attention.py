@@ -44,9 +44,11 @@ def make_cache(
 def check_decode(
     seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int,
     dtype: torch.dtype = torch.float32, window: int | None = None, num_splits: int | None = None,
-    index_dtype: torch.dtype = torch.int32, max_seq_len: int | None = None,
+    index_dtype: torch.dtype = torch.int32, max_seq_len: int | None = None, fp8_cache: bool = False,
 ) -> None:
     kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype, index_dtype)
+    if fp8_cache:
+        kv_cache = kv_cache.to(torch.float8_e4m3fn)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(len(seq_lens), heads, head_dim, generator=g).to(dtype).to(DEVICE)  # [B, H, D]
     lens = torch.tensor(seq_lens, dtype=index_dtype, device=DEVICE)  # [B]
@@ -74,6 +76,12 @@ def test_decode_gqa_blocks_window(heads: int, kv_heads: int, block_size: int, wi
 def test_decode_splits(num_splits: int | None, window: int | None) -> None:
     # max_seq_len above every length: trailing splits are empty for all requests.
     check_decode([5, 70, 129, 200], 8, 2, 64, 16, window=window, num_splits=num_splits, max_seq_len=260)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_fp8_cache(dtype: torch.dtype) -> None:
+    """An FP8 cache is widened to q's dtype inside the kernel; the reference reads it exactly."""
+    check_decode([1, 17, 64, 97], 8, 2, 32, 16, dtype=dtype, num_splits=2, fp8_cache=True)
 
 
 def test_decode_auto_splits_long_context() -> None:

@@ -85,3 +85,19 @@ def test_gpu_real_shapes(tokens: int) -> None:
     (q1, c1), (q2, c2), _ = run_both(tokens, 32, 8, 128, torch.bfloat16)
     torch.testing.assert_close(q1.float(), q2.float(), atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(c1.float(), c2.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fp8_cache_matches_reference(dtype: torch.dtype) -> None:
+    """An FP8 cache stores rope(k) and v saturated at +-448 and rounded to e4m3."""
+    qkv, cos, sin, cache, slots, *_ = make(5, 4, 2, 32, dtype)
+    qkv[0, -5:] = 1000.0  # beyond FP8's range: saturates
+    cache8 = cache.to(torch.float8_e4m3fn)
+    q1, c1 = qkv.clone(), cache8.clone()
+    rope_and_cache(q1, cos, sin, c1, slots, 4, 2, 32)
+    q2, c2 = qkv.clone(), cache8.clone()
+    rope_and_cache_ref(q2, cos, sin, c2, slots, 4, 2, 32)
+    torch.testing.assert_close(q1.float(), q2.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    a, b = c1.float(), c2.float()
+    assert torch.equal(a, b)  # both round to nearest even, from the same values
+    assert a.abs().max().item() == 448.0

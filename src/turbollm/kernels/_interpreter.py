@@ -18,6 +18,12 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None  # type: ignore[assignment]
 
 
+def emulate_fp8_rounding(dtype: torch.dtype) -> bool:
+    """True under the interpreter for float8_e4m3fn targets, whose casts lose the carry when a
+    value rounds up into the next power of two (1.95 -> 1.0 instead of 2.0)."""
+    return triton is not None and dtype == torch.float8_e4m3fn and bool(triton.knobs.runtime.interpret)
+
+
 def emulate_bf16_rounding(dtype: torch.dtype) -> bool:
     """True under the interpreter for bf16 tensors, where casts would truncate."""
     return triton is not None and dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
@@ -32,3 +38,12 @@ if triton is not None:
         u = u + 0x7FFF + ((u >> 16) & 1)
         u = (u >> 16) << 16
         return u.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def round_e4m3(x):
+        """fp32 -> fp32 holding x (|x| <= 448) rounded to the nearest-even float8_e4m3fn value."""
+        u = x.to(tl.uint32, bitcast=True)
+        normal = (u & 0x7F800000) >= (121 << 23)  # |x| >= 2^-6: 3 mantissa bits
+        r = (u + 0x7FFFF + ((u >> 20) & 1)) & 0xFFF00000
+        sub = ((x * 512.0 + 12582912.0) - 12582912.0) / 512.0  # subnormals: multiples of 2^-9
+        return tl.where(normal, r.to(tl.float32, bitcast=True), sub)

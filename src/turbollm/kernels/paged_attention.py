@@ -101,9 +101,8 @@ if triton is not None:
             kv_mask = valid[:, None] & d_mask[None, :]
             k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
             v = tl.load(kv_ptr + stride_kv + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = k.to(q.dtype)  # an FP8 cache widens to q's dtype (a no-op otherwise)
+            v = v.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [G_PAD, N] log2 units
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -272,8 +271,8 @@ def _check_common(
         raise RuntimeError("paged attention kernels need triton; use the *_ref functions instead")
     if q.dtype not in _DTYPES:
         raise ValueError(f"q dtype {q.dtype} is not one of {_DTYPES}")
-    if kv_cache.dtype != q.dtype:
-        raise ValueError(f"kv_cache dtype {kv_cache.dtype} differs from q dtype {q.dtype}")
+    if kv_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} is neither q's ({q.dtype}) nor float8_e4m3fn")
     if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
         raise ValueError(f"kv_cache shape {tuple(kv_cache.shape)} is not [2, blocks, block_size, KV, D]")
     _, _, _, kv_heads, head_dim = kv_cache.shape

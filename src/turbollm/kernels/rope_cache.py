@@ -29,10 +29,10 @@ try:
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
 
-from turbollm.kernels._interpreter import emulate_bf16_rounding
+from turbollm.kernels._interpreter import emulate_bf16_rounding, emulate_fp8_rounding
 
 if triton is not None:
-    from turbollm.kernels._interpreter import round_bf16
+    from turbollm.kernels._interpreter import round_bf16, round_e4m3
 
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -47,6 +47,7 @@ if triton is not None:
         NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
         HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
         ROUND: tl.constexpr,  # interpreter only: see _interpreter.py
+        CACHE_FP8: tl.constexpr, ROUND_FP8: tl.constexpr,
     ):
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] over q | k | v heads
@@ -84,8 +85,15 @@ if triton is not None:
         dst = (cache_ptr + plane[:, None] * stride_plane + slot * stride_slot
                + kv_head[:, None] * HEAD_DIM + d[None, :])
         kvmask = mask & (~is_q)[:, None]
-        tl.store(dst, o1, mask=kvmask)
-        tl.store(dst + half, o2, mask=kvmask)
+        c1, c2 = o1, o2
+        if CACHE_FP8:  # saturate like torch's cast, then round to e4m3 (scale 1)
+            c1 = tl.minimum(tl.maximum(o1.to(tl.float32), -448.0), 448.0)
+            c2 = tl.minimum(tl.maximum(o2.to(tl.float32), -448.0), 448.0)
+            if ROUND_FP8:
+                c1 = round_e4m3(c1)
+                c2 = round_e4m3(c2)
+        tl.store(dst, c1.to(cache_ptr.dtype.element_ty), mask=kvmask)
+        tl.store(dst + half, c2.to(cache_ptr.dtype.element_ty), mask=kvmask)
 
 
 def _next_pow2(x: int) -> int:
@@ -113,8 +121,8 @@ def _check(
         )
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous")
-    if kv_cache.dtype != qkv.dtype:
-        raise ValueError(f"kv_cache dtype {kv_cache.dtype} differs from qkv dtype {qkv.dtype}")
+    if kv_cache.dtype not in (qkv.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} is neither qkv's ({qkv.dtype}) nor float8_e4m3fn")
     if slot_mapping.shape != (tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} {slot_mapping.dtype} is not [{tokens}] int")
     for name, t in (("cos", cos), ("sin", sin), ("kv_cache", kv_cache), ("slot_mapping", slot_mapping)):
@@ -146,7 +154,9 @@ def rope_and_cache(
         qkv.stride(0), cos.stride(0), sin.stride(0), kv_cache.stride(0), kv_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim,
         HALF_PAD=max(16, _next_pow2(head_dim // 2)), BLOCK_H=_BLOCK_H,
-        ROUND=emulate_bf16_rounding(qkv.dtype), num_warps=4,
+        ROUND=emulate_bf16_rounding(qkv.dtype), CACHE_FP8=kv_cache.dtype == torch.float8_e4m3fn,
+        ROUND_FP8=emulate_fp8_rounding(kv_cache.dtype),
+        num_warps=4,
     )
 
 
@@ -154,7 +164,9 @@ def rope_and_cache_ref(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
 ) -> None:
-    """The kernel's semantics in torch (fp32 rotation, one rounding), same in-place effects."""
+    """The kernel's semantics in torch (fp32 rotation, one rounding), same in-place effects.
+
+    An FP8 cache gets k and v clamped to +-448 and rounded once more (from q's dtype)."""
     _check(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
     tokens = qkv.shape[0]
     x = qkv.view(tokens, num_heads + 2 * num_kv_heads, head_dim)  # [T, H + 2 KV, D]
@@ -163,6 +175,10 @@ def rope_and_cache_ref(
     c, s = cos.float()[:, None, :], sin.float()[:, None, :]  # [T, 1, D / 2]
     rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)  # [T, H + KV, D]
     x[:, :num_heads] = rotated[:, :num_heads]
+    k, v = rotated[:, num_heads:], x[:, num_heads + num_kv_heads :]  # [T, KV, D] each
     flat = kv_cache.view(2, -1, num_kv_heads, head_dim)  # [2, slots, KV, D]
-    flat[0].index_copy_(0, slot_mapping.long(), rotated[:, num_heads:])
-    flat[1].index_copy_(0, slot_mapping.long(), x[:, num_heads + num_kv_heads :])
+    if kv_cache.dtype == torch.float8_e4m3fn:  # saturate, round, and copy bytes (no FP8 index_copy_)
+        k, v = (t.clamp(-448.0, 448.0).to(kv_cache.dtype).view(torch.uint8) for t in (k, v))
+        flat = flat.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping.long(), k)
+    flat[1].index_copy_(0, slot_mapping.long(), v)

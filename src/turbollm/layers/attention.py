@@ -140,7 +140,7 @@ class Attention(nn.Module):
         """One query per request, batched: q [nd, H, D] -> [nd, H, D]."""
         nd = q.shape[0]
         max_len = max(meta.seq_lens_cpu[:nd])
-        k, v = gather_kv(kv_cache, meta.block_tables[:nd], max_len)  # [nd, L, KV, D] each
+        k, v = gather_kv(kv_cache, meta.block_tables[:nd], max_len, q.dtype)  # [nd, L, KV, D] each
         pos = torch.arange(max_len, device=q.device)
         seq_lens = meta.seq_lens[:nd, None]  # [nd, 1]
         visible = pos[None, :] < seq_lens  # [nd, L]
@@ -161,7 +161,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """A chunk of one request: q [qlen, H, D] -> [qlen, H, D], causal over its cache."""
         qlen, seq_len = q.shape[0], meta.seq_lens_cpu[i]
-        k, v = gather_kv(kv_cache, meta.block_tables[i : i + 1], seq_len)  # [1, S, KV, D]
+        k, v = gather_kv(kv_cache, meta.block_tables[i : i + 1], seq_len, q.dtype)  # [1, S, KV, D]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
         kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [1, KV, S, D]
         if qlen == seq_len and (self.window is None or seq_len <= self.window):
@@ -177,20 +177,38 @@ class Attention(nn.Module):
         return out[0].transpose(0, 1)  # [qlen, H, D]
 
 
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value: an FP8 cache stores k and v clamped to it (scale 1)."""
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype; FP8 saturates at +-448 rather than overflowing."""
+    if dtype == x.dtype:
+        return x
+    if dtype == torch.float8_e4m3fn:
+        x = x.clamp(-FP8_MAX, FP8_MAX)
+    return x.to(dtype)
+
+
 def write_kv_cache(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store k, v ([T, KV * D]) at their flat slots in the cache, in place."""
+    """Store k, v ([T, KV * D]) at their flat slots in the cache (any cache dtype), in place."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)  # [2, slots, KV, D]
-    flat[0].index_copy_(0, slot_mapping, k.view(-1, kv_heads, head_dim))
-    flat[1].index_copy_(0, slot_mapping, v.view(-1, kv_heads, head_dim))
+    k = to_cache_dtype(k.view(-1, kv_heads, head_dim), kv_cache.dtype)
+    v = to_cache_dtype(v.view(-1, kv_heads, head_dim), kv_cache.dtype)
+    if kv_cache.element_size() == 1:  # index_copy_ has no FP8 kernels: copy the bytes
+        flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
 
 
 def gather_kv(
-    kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, length: int, dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous k, v [B, length, KV, D] for each row of block_tables [B, max_blocks]."""
+    """k, v [B, length, KV, D] for each row of block_tables [B, max_blocks], in `dtype`
+    (default: the cache's)."""
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     nblocks = -(-length // block_size)
     bt = block_tables[:, :nblocks]  # [B, nblocks]
@@ -199,4 +217,6 @@ def gather_kv(
     # advanced indexing, which is generic over index shapes).
     kv = kv_cache.index_select(1, bt.reshape(-1))  # [2, B * nblocks, block_size, KV, D]
     kv = kv.view(2, b, nblocks * block_size, kv_heads, head_dim)[:, :, :length]
+    if dtype is not None and dtype != kv.dtype:
+        kv = kv.to(dtype)
     return kv[0], kv[1]

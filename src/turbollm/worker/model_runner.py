@@ -76,6 +76,7 @@ class ModelRunner:
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
+        self.kv_dtype = torch.float8_e4m3fn if config.cache.kv_cache_dtype == "fp8" else self.dtype
         self.ctx = ctx
         # Unseeded requests draw from torch's default generators: seed them for repeatable runs.
         torch.manual_seed(config.model.seed)
@@ -106,7 +107,7 @@ class ModelRunner:
     # ---- KV cache ------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
         """Blocks that fit the memory budget (GPU: after weights and a profiled forward)."""
-        per_block = bytes_per_block(self.arch, self.block_size, self.dtype, self.ctx.tp_size)
+        per_block = bytes_per_block(self.arch, self.block_size, self.kv_dtype, self.ctx.tp_size)
         if self.device.type != "cuda":
             return num_blocks_for_budget(self.config.cache.cpu_kv_cache_bytes, per_block, self.config.cache)
         torch.cuda.synchronize(self.device)
@@ -125,7 +126,7 @@ class ModelRunner:
         total = min(sched.max_num_batched_tokens, self.max_model_len * sched.max_num_seqs)
         lens = [min(self.max_model_len, total - i) for i in range(0, total, self.max_model_len)]
         nblocks = [-(-n // self.block_size) for n in lens]
-        caches = allocate_kv_caches(self.arch, sum(nblocks), self.block_size, self.dtype, self.device)
+        caches = allocate_kv_caches(self.arch, sum(nblocks), self.block_size, self.kv_dtype, self.device)
         tables, first = [], 0
         for nb in nblocks:
             tables.append(list(range(first, first + nb)) + [0] * (max(nblocks) - nb))
@@ -153,7 +154,7 @@ class ModelRunner:
         """Allocate the cache; on a GPU also capture the decode graphs (one extra scratch block)."""
         use_graphs = self.device.type == "cuda" and not self.config.model.enforce_eager
         total = num_blocks + 1 if use_graphs else num_blocks
-        self.kv_caches = allocate_kv_caches(self.arch, total, self.block_size, self.dtype, self.device)
+        self.kv_caches = allocate_kv_caches(self.arch, total, self.block_size, self.kv_dtype, self.device)
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
                                        self.max_model_len, self.block_size, scratch_block=num_blocks)
