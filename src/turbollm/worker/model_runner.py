@@ -125,36 +125,63 @@ class ModelRunner:
         sched = self.config.scheduler
         total = min(sched.max_num_batched_tokens, self.max_model_len * sched.max_num_seqs)
         lens = [min(self.max_model_len, total - i) for i in range(0, total, self.max_model_len)]
-        nblocks = [-(-n // self.block_size) for n in lens]
-        caches = allocate_kv_caches(self.arch, sum(nblocks), self.block_size, self.kv_dtype, self.device)
+        nblocks = sum(-(-n // self.block_size) for n in lens)
+        caches = allocate_kv_caches(self.arch, nblocks, self.block_size, self.kv_dtype, self.device)
+        hidden = self._synthetic_forward(lens, lens, caches)
+        rows = min(sched.max_num_seqs, total)
+        torch.log_softmax(self.model.compute_logits(hidden[:rows]).float(), dim=-1)  # type: ignore[operator]
+        torch.cuda.synchronize(self.device)
+
+    def _synthetic_forward(
+        self, query_lens: list[int], seq_lens: list[int], caches: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """One eager forward of random tokens: request i computes its last query_lens[i] of
+        seq_lens[i] positions (decodes first), its blocks laid out from block 0 on."""
+        nblocks = [-(-n // self.block_size) for n in seq_lens]
         tables, first = [], 0
         for nb in nblocks:
             tables.append(list(range(first, first + nb)) + [0] * (max(nblocks) - nb))
             first += nb
+        positions = [p for q, n in zip(query_lens, seq_lens, strict=True) for p in range(n - q, n)]
+        req = [i for i, (q, n) in enumerate(zip(query_lens, seq_lens, strict=True)) for _ in range(q)]
         slots = [tables[i][p // self.block_size] * self.block_size + p % self.block_size
-                 for i, n in enumerate(lens) for p in range(n)]
+                 for i, p in zip(req, positions, strict=True)]
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=dev),
             block_tables=torch.tensor(tables, device=dev),
-            seq_lens=torch.tensor(lens, device=dev),
-            query_start_loc=torch.tensor([0, *itertools.accumulate(lens)], device=dev),
-            query_lens_cpu=lens,
-            seq_lens_cpu=lens,
-            num_decodes=sum(1 for n in lens if n == 1),
+            seq_lens=torch.tensor(seq_lens, device=dev),
+            query_start_loc=torch.tensor([0, *itertools.accumulate(query_lens)], device=dev),
+            query_lens_cpu=list(query_lens),
+            seq_lens_cpu=list(seq_lens),
+            num_decodes=sum(1 for q in query_lens if q == 1),
         )
-        ids = torch.randint(0, self.arch.vocab_size, (total,), device=dev)
-        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        hidden = self.model(ids, positions, caches, meta)
-        rows = min(sched.max_num_seqs, total)
-        torch.log_softmax(self.model.compute_logits(hidden[:rows]).float(), dim=-1)  # type: ignore[operator]
-        torch.cuda.synchronize(dev)
+        ids = torch.randint(0, self.arch.vocab_size, (len(positions),), device=dev)
+        return self.model(ids, torch.tensor(positions, device=dev), caches, meta)  # [T, hidden]
+
+    @torch.inference_mode()
+    def _warm_up_kernels(self, num_blocks: int) -> None:
+        """Compile, before serving, the Triton variants that chunk sizes select (the prefill
+        kernel picks its tiling from the chunk length), so no request waits on a JIT compile.
+        Writes only into blocks no request holds yet."""
+        budget = self.config.scheduler.max_num_batched_tokens
+        for qlen in (1, 8, 16, 17, 64, 100, 256, 512, 1024, 2048, 4096):
+            for prefix in (0, 37):
+                n = min(prefix + qlen, self.max_model_len)
+                q = min(qlen, n, budget)
+                if 2 * -(-n // self.block_size) > num_blocks:
+                    continue
+                # A decode beside the chunk, as in a mixed step.
+                self._synthetic_forward([1, q], [n, n], self.kv_caches)
+        torch.cuda.synchronize(self.device)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate the cache; on a GPU also capture the decode graphs (one extra scratch block)."""
         use_graphs = self.device.type == "cuda" and not self.config.model.enforce_eager
         total = num_blocks + 1 if use_graphs else num_blocks
         self.kv_caches = allocate_kv_caches(self.arch, total, self.block_size, self.kv_dtype, self.device)
+        if self.device.type == "cuda":
+            self._warm_up_kernels(num_blocks)
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
                                        self.max_model_len, self.block_size, scratch_block=num_blocks)
