@@ -159,9 +159,10 @@ CONFIG_QLENS, CONFIG_SEQLENS = [37, 3, 20, 50], [37, 50, 61, 100]
     [
         (PrefillConfig(32, 32, 4, 1, pack=1), 16, None),
         (PrefillConfig(32, 16, 4, 1, pack=2, m_fastest=True), 8, 40),
-        (PrefillConfig(32, 32, 4, 1, pack=4, loop_stages=True), 16, 9),
+        (PrefillConfig(32, 32, 4, 1, pack=4, loop_stages=True, lazy_rescale=True), 16, 9),
         (PrefillConfig(64, 16, 4, 1, pack=8, m_fastest=True), 32, 40),
         (PrefillConfig(16, 32, 4, 1, pack=2, loop_stages=True), 8, 25),
+        (PrefillConfig(32, 16, 4, 1, pack=1, m_fastest=True, lazy_rescale=True), 16, None),
     ],
 )
 def test_prefill_explicit_configs(config: PrefillConfig, block_size: int, window: int | None) -> None:
@@ -296,6 +297,8 @@ def test_gpu_prefill_real_shapes() -> None:
         PrefillConfig(128, 64, 8, 3, m_fastest=True, loop_stages=True),
         PrefillConfig(64, 64, 4, 3, pack=4),
         PrefillConfig(32, 64, 4, 3, pack=8, loop_stages=True),
+        PrefillConfig(128, 128, 8, 3, m_fastest=True, lazy_rescale=True),
+        PrefillConfig(64, 64, 4, 3, m_fastest=True, lazy_rescale=True),
     ],
 )
 def test_gpu_prefill_configs(config: PrefillConfig) -> None:
