@@ -8,6 +8,7 @@ varlen chunks with cached prefixes and windows; then times tilings on
   (b) the same with KV=8 (GQA group 4);
   (c) 16 chunks of 512 tokens, each after a 512-token cached prefix, H=32, KV=8;
   (d) decode-like: 64 chunks of 8 tokens after 2040 cached tokens, H=32, KV=8;
+  (e) 32 chunks of 64 tokens after 4032 cached; (f) as (b) at D=64; (g) 4 fresh 2048-token prompts;
 and SDPA on the same work (dense tensors, bottom-right causal mask for (c)).
 FLOPs: 4 * H * D * (visible query-key pairs); a fresh causal sequence counts 2 * T^2 * H * D.
 Writes $OUT/prefill_attn.json; prints a table last. --baseline times another copy of
@@ -139,32 +140,27 @@ def check_ref(results: dict) -> None:
 
 
 def _cfgs(spec: str) -> list:
-    """'bm,bn,warps,stages,pack[,m][,l]' items separated by spaces: m = m_fastest, l = loop_stages."""
+    """'bm,bn,warps,stages,pack[,flags]' items separated by spaces; flags: m = m_fastest,
+    l = loop_stages, z = lazy_rescale."""
     out = []
     for item in spec.split():
         f = item.split(",")
-        out.append(pa.PrefillConfig(*map(int, f[:5]), m_fastest="m" in f[5:], loop_stages="l" in f[5:]))
+        flags = "".join(f[5:])
+        out.append(pa.PrefillConfig(*map(int, f[:5]), m_fastest="m" in flags, loop_stages="l" in flags,
+                                    lazy_rescale="z" in flags))
     return out
 
 
-LARGE = _cfgs(
-    "128,128,8,3,1,m 128,128,8,3,1,m,l 128,128,8,3,1 128,128,8,3,1,l 128,128,8,2,1,m,l 128,128,8,4,1,m "
-    "128,64,8,3,1,m,l 128,64,8,4,1,m,l 128,64,4,3,1,m 128,64,4,3,1,m,l 64,64,4,3,1,m 64,64,4,3,1,m,l "
-    "64,64,4,4,1,m,l 64,128,4,2,1,m,l 256,64,16,3,1,m 256,64,16,2,1,m 256,128,16,2,1,m 256,64,16,3,1,m,l"
+LONG = _cfgs(
+    "128,128,8,3,1,mz 128,128,8,3,1 128,128,8,3,1,ml 128,128,8,3,1,mlz 128,64,4,3,1,mz 64,64,4,3,1,m "
+    "64,64,4,3,1,mz 256,64,16,2,1,mz"
 )
-GQA = _cfgs("128,128,8,3,4,m 128,128,8,3,4,m,l 128,64,4,3,4,m,l 64,64,4,3,4,m,l 128,128,8,3,2,m,l")
-MEDIUM = _cfgs(
-    "64,64,4,3,1 64,64,4,3,1,l 64,64,4,3,4 64,64,4,3,4,l 128,64,4,3,4,l 128,64,8,3,4,l 128,128,8,3,4,l "
-    "64,128,4,3,4,l 128,64,4,3,1,l 32,64,4,3,4,l"
-)
-SMALL = _cfgs(
-    "32,64,4,3,4 32,64,4,3,4,l 32,128,4,3,4,l 32,64,4,4,4,l 32,64,4,2,4,l 16,64,4,3,1 32,128,4,2,4 "
-    "64,64,4,3,4,l"
-)
-D64 = _cfgs(
-    "128,128,4,3,1,m 128,128,4,3,1,m,l 128,64,4,3,1,m,l 128,128,8,3,1,m,l 128,64,8,3,1,m,l 64,64,4,3,1,m,l "
-    "128,128,4,4,1,m,l 256,64,8,3,1,m,l"
-)
+GQA = _cfgs("128,128,8,3,2,m 128,128,8,3,2,mz 128,128,8,3,4,mz")
+SHORT = _cfgs("64,64,4,3,1,mz 64,64,4,4,1,m 64,64,4,4,1,mz 128,128,8,3,1,m 128,128,8,3,1,mz 128,64,4,3,1,mz")
+MEDIUM = _cfgs("64,64,4,3,1,mz 64,64,4,3,1 128,128,8,3,1,m 64,64,4,4,1,m")
+SMALL = _cfgs("32,64,4,3,4,z 32,128,4,3,4 32,128,4,2,4 32,128,4,3,4,z")
+D64 = _cfgs("64,64,4,3,1,mz 128,128,4,3,1,m 128,128,4,3,1,mz 128,64,8,3,1,m")
+MIDLONG = _cfgs("64,64,4,3,1,m 64,64,4,3,1,mz 128,128,8,3,1,m 128,128,8,3,1,mz")
 
 
 def run_case(name: str, c: dict, sweep: list, results: dict, baseline) -> None:
@@ -191,7 +187,8 @@ def run_case(name: str, c: dict, sweep: list, results: dict, baseline) -> None:
     for i, cfg in enumerate(configs):
         tag = ("default " if i == 0 else "") + "bm{} bn{} w{} s{} pack{}".format(
             cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.pack
-        ) + (" mfast" if cfg.m_fastest else "") + (" loop" if cfg.loop_stages else "")
+        ) + (" mfast" if cfg.m_fastest else "") + (" loop" if cfg.loop_stages else "") + (
+            " lazy" if cfg.lazy_rescale else "")
         try:
             t0 = time.perf_counter()
             out = pa._launch_prefill(*a, cfg)
@@ -228,18 +225,16 @@ def main() -> None:
         check_ref(results)
     q = args.quick
     cases = [
-        ("a 8k KV32", ([8192], [0], 32, 32, 128), LARGE),
-        ("b 8k KV8", ([8192], [0], 32, 8, 128), LARGE[:8] + GQA),
-        ("c 16x512 +512", ([512] * 16, [512] * 16, 32, 8, 128), LARGE[:14] + GQA),
+        ("a 8k KV32", ([8192], [0], 32, 32, 128), LONG),
+        ("b 8k KV8", ([8192], [0], 32, 8, 128), LONG[:5] + GQA),
+        ("c 16x512 +512", ([512] * 16, [512] * 16, 32, 8, 128), SHORT),
         ("d 64x8 +2040", ([8] * 64, [2040] * 64, 32, 8, 128), SMALL),
         ("e 32x64 +4032", ([64] * 32, [4032] * 32, 32, 8, 128), MEDIUM),
         ("f 8k KV8 D64", ([8192], [0], 32, 8, 64), D64),
+        ("g 4x2048 KV8", ([2048] * 4, [0] * 4, 32, 8, 128), MIDLONG),
     ]
     for name, shape, sweep in cases:
-        run_case(name, make_case(*shape), [] if q else sweep, results, None if name[0] == "f" else baseline)
-    # Nearly dense: one cache block holds the whole sequence (what the 16-token paging costs).
-    run_case("a-dense 8k KV32 bs8192", make_case([8192], [0], 32, 32, 128, block_size=8192),
-             [] if q else LARGE[:4], results, None)
+        run_case(name, make_case(*shape), [] if q else sweep, results, None if name[0] in "fg" else baseline)
     print("\n| case | impl | ms | TFLOP/s | rel err |\n|---|---|---|---|---|")
     for name, case in results["cases"].items():
         for r in case["rows"]:
