@@ -141,26 +141,24 @@ def check_ref(results: dict) -> None:
 
 def _cfgs(spec: str) -> list:
     """'bm,bn,warps,stages,pack[,flags]' items separated by spaces; flags: m = m_fastest,
-    l = loop_stages, z = lazy_rescale."""
+    l = loop_stages."""
     out = []
     for item in spec.split():
         f = item.split(",")
         flags = "".join(f[5:])
-        out.append(pa.PrefillConfig(*map(int, f[:5]), m_fastest="m" in flags, loop_stages="l" in flags,
-                                    lazy_rescale="z" in flags))
+        out.append(pa.PrefillConfig(*map(int, f[:5]), m_fastest="m" in flags, loop_stages="l" in flags))
     return out
 
 
-LONG = _cfgs(
-    "128,128,8,3,1,mz 128,128,8,3,1 128,128,8,3,1,ml 128,128,8,3,1,mlz 128,64,4,3,1,mz 64,64,4,3,1,m "
-    "64,64,4,3,1,mz 256,64,16,2,1,mz"
-)
-GQA = _cfgs("128,128,8,3,2,m 128,128,8,3,2,mz 128,128,8,3,4,mz")
-SHORT = _cfgs("64,64,4,3,1,mz 64,64,4,4,1,m 64,64,4,4,1,mz 128,128,8,3,1,m 128,128,8,3,1,mz 128,64,4,3,1,mz")
-MEDIUM = _cfgs("64,64,4,3,1,mz 64,64,4,3,1 128,128,8,3,1,m 64,64,4,4,1,m")
-SMALL = _cfgs("32,64,4,3,4,z 32,128,4,3,4 32,128,4,2,4 32,128,4,3,4,z")
-D64 = _cfgs("64,64,4,3,1,mz 128,128,4,3,1,m 128,128,4,3,1,mz 128,64,8,3,1,m")
-MIDLONG = _cfgs("64,64,4,3,1,m 64,64,4,3,1,mz 128,128,8,3,1,m 128,128,8,3,1,mz")
+# The tilings worth comparing (earlier sweeps, in bench/results, also tried block_n 32, 4 and
+# 2 stages, 16 warps x 256 rows and a lazy-rescale variant; all were slower).
+LONG = _cfgs("128,128,8,3,1,m 128,128,8,3,1 128,128,8,3,1,ml 128,64,4,3,1,m 64,64,4,3,1,m 256,64,16,2,1,m")
+GQA = _cfgs("128,128,8,3,2,m 128,128,8,3,4,m 128,64,4,3,4,ml")
+SHORT = _cfgs("64,64,4,3,1,m 64,64,4,4,1,m 128,128,8,3,1,m 128,64,4,3,1,m")
+MEDIUM = _cfgs("64,64,4,4,1,m 64,64,4,3,1 128,128,8,3,1,m 64,64,4,3,4")
+SMALL = _cfgs("32,64,4,3,4 32,128,4,3,4 32,128,4,2,4 16,64,4,3,1")
+D64 = _cfgs("64,64,4,3,1,m 128,128,4,3,1,m 128,64,8,3,1,m")
+MIDLONG = _cfgs("64,64,4,3,1,m 128,128,8,3,1,m 128,128,8,3,2,m")
 
 
 def run_case(name: str, c: dict, sweep: list, results: dict, baseline) -> None:
@@ -187,8 +185,7 @@ def run_case(name: str, c: dict, sweep: list, results: dict, baseline) -> None:
     for i, cfg in enumerate(configs):
         tag = ("default " if i == 0 else "") + "bm{} bn{} w{} s{} pack{}".format(
             cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.pack
-        ) + (" mfast" if cfg.m_fastest else "") + (" loop" if cfg.loop_stages else "") + (
-            " lazy" if cfg.lazy_rescale else "")
+        ) + (" mfast" if cfg.m_fastest else "") + (" loop" if cfg.loop_stages else "")
         try:
             t0 = time.perf_counter()
             out = pa._launch_prefill(*a, cfg)
@@ -226,7 +223,7 @@ def main() -> None:
     q = args.quick
     cases = [
         ("a 8k KV32", ([8192], [0], 32, 32, 128), LONG),
-        ("b 8k KV8", ([8192], [0], 32, 8, 128), LONG[:5] + GQA),
+        ("b 8k KV8", ([8192], [0], 32, 8, 128), LONG + GQA),
         ("c 16x512 +512", ([512] * 16, [512] * 16, 32, 8, 128), SHORT),
         ("d 64x8 +2040", ([8] * 64, [2040] * 64, 32, 8, 128), SMALL),
         ("e 32x64 +4032", ([64] * 32, [4032] * 32, 32, 8, 128), MEDIUM),

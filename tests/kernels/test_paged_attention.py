@@ -159,10 +159,9 @@ CONFIG_QLENS, CONFIG_SEQLENS = [37, 3, 20, 50], [37, 50, 61, 100]
     [
         (PrefillConfig(32, 32, 4, 1, pack=1), 16, None),
         (PrefillConfig(32, 16, 4, 1, pack=2, m_fastest=True), 8, 40),
-        (PrefillConfig(32, 32, 4, 1, pack=4, loop_stages=True, lazy_rescale=True), 16, 9),
+        (PrefillConfig(32, 32, 4, 1, pack=4, loop_stages=True), 16, 9),
         (PrefillConfig(64, 16, 4, 1, pack=8, m_fastest=True), 32, 40),
         (PrefillConfig(16, 32, 4, 1, pack=2, loop_stages=True), 8, 25),
-        (PrefillConfig(32, 16, 4, 1, pack=1, m_fastest=True, lazy_rescale=True), 16, None),
     ],
 )
 def test_prefill_explicit_configs(config: PrefillConfig, block_size: int, window: int | None) -> None:
@@ -183,10 +182,11 @@ def test_choose_prefill_config() -> None:
                     assert group % c.pack == 0 and c.block_m % c.pack == 0
                     for v in (c.block_m, c.block_n, c.pack):
                         assert v & (v - 1) == 0
-    # Short chunks pack the GQA group; long ones tile one head at a time.
+    # Decode-like chunks pack the whole GQA group; longer ones at most 2 heads (compute-bound).
     assert choose_prefill_config(torch.bfloat16, 128, 8, 8).pack == 8
     assert choose_prefill_config(torch.bfloat16, 128, 7, 8).pack == 1
-    assert choose_prefill_config(torch.bfloat16, 128, 8, 8192).pack == 1
+    assert choose_prefill_config(torch.bfloat16, 128, 8, 8192).pack == 2
+    assert choose_prefill_config(torch.bfloat16, 128, 8, 512).pack == 1
     with pytest.raises(ValueError, match="group"):
         check_prefill([4], [4], 4, 2, 32, 16, config=PrefillConfig(16, 16, 4, 1, pack=4))
 
@@ -287,6 +287,10 @@ def test_gpu_prefill_real_shapes() -> None:
     check_prefill([8, 3, 16], [2000, 3, 700], 32, 8, 128, 16, dtype=torch.bfloat16, window=512)
     check_prefill([64, 40], [4000, 40], 32, 8, 64, 16, dtype=torch.float16)
     check_prefill([300, 7], [300, 900], 8, 2, 128, 16, dtype=torch.float32, window=100)
+    # Long chunks (the long tiling, GQA pack 2) and head dim 256 on every tiling.
+    check_prefill([2500, 100], [2500, 3000], 32, 8, 128, 16, dtype=torch.bfloat16)
+    check_prefill([2100, 300, 9], [2100, 700, 500], 8, 4, 256, 16, dtype=torch.bfloat16, window=600)
+    check_prefill([5, 200], [900, 200], 8, 4, 256, 16, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -296,9 +300,8 @@ def test_gpu_prefill_real_shapes() -> None:
         PrefillConfig(128, 128, 8, 3, m_fastest=True),
         PrefillConfig(128, 64, 8, 3, m_fastest=True, loop_stages=True),
         PrefillConfig(64, 64, 4, 3, pack=4),
-        PrefillConfig(32, 64, 4, 3, pack=8, loop_stages=True),
-        PrefillConfig(128, 128, 8, 3, m_fastest=True, lazy_rescale=True),
-        PrefillConfig(64, 64, 4, 3, m_fastest=True, lazy_rescale=True),
+        PrefillConfig(32, 128, 4, 2, pack=4, loop_stages=True),
+        PrefillConfig(128, 128, 8, 3, pack=2, m_fastest=True),
     ],
 )
 def test_gpu_prefill_configs(config: PrefillConfig) -> None:

@@ -13,7 +13,10 @@ h // (H // KV). With a sliding window W, a query at position p sees keys in (p -
   depends only on static arguments (B, KV, max_seq_len, num_splits), never on device
   values, so the launch can be captured in a CUDA graph.
 - `paged_prefill_attention`: variable-length query chunks, causal over each request's whole
-  cache (cached prefix included), flash-attention tiling (query block x KV block).
+  cache (cached prefix included), flash-attention tiling (query block x KV block). The key
+  loop runs in stages: tiles every row sees in full (no masks), and the tiles on the causal
+  diagonal or the window edge (masked). Short chunks pack a GQA group into one program.
+  `choose_prefill_config` picks the tiling from a table measured on an H100.
 
 Contract not checked (it would need a host sync): every seq_lens[r] <= max_seq_len and
 <= block_tables.shape[1] * block_size. Requests with seq_len 0 (CUDA-graph padding) get a
@@ -151,7 +154,7 @@ if triton is not None:
         stride_kv, stride_blk, stride_slot, offs_n, offs_d,
         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
         EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, LOOP_STAGES: tl.constexpr,
-        LAZY: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         """Online-softmax update of (acc, l_i, m_i) over the keys [lo, hi), BLOCK_N at a time.
 
@@ -192,27 +195,13 @@ if triton is not None:
                     visible &= tok[None, :] > qpos[:, None] - window
                 s = tl.where(visible, qk * qk_scale, -1.0e6)  # log2 units
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-            else:  # qk_scale >= 0: scale the row max, then one fused multiply-add per score
-                s = qk
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if LAZY:
-                # Keep a stale row max until some row's grows by more than 8 (factor 256,
-                # harmless in fp32): most tiles then skip rescaling acc and l_i.
-                if tl.max(m_new - m_i, 0) > 8.0:
-                    alpha = tl.exp2(m_i - m_new)
-                    l_i = l_i * alpha
-                    acc = acc * alpha[:, None]
-                    m_i = m_new
-                m_new = m_i
-            else:
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-            if CAUSAL or WINDOW:
                 p = tl.exp2(s - m_new[:, None])  # [M, N]
-            else:
-                p = tl.exp2(s * qk_scale - m_new[:, None])
-            l_i = l_i + tl.sum(p, 1)
+            else:  # qk_scale >= 0: scale the row max, then one fused multiply-add per score
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                p = tl.exp2(qk * qk_scale - m_new[:, None])  # [M, N]
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
             m_i = m_new
         return acc, l_i, m_i
@@ -227,8 +216,8 @@ if triton is not None:
         stride_ot, stride_oh,  # out [T, H, D]
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, M_FASTEST: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, LOOP_STAGES: tl.constexpr, LAZY: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, LOOP_STAGES: tl.constexpr, DOT_PREC: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):
         # Program (query block, request, head pack): BLOCK_M rows = BLOCK_M // PACK query
         # tokens x PACK query heads that share one kv head (row i: token i // PACK, head
@@ -280,17 +269,17 @@ if triton is not None:
             acc, l_i, m_i = _prefill_tiles(
                 acc, l_i, m_i, q, kv_ptr, bt_row, head_off, qpos, lo, full, window, qk_scale,
                 stride_kv, stride_blk, stride_slot, offs_n, offs_d,
-                BLOCK_SIZE, BLOCK_N, HEAD_DIM, EVEN_D, False, True, LOOP_STAGES, LAZY, DOT_PREC, UPCAST,
+                BLOCK_SIZE, BLOCK_N, HEAD_DIM, EVEN_D, False, True, LOOP_STAGES, DOT_PREC, UPCAST,
             )
         acc, l_i, m_i = _prefill_tiles(
             acc, l_i, m_i, q, kv_ptr, bt_row, head_off, qpos, full, diag, window, qk_scale,
             stride_kv, stride_blk, stride_slot, offs_n, offs_d,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, EVEN_D, False, False, LOOP_STAGES, LAZY, DOT_PREC, UPCAST,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, EVEN_D, False, False, LOOP_STAGES, DOT_PREC, UPCAST,
         )
         acc, l_i, m_i = _prefill_tiles(
             acc, l_i, m_i, q, kv_ptr, bt_row, head_off, qpos, diag, hi, window, qk_scale,
             stride_kv, stride_blk, stride_slot, offs_n, offs_d,
-            BLOCK_SIZE, BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_WINDOW, LOOP_STAGES, LAZY, DOT_PREC, UPCAST,
+            BLOCK_SIZE, BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_WINDOW, LOOP_STAGES, DOT_PREC, UPCAST,
         )
 
         out = acc / l_i[:, None]  # every valid row saw at least its own key: l_i > 0
@@ -450,18 +439,16 @@ class PrefillConfig:
     pack: int = 1  # query heads of one kv head per program (divides the GQA group)
     m_fastest: bool = False  # grid order: all query blocks of a head first (else all heads first)
     loop_stages: bool = False  # pipeline every load of the key loops (block ids too), not only K/V
-    lazy_rescale: bool = False  # rescale acc only when a row max grows by > 8 (log2 units)
 
 
 # Measured on an H100 (bench/scripts/gpu_prefill_attn.py, bench/results/prefill-attn-h100-*.json).
-# 2-byte dtypes, by head-dim bucket: (block_m, block_n, num_warps, num_stages) for chunks of
-# at least _PREFILL_LONG_QLEN tokens (one 128-row tile per SM: compute-bound) and for shorter
-# ones (smaller tiles, two programs per SM). One head per program, query blocks of a head
-# launched together (m_fastest: the heads' GQA siblings and later blocks share K/V in L2).
-_PREFILL_LONG = {64: (64, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 64, 4, 2)}
-_PREFILL_SHORT = {64: (64, 64, 4, 3), 128: (64, 64, 4, 3), 256: (64, 32, 4, 2)}
+# 2-byte dtypes, by head-dim bucket. Chunks of at least _PREFILL_LONG_QLEN tokens: (block_m,
+# block_n, num_warps, num_stages, largest GQA pack), one 128-row tile per SM, compute-bound.
+# Shorter chunks: smaller tiles. Query blocks of a head are launched together (m_fastest: the
+# blocks of a head, and its GQA siblings, read the same K/V while it is in L2).
+_PREFILL_LONG = {64: (64, 64, 4, 3, 1), 128: (128, 128, 8, 3, 2), 256: (64, 64, 4, 2, 1)}
+_PREFILL_SHORT = {64: (64, 64, 4, 3), 128: (64, 64, 4, 4), 256: (64, 32, 4, 2)}
 _PREFILL_LONG_QLEN = 2048
-_PREFILL_LAZY = False
 # Chunks up to this long are decode-like (speculative verification, short appends to a long
 # cache) and memory-bound: one program covers the whole chunk for a packed GQA group, so each
 # K/V tile is loaded once for all its query heads.
@@ -484,13 +471,16 @@ def choose_prefill_config(
     if max_query_len <= _PREFILL_PACK_MAX_QLEN:
         pack = min(_pow2_factor(group), 8)
         block_m = min(64, max(16, _next_pow2(max_query_len) * pack))
-        return PrefillConfig(block_m, 32 if wide else 64, 4, 2 if wide else 3, pack)
+        return PrefillConfig(block_m, 32 if wide else 128, 4, 2, pack)
     if dtype == torch.float32:
         return PrefillConfig(32, 32, 4, 2, m_fastest=True)
     bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
-    table = _PREFILL_LONG if max_query_len >= _PREFILL_LONG_QLEN else _PREFILL_SHORT
-    block_m, block_n, warps, stages = table[bucket]
-    return PrefillConfig(block_m, block_n, warps, stages, m_fastest=True, lazy_rescale=_PREFILL_LAZY)
+    if max_query_len >= _PREFILL_LONG_QLEN:
+        block_m, block_n, warps, stages, max_pack = _PREFILL_LONG[bucket]
+        pack = min(_pow2_factor(group), max_pack)
+        return PrefillConfig(block_m, block_n, warps, stages, pack, m_fastest=True)
+    block_m, block_n, warps, stages = _PREFILL_SHORT[bucket]
+    return PrefillConfig(block_m, block_n, warps, stages, m_fastest=True)
 
 
 def paged_prefill_attention(
@@ -556,7 +546,7 @@ def _launch_prefill(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, EVEN_D=head_dim == head_dim_pad,
         BLOCK_SIZE=block_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, PACK=config.pack,
         M_FASTEST=config.m_fastest, HAS_WINDOW=sliding_window is not None,
-        LOOP_STAGES=config.num_stages if config.loop_stages else None, LAZY=config.lazy_rescale,
+        LOOP_STAGES=config.num_stages if config.loop_stages else None,
         DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
