@@ -83,6 +83,8 @@ class SchedulerConfig:
     """Most requests running at once."""
     long_prefill_token_threshold: int = 0
     """Cap on one prompt chunk per step, so decodes are not starved; 0: no cap."""
+    async_scheduling: str = "auto"
+    """auto (on with a GPU) | on | off: plan and launch step N+1 while the device runs step N."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -91,6 +93,7 @@ class SchedulerConfig:
             )
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        _check_choice("async_scheduling", self.async_scheduling, ("auto", "on", "off"))
         if self.long_prefill_token_threshold < 0:
             raise ValueError(
                 "long_prefill_token_threshold must be >= 0, "

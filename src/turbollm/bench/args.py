@@ -19,6 +19,8 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
                    help="prompts for the transformers one-at-a-time baseline (a rate is compared)")
     p.add_argument("--hf-batch-sizes", default="8,16,32",
                    help="comma-separated static batch sizes for the transformers baseline")
+    p.add_argument("--hf-num-prompts", type=int, default=None,
+                   help="prompts for the transformers static batches (default: all; a rate is compared)")
     p.add_argument("--repeats", type=int, default=3,
                    help="interleaved rounds; the median of each system is reported")
     p.add_argument("--output-json", default=None, help="write the results here as JSON")

@@ -69,7 +69,7 @@ def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int
         pad = min(eos)
         configs = ([1] if rnd == 0 else []) + batch_sizes  # one-at-a-time is slow: one round
         for bs in configs:
-            subset = prompts[: args.hf_single_prompts] if bs == 1 else prompts
+            subset = prompts[: args.hf_single_prompts if bs == 1 else args.hf_num_prompts]
             r = hf_generate(hf, subset, bs, args.output_len, args.ignore_eos, eos, pad)
             samples.setdefault(r.name, []).append(vars(r))
     runs = [_median_run(v) for v in samples.values()]

@@ -58,6 +58,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_output_placeholders = 0
+        """Tokens this request samples in steps planned but not yet reported (overlapped
+        scheduling: the next step computes on them before the host knows their values)."""
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         """The stop token id or stop string that ended the request, if any."""

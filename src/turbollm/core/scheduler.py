@@ -10,6 +10,13 @@ The scheduler owns every unfinished Request and the KVCacheManager. `schedule()`
 each scheduled request's `num_computed_tokens` optimistically (as if the step had run), so
 the next plan can be made before this step's result arrives; `update()` appends the sampled
 tokens and finishes requests.
+
+Overlapped (async) scheduling: with `async_scheduling` the engine plans step N+1 before step
+N's tokens reach the host. A request that samples in a planned step holds an output
+placeholder until `update()` brings the token; the next plan already schedules the
+placeholder's position (the worker feeds it from the device). A request that will reach its
+length cap is not scheduled past it; one that stops on EOS or a stop string wastes at most
+one computed token, dropped in `update()`.
 """
 
 from __future__ import annotations
@@ -55,8 +62,10 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
+        async_scheduling: bool = False,
     ) -> None:
         self.config = scheduler_config
+        self.async_scheduling = async_scheduling
         self.block_size = cache_config.block_size
         self.max_model_len = max_model_len
         self.kv = KVCacheManager(
@@ -136,9 +145,13 @@ class Scheduler:
         for rid, num_tokens in plan.num_scheduled_tokens.items():
             request = self.requests[rid]
             request.num_computed_tokens += num_tokens
-            # These tokens are known and their KV exists once this step runs; later steps
-            # (executed after this one) may reuse the blocks.
+            # These tokens' KV exists once this step runs; later steps (executed after this
+            # one) may reuse the full blocks among them whose tokens are known.
             self.kv.cache_full_blocks(request, request.num_computed_tokens)
+            if self.async_scheduling and (
+                request.num_computed_tokens == request.num_tokens + request.num_output_placeholders
+            ):
+                request.num_output_placeholders += 1  # it samples in this step
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> tuple[int, bool]:
@@ -195,16 +208,27 @@ class Scheduler:
             budget -= num_new
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
-        num_new = min(request.num_tokens - num_computed, budget)
+        pending = request.num_output_placeholders
+        if pending and self._reaches_length_cap(request, request.num_output_tokens + pending):
+            return 0  # its last token is already being sampled
+        num_new = min(request.num_tokens + pending - num_computed, budget)
         if self.config.long_prefill_token_threshold > 0:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
 
+    def _reaches_length_cap(self, request: Request, num_outputs: int) -> bool:
+        if request.max_tokens is not None and num_outputs >= request.max_tokens:
+            return True
+        return request.num_prompt_tokens + num_outputs >= self.max_model_len
+
     def _preempt(self, request: Request) -> None:
-        """Recompute-style preemption: drop the KV, keep the tokens, requeue at the front."""
+        """Recompute-style preemption: drop the KV, keep the tokens, requeue at the front.
+
+        A token still in flight for it is appended by `update()` all the same."""
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -222,19 +246,22 @@ class Scheduler:
         any_finished = False
         for rid, token_ids in result.sampled_token_ids.items():
             request = self.requests.get(rid)
-            if (
-                not token_ids
-                or rid not in plan.num_scheduled_tokens
-                or request is None
-                or request.status is not RequestStatus.RUNNING
-            ):
+            if not token_ids or rid not in plan.num_scheduled_tokens or request is None:
                 continue
+            running = request.status is RequestStatus.RUNNING
+            if not running and not self.async_scheduling:
+                continue  # preempted since the plan: it recomputes this position
+            # Overlapped scheduling: a request preempted after this step was planned still
+            # gets its token (the step ran before its blocks were reused).
+            request.num_output_placeholders = max(0, request.num_output_placeholders - len(token_ids))
             for token_id in token_ids:
                 request.append_output_token(token_id)
                 status = self._check_stop(request, token_id)
                 if status is not None:
+                    if not running:
+                        self.waiting.remove(request)
                     self._finish(request, status)
-                    any_finished = True
+                    any_finished = running or any_finished
                     break
             touched.append(request)
         if any_finished:

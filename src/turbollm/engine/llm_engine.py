@@ -21,7 +21,7 @@ from turbollm.engine.detokenizer import IncrementalDetokenizer
 from turbollm.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from turbollm.errors import PromptTooLongError
 from turbollm.sampling_params import SamplingParams
-from turbollm.worker.executor import Executor
+from turbollm.worker.executor import Executor, PendingStep
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -63,7 +63,11 @@ class LLMEngine:
         self.kv_capacity_tokens = self.num_blocks * config.cache.block_size
         if self.num_blocks < 1:
             raise ValueError("the KV-cache budget holds no block; raise the memory budget")
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks, self.max_model_len)
+        self.overlap = self.executor.overlap_steps
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks, self.max_model_len,
+                                   async_scheduling=self.overlap)
+        self._inflight: tuple[StepPlan, PendingStep] | None = None
+        """Overlapped scheduling: the step launched last, whose result is not processed yet."""
         self._groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, str] = {}
         self._counter = 0
@@ -167,9 +171,23 @@ class LLMEngine:
 
     # ---- the step -------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute, update; return outputs of requests that changed."""
+        """Schedule, execute, update; return outputs of requests that changed.
+
+        Overlapped (async_scheduling): launch step N+1, then wait for step N's tokens and
+        process them (update, detokenize) while the device runs N+1; the outputs returned
+        are step N's. The first call returns no outputs.
+        """
         plan = self.scheduler.schedule()
-        result = self.executor.execute(plan)
+        if not self.overlap:
+            return self._process(plan, self.executor.execute(plan))
+        launched = (plan, self.executor.execute_async(plan))
+        previous, self._inflight = self._inflight, launched
+        if previous is None:
+            return []
+        return self._process(previous[0], previous[1].result())
+
+    def _process(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Apply a step's result: scheduler update, prompt logprobs, detokenize, outputs."""
         updated = self.scheduler.update(plan, result)
         if result.prompt_logprobs:
             self._collect_prompt_logprobs(plan, result)

@@ -49,7 +49,7 @@ if triton is not None:
     @triton.jit
     def _decode_split_kernel(
         q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-        qk_scale, window, max_blocks,
+        qk_scale, window, max_blocks, num_splits,
         stride_qb, stride_qh,  # q [B, H, D] (last stride 1)
         stride_kv, stride_blk, stride_slot, stride_head,  # kv_cache (last stride 1)
         stride_btb,  # block_tables [B, max_blocks] (last stride 1)
@@ -58,7 +58,7 @@ if triton is not None:
         stride_lb, stride_lh,  # part_lse [B, H, S]
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        PARTITION: tl.constexpr, DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -78,14 +78,17 @@ if triton is not None:
         if UPCAST:
             q = q.to(tl.float32)
 
-        # The visible keys are [first_key, seq_len); split s takes PARTITION of them, so a
-        # window shortens the work and every visited tile holds at least one visible key
-        # (the running max is finite after the first tile).
+        # The visible keys are [first_key, seq_len); split s takes a partition of them sized
+        # from this request's own length (a multiple of BLOCK_N), so a short context under a
+        # graph planned for max_seq_len spreads over few splits and the rest exit at once.
+        # Every visited tile holds at least one visible key (the running max is finite).
         first_key = seq_len * 0
         if HAS_WINDOW:
             first_key = tl.maximum(seq_len - window, 0)
-        start = first_key + split * PARTITION
-        end = tl.minimum(start + PARTITION, seq_len)
+        span = seq_len - first_key
+        partition = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+        start = first_key + split * partition
+        end = tl.minimum(start + partition, seq_len)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -395,6 +398,7 @@ def paged_decode_attention(
     partition = -(-span // num_splits)
     partition = -(-partition // _DECODE_BLOCK_N) * _DECODE_BLOCK_N  # multiple of BLOCK_N
     num_splits = -(-span // partition)  # drop splits that would start past the span
+    # The kernel re-derives each request's partition from its own length and num_splits.
     direct = num_splits == 1
     if direct:
         part_out = out  # unused
@@ -406,7 +410,7 @@ def paged_decode_attention(
         pstrides, lstrides = part_out.stride()[:3], part_lse.stride()[:2]
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part_out, part_lse,
-        scale * _LOG2E, sliding_window or 0, block_tables.shape[1],
+        scale * _LOG2E, sliding_window or 0, block_tables.shape[1], num_splits,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
@@ -414,7 +418,7 @@ def paged_decode_attention(
         *pstrides, *lstrides,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N,
-        PARTITION=partition, DIRECT=direct, HAS_WINDOW=sliding_window is not None,
+        DIRECT=direct, HAS_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=4,
     )

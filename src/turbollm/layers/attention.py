@@ -21,10 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbollm.layers.rotary import apply_rope
+
 try:  # the Triton kernels need triton, which CPU-only torch builds lack
     from turbollm.kernels import paged_attention as paged_kernels
+    from turbollm.kernels import rope_cache as rope_kernels
 except ImportError:  # pragma: no cover
     paged_kernels = None
+    rope_kernels = None
 
 
 @dataclass
@@ -58,6 +62,32 @@ class Attention(nn.Module):
         self.window = sliding_window
         """A query at position p sees keys in (p - window, p] (Mistral); None: all earlier keys."""
 
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,  # [T, (H + 2 KV) * D] the q | k | v projection, before rotary
+        rope: tuple[torch.Tensor, torch.Tensor],  # (cos, sin) [T, 1, D / 2] each
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KV, D]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Rotary on q and k, the cache write, then attention -> [T, H * D].
+
+        On a GPU one fused kernel rotates q in place inside `qkv` and stores rotated k and v in
+        the cache (kernels/rope_cache.py); elsewhere the torch ops do the same steps.
+        """
+        num_tokens = qkv.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        cos, sin = rope
+        if qkv.is_cuda and rope_kernels is not None:
+            rope_kernels.rope_and_cache(
+                qkv, cos.view(num_tokens, -1), sin.view(num_tokens, -1), kv_cache, meta.slot_mapping,
+                self.num_heads, self.num_kv_heads, self.head_dim,
+            )
+            q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D] strided
+            return self._forward_triton(q, kv_cache, meta).view(num_tokens, -1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q, k = apply_rope(q, cos, sin, self.head_dim), apply_rope(k, cos, sin, self.head_dim)
+        return self.forward(q, k, v, kv_cache, meta)
+
     def forward(
         self,
         q: torch.Tensor,  # [T, H * D]
@@ -83,23 +113,28 @@ class Attention(nn.Module):
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _forward_triton(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """GPU: the Triton paged kernels (kernels/paged_attention.py); q [T, H, D] -> [T, H, D]."""
+        """GPU: the Triton paged kernels (kernels/paged_attention.py); q [T, H, D] (rows may be
+        strided) -> [T, H, D] contiguous. A step of only decodes or only chunks is one call."""
         assert paged_kernels is not None
         nd = meta.num_decodes
-        out = torch.empty_like(q)  # [T, H, D]
+        dec = pre = None
         if nd:
-            out[:nd] = paged_kernels.paged_decode_attention(
+            dec = paged_kernels.paged_decode_attention(
                 q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
                 max_seq_len=max(meta.seq_lens_cpu[:nd]), sliding_window=self.window,
-            )
+            )  # [nd, H, D]
         if nd < meta.num_reqs:
             # Prompt chunks follow the decodes, whose tokens are the first nd rows of q.
-            out[nd:] = paged_kernels.paged_prefill_attention(
+            pre = paged_kernels.paged_prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], meta.query_start_loc[nd:] - nd,
                 meta.seq_lens[nd:], self.scale, max_query_len=max(meta.query_lens_cpu[nd:]),
                 sliding_window=self.window,
-            )
-        return out
+            )  # [T - nd, H, D]
+        if dec is None or pre is None:
+            out = dec if pre is None else pre
+            assert out is not None
+            return out
+        return torch.cat((dec, pre))  # [T, H, D]
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per request, batched: q [nd, H, D] -> [nd, H, D]."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from turbollm.distributed.parallel import ParallelContext
 from turbollm.layers.cpu_gemm import packed_linear, prepack
-from turbollm.layers.linear import _param
+from turbollm.layers.linear import _param, dense_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -58,6 +58,6 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.packed is not None:
             local = packed_linear(hidden, self.packed)  # [n, vocab / tp]
         else:
-            local = F.linear(hidden, self.weight)  # [n, vocab / tp]
+            local = dense_linear(hidden, self.weight)  # [n, vocab / tp]
         full = self.ctx.all_gather(local, dim=-1)  # [n, per_rank * tp]
         return full[..., : self.vocab_size]  # [n, vocab]

@@ -16,11 +16,24 @@ from torch import nn
 from turbollm.distributed.parallel import ParallelContext
 from turbollm.layers.cpu_gemm import packed_linear, prepack
 
+try:  # the Triton kernels need triton, which CPU-only torch builds lack
+    from turbollm.kernels import gemv as gemv_kernels
+except ImportError:  # pragma: no cover
+    gemv_kernels = None
+
 
 def _param(shape: tuple[int, ...], loader: object) -> nn.Parameter:
     p = nn.Parameter(torch.empty(shape), requires_grad=False)
     p.weight_loader = loader  # type: ignore[attr-defined]
     return p
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T (+ bias): one row on a GPU takes the Triton GEMV (faster
+    than cuBLAS for batch-1 decode, kernels/gemv.py), everything else F.linear."""
+    if x.is_cuda and x.shape[0] == 1 and x.stride(1) == 1 and gemv_kernels is not None:
+        return gemv_kernels.gemv(x, weight, bias)  # [1, N]
+    return F.linear(x, weight, bias)  # [M, N]
 
 
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -78,7 +91,7 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)  # [num_tokens, out / tp]
-        return F.linear(x, self.weight, self.bias)  # [num_tokens, out / tp]
+        return dense_linear(x, self.weight, self.bias)  # [num_tokens, out / tp]
 
 
 class RowParallelLinear(nn.Module):
@@ -106,6 +119,6 @@ class RowParallelLinear(nn.Module):
         self.packed = prepack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight) if self.packed is None else packed_linear(x, self.packed)
+        partial = dense_linear(x, self.weight) if self.packed is None else packed_linear(x, self.packed)
         y = self.ctx.all_reduce(partial)  # [num_tokens, out]
         return y if self.bias is None else y + self.bias

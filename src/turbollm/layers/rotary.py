@@ -75,11 +75,14 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [T, H * D], k [T, KV * D] -> rotated (q, k), same shapes."""
         cos, sin = cos_sin
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        return apply_rope(q, cos, sin, self.head_dim), apply_rope(k, cos, sin, self.head_dim)
 
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(shape[0], -1, self.head_dim)  # [T, heads, D]
-        x1, x2 = x.chunk(2, dim=-1)  # [T, heads, D / 2] each
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [T, heads, D]
-        return out.view(shape)
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rotate-half RoPE in x's dtype, as transformers computes it: x [T, heads * D] with
+    (cos, sin) [T, 1, D / 2] from `RotaryEmbedding.cos_sin` -> [T, heads * D]."""
+    shape = x.shape
+    x = x.reshape(shape[0], -1, head_dim)  # [T, heads, D]
+    x1, x2 = x.chunk(2, dim=-1)  # [T, heads, D / 2] each
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [T, heads, D]
+    return out.view(shape)

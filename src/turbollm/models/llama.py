@@ -33,13 +33,11 @@ _MERGED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, ctx: ParallelContext, rotary: RotaryEmbedding) -> None:
+    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
         super().__init__()
         d = arch.head_dim
-        self.rotary = [rotary]  # shared with every layer; a list keeps it out of this module's children
         self.num_heads = ctx.shard(arch.num_attention_heads, "num_attention_heads")
         self.num_kv_heads = ctx.shard(arch.num_key_value_heads, "num_key_value_heads")
-        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
         kv_out = arch.num_key_value_heads * d
         self.qkv_proj = ColumnParallelLinear(
             arch.hidden_size, [arch.num_attention_heads * d, kv_out, kv_out], arch.qkv_bias, ctx
@@ -52,9 +50,7 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = self.rotary[0](q, k, rope)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))  # [T, hidden]
+        return self.o_proj(self.attn.forward_qkv(qkv, rope, kv_cache, meta))  # [T, hidden]
 
 
 class LlamaMLP(nn.Module):
@@ -70,10 +66,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, ctx: ParallelContext, rotary: RotaryEmbedding) -> None:
+    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, ctx, rotary)
+        self.self_attn = LlamaAttention(arch, ctx)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch, ctx)
 
@@ -99,7 +95,7 @@ class LlamaModel(nn.Module):
             arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, ctx, self.rotary) for _ in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, ctx) for _ in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 

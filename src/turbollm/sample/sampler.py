@@ -50,6 +50,9 @@ class SamplingState:
     """Masked (with params.stop_token_ids) until params.min_tokens outputs exist."""
     seed: int | None
     """params.seed, or a seed the engine assigned (n > 1 children); None: the global RNG."""
+    num_pending: int = 0
+    """Tokens already sampled on the device but not yet appended to output_token_ids (the
+    worker's overlapped steps); they count as outputs for min_tokens and seeds."""
     prompt_ids_device: torch.Tensor | None = field(default=None, repr=False, compare=False)
     """Sampler-owned cache: prompt_token_ids on the logits' device [num_prompt_tokens], made on
     first use by a repetition penalty so long prompts are uploaded once, not every step."""
@@ -65,6 +68,32 @@ class SamplerOutput:
     """[num_reqs]: None where params.logprobs is None."""
     extra: list[float] = field(default_factory=list)
     """The caller's `extra` tensor, brought back in the same host sync ([] when not given)."""
+
+
+@dataclass
+class SamplerDraft:
+    """A sampling call up to (not including) its host sync. Lives on the logits' device."""
+
+    token_ids: torch.Tensor  # [num_reqs] int64 chosen tokens (the next step may read them here)
+    packed: torch.Tensor  # [num_reqs + lp rows * (2 + 2 * max_k) + num_extra] float64
+    lp_rows: list[int]
+    """Rows that asked for logprobs."""
+    lp_ks: list[int]
+    """Top alternatives each of those rows asked for."""
+    max_k: int
+    num_extra: int
+
+    def unpack(self, host: list[float]) -> SamplerOutput:
+        """The SamplerOutput from the host copy of `packed`."""
+        num_reqs = self.token_ids.shape[0]
+        out_ids = [int(t) for t in host[:num_reqs]]
+        logprobs: list[TokenLogprobs | None] = [None] * num_reqs
+        width = 2 + 2 * self.max_k
+        for j, (i, k) in enumerate(zip(self.lp_rows, self.lp_ks, strict=True)):
+            row = host[num_reqs + j * width : num_reqs + (j + 1) * width]
+            logprobs[i] = unpack_logprobs(row, out_ids[i], k, self.max_k)
+        extra = host[len(host) - self.num_extra :] if self.num_extra else []
+        return SamplerOutput(token_ids=out_ids, logprobs=logprobs, extra=extra)
 
 
 class Sampler:
@@ -83,37 +112,34 @@ class Sampler:
         logits' device, rides along in this call's one host sync and comes back as
         SamplerOutput.extra (the worker's prompt logprobs use it).
         """
+        draft = self.sample(logits, states, extra)
+        return draft.unpack(draft.packed.tolist())  # the one host sync of this call
+
+    def sample(
+        self, logits: torch.Tensor, states: list[SamplingState], extra: torch.Tensor | None = None
+    ) -> SamplerDraft:
+        """Like __call__, but stops before the host sync: everything the host needs is packed
+        into one float64 device tensor (the caller copies it back, e.g. asynchronously)."""
+        dev = logits.device
         if not states:
-            return SamplerOutput(token_ids=[], logprobs=[])
+            empty = torch.empty(0, dtype=torch.float64, device=dev)
+            return SamplerDraft(torch.empty(0, dtype=torch.long, device=dev), empty, [], [], 0, 0)
         processed = _process(logits, states)  # [num_reqs, vocab]
         token_ids = self._choose(processed, states)  # [num_reqs] int64
-
-        num_reqs = len(states)
         lp_rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-        if not lp_rows and extra is None:
-            # The one host sync of this call.
-            return SamplerOutput(token_ids=token_ids.tolist(), logprobs=[None] * num_reqs)
         max_k = max((states[i].params.logprobs or 0 for i in lp_rows), default=0)
+        # float64 holds token ids, ranks and float32 logprobs exactly, so one tensor carries
+        # everything across.
         parts = [token_ids.to(torch.float64)]
         if lp_rows:
             # [num_lp_rows, 2 + 2 * max_k]
             parts.append(gather_logprobs(logits, token_ids, lp_rows, max_k).flatten())
-        num_extra = 0
         if extra is not None:
             parts.append(extra)
-            num_extra = extra.numel()
-        # float64 holds token ids, ranks and float32 logprobs exactly, so one tensor carries
-        # everything across. The one host sync of this call:
-        host = torch.cat(parts).tolist()
-        out_ids = [int(t) for t in host[:num_reqs]]
-        logprobs: list[TokenLogprobs | None] = [None] * num_reqs
-        width = 2 + 2 * max_k
-        for j, i in enumerate(lp_rows):
-            row = host[num_reqs + j * width : num_reqs + (j + 1) * width]
-            logprobs[i] = unpack_logprobs(row, out_ids[i], states[i].params.logprobs or 0, max_k)
-        return SamplerOutput(
-            token_ids=out_ids, logprobs=logprobs, extra=host[len(host) - num_extra :]
-        )
+        packed = torch.cat(parts) if len(parts) > 1 else parts[0]  # [num_reqs + ...]
+        ks = [states[i].params.logprobs or 0 for i in lp_rows]
+        num_extra = extra.numel() if extra is not None else 0
+        return SamplerDraft(token_ids, packed, lp_rows, ks, max_k, num_extra)
 
     def _choose(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Greedy rows take the argmax, the others are sampled: [num_reqs] int64 on the device."""
@@ -167,7 +193,7 @@ class Sampler:
             for j in seeded:
                 state = states[j]
                 assert state.seed is not None
-                gen.manual_seed(_step_seed(state.seed, len(state.output_token_ids)))
+                gen.manual_seed(_step_seed(state.seed, len(state.output_token_ids) + state.num_pending))
                 # A fresh contiguous buffer, so the draw cannot depend on the row's offset.
                 row = torch.empty(vocab, dtype=probs.dtype, device=probs.device)  # [vocab]
                 noise[j] = row.exponential_(generator=gen)
@@ -186,7 +212,7 @@ def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
     mask_rows: list[int] = []
     mask_ids: list[int] = []
     for i, s in enumerate(states):
-        if len(s.output_token_ids) < s.params.min_tokens:
+        if len(s.output_token_ids) + s.num_pending < s.params.min_tokens:
             banned = s.eos_token_ids | s.params.stop_token_set
             mask_rows.extend([i] * len(banned))
             mask_ids.extend(banned)
@@ -222,6 +248,12 @@ def _prompt_ids(state: SamplingState, device: torch.device) -> torch.Tensor:
     if cached is None or cached.device != device:
         cached = state.prompt_ids_device = ids_to_device(state.prompt_token_ids, device)
     return cached
+
+
+def needs_host_tokens(p: SamplingParams) -> bool:
+    """Whether sampling for p reads the output token ids themselves (penalties do), so a step
+    cannot be queued before the previous step's tokens reach the host."""
+    return _uses_penalties(p)
 
 
 def _uses_penalties(p: SamplingParams) -> bool:

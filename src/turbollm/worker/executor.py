@@ -15,7 +15,7 @@ from turbollm.core.plan import StepPlan, StepResult
 from turbollm.errors import ModelLoadError
 from turbollm.models.arch import ModelArch
 from turbollm.models.loader import ModelSource, resolve_model
-from turbollm.worker.model_runner import ModelRunner
+from turbollm.worker.model_runner import ModelRunner, PendingStep
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,13 @@ class Executor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.runner.execute(plan)
+
+    def execute_async(self, plan: StepPlan) -> PendingStep:
+        """Queue the step; its StepResult comes from `.result()` (see ModelRunner)."""
+        return self.runner.execute_async(plan)
+
+    @property
+    def overlap_steps(self) -> bool:
+        """Whether the engine should plan step N+1 while step N runs (async_scheduling)."""
+        mode = self.config.scheduler.async_scheduling
+        return mode == "on" or (mode == "auto" and self.runner.device.type == "cuda")

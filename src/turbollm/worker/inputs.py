@@ -31,6 +31,8 @@ class RequestState:
     prompt_logprobs: int | None = None
     """Top alternatives per prompt logprob; None when not asked, or when a request resumed
     after preemption already had its prompt reported (its recompute reports nothing)."""
+    last_sample_row: int = -1
+    """Row of this request in the token tensor of the last step that sampled for it."""
 
 
 @dataclass
@@ -71,6 +73,8 @@ class StepInputs:
     """Requests that sample a token this step, in logits_indices order."""
     prompt_logprobs: PromptLogprobsInputs | None = None
     """None unless a scheduled chunk belongs to a request asking for prompt logprobs."""
+    placeholder_rows: torch.Tensor | None = None  # [P] int64 rows of input_ids still unknown
+    placeholder_src: torch.Tensor | None = None  # [P] int64 their rows in the last step's tokens
 
 
 def build_step_inputs(
@@ -89,9 +93,18 @@ def build_step_inputs(
     pl_rows: list[int] = []
     pl_targets: list[int] = []
     pl_spans: list[PromptLogprobsSpan] = []
+    ph_rows: list[int] = []
+    ph_src: list[int] = []
     for rid in order:
         st, n = states[rid], plan.num_scheduled_tokens[rid]
         start, end = st.num_computed_tokens, st.num_computed_tokens + n
+        known = len(st.token_ids)
+        if end > known:
+            # Overlapped scheduling: the last position's token is still being sampled on the
+            # device by the previous step; the runner copies it in there.
+            assert end == known + 1 and st.sampling.num_pending == 1, f"{rid}: bad placeholder"
+            ph_rows.append(len(input_ids) + n - 1)
+            ph_src.append(st.last_sample_row)
         if st.prompt_logprobs is not None and start < st.num_prompt_tokens:
             # Position p scores prompt token p + 1: positions [start, last) of this chunk.
             last = min(end, st.num_prompt_tokens - 1)
@@ -101,6 +114,8 @@ def build_step_inputs(
             pl_spans.append(PromptLogprobsSpan(rid, max(0, last - start), st.prompt_logprobs,
                                                start == 0))
         input_ids += st.token_ids[start:end]
+        if end > known:
+            input_ids.append(0)
         positions += range(start, end)
         blocks = st.block_ids
         slots += [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
@@ -108,7 +123,7 @@ def build_step_inputs(
         seq_lens.append(end)
         tables.append(blocks)
         st.num_computed_tokens = end
-        if end == len(st.token_ids):  # the chunk reaches the last known token: sample next
+        if end == known + st.sampling.num_pending:  # the chunk reaches the end: sample next
             logits_idx.append(len(input_ids) - 1)
             sampling.append(st)
     width = max(len(t) for t in tables)
@@ -133,5 +148,8 @@ def build_step_inputs(
     if pl_spans:
         prompt_lp = PromptLogprobsInputs(to_dev(pl_rows), to_dev(pl_targets), pl_targets, pl_spans,
                                          max_k=max(sp.k for sp in pl_spans))
-    return StepInputs(to_dev(input_ids), to_dev(positions), meta, to_dev(logits_idx), sampling,
-                      prompt_lp)
+    inputs = StepInputs(to_dev(input_ids), to_dev(positions), meta, to_dev(logits_idx), sampling,
+                        prompt_lp)
+    if ph_rows:
+        inputs.placeholder_rows, inputs.placeholder_src = to_dev(ph_rows), to_dev(ph_src)
+    return inputs

@@ -22,7 +22,14 @@ from turbollm.layers.attention import AttentionMetadata
 from turbollm.layers.cpu_gemm import prepack_cpu_linears
 from turbollm.models.loader import ModelSource
 from turbollm.models.registry import get_model_class
-from turbollm.sample.sampler import Sampler, SamplingState, gather_logprobs, unpack_logprobs
+from turbollm.sample.sampler import (
+    Sampler,
+    SamplerDraft,
+    SamplingState,
+    gather_logprobs,
+    needs_host_tokens,
+    unpack_logprobs,
+)
 from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs
 from turbollm.worker.cuda_graphs import DecodeGraphs
 from turbollm.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
@@ -77,6 +84,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
         self.states: dict[str, RequestState] = {}
+        self._inflight: PendingStep | None = None
+        """The last step queued; its result may not have reached the host yet."""
+        self._last_tokens: torch.Tensor | None = None  # [num_sampled] int64 of the last step
 
     def _build_model(self, source: ModelSource) -> torch.nn.Module:
         cls = get_model_class(self.arch.architecture)
@@ -179,35 +189,51 @@ class ModelRunner:
                 f"{cached.request_id}: worker and scheduler disagree on computed tokens"
             )
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         """Run the plan's tokens through the model and sample where a request is caught up."""
+        return self.execute_async(plan).result()
+
+    @torch.inference_mode()
+    def execute_async(self, plan: StepPlan) -> PendingStep:
+        """Queue the step on the device and return before its host sync (see PendingStep).
+
+        A plan made by an overlapped scheduler may schedule positions whose tokens the
+        previous step is still sampling; their input ids are copied from that step's token
+        tensor on the device. Steps that need every token on the host (penalties read the
+        output ids) first wait for the previous step.
+        """
         self._apply_plan(plan)
-        result = StepResult()
         if plan.is_empty:
-            return result
+            return PendingStep.done(StepResult())
+        if self._inflight is not None and any(
+            needs_host_tokens(self.states[rid].sampling.params) for rid in plan.num_scheduled_tokens
+        ):
+            self._inflight.result()
         inp = build_step_inputs(plan, self.states, self.block_size, self.device)
+        if inp.placeholder_rows is not None:
+            assert self._last_tokens is not None, "a placeholder without a previous step"
+            # [num_placeholders]: each one's token from the previous step's samples.
+            inp.input_ids.index_copy_(0, inp.placeholder_rows,
+                                      self._last_tokens.index_select(0, inp.placeholder_src))
         hidden = self._forward(inp)  # [T, hidden]
         pl = inp.prompt_logprobs
         # Before the sampler's logits, so its slices reuse memory the profile run accounted for.
         packed = self._score_prompt(hidden, pl) if pl is not None and pl.target_ids else None
-        if not inp.sampling_states:
-            if pl is not None:
-                # Nobody samples this step: this is its one host sync.
-                host = packed.tolist() if packed is not None else []
-                result.prompt_logprobs = _unpack_prompt(pl, host)
-            return result
-        logits = self.model.compute_logits(hidden[inp.logits_indices])  # [num_sampling, vocab]
-        out = self.sampler(logits, [s.sampling for s in inp.sampling_states], extra=packed)
-        for st, tok, lp in zip(inp.sampling_states, out.token_ids, out.logprobs, strict=True):
-            st.token_ids.append(tok)
-            st.sampling.output_token_ids.append(tok)
-            result.sampled_token_ids[st.request_id] = [tok]
-            if lp is not None:
-                result.logprobs[st.request_id] = [lp]
-        if pl is not None:
-            result.prompt_logprobs = _unpack_prompt(pl, out.extra)
-        return result
+        states = inp.sampling_states
+        if states:
+            logits = self.model.compute_logits(hidden[inp.logits_indices])  # [num_sampling, vocab]
+            draft = self.sampler.sample(logits, [s.sampling for s in states], extra=packed)
+            for row, st in enumerate(states):
+                st.sampling.num_pending += 1
+                st.last_sample_row = row
+            self._last_tokens = draft.token_ids
+        elif packed is not None:  # nobody samples: only prompt logprobs come back
+            draft = SamplerDraft(inp.logits_indices, packed, [], [], 0, packed.numel())
+        else:
+            return PendingStep.done(StepResult())
+        pending = PendingStep(draft, states, pl)
+        self._inflight = pending
+        return pending
 
     def _forward(self, inp: StepInputs) -> torch.Tensor:
         """Replay a captured graph for a batch of single-token requests, else run eagerly."""
@@ -244,3 +270,54 @@ def _unpack_prompt(pl: PromptLogprobsInputs, host: list[float]) -> dict[str, lis
         row += span.num_rows
         out[span.request_id] = entries
     return out
+
+
+class PendingStep:
+    """A queued step whose sampled tokens (and logprobs) are on their way to the host.
+
+    Its one host sync is in `result()`: a wait on the event recorded after a non-blocking
+    copy of the sampler's packed tensor into pinned memory. Until then the host is free to
+    plan and launch the next step. `result()` appends the tokens to the states it sampled
+    for (held by reference: a state dropped since, by preemption, is simply garbage).
+    """
+
+    def __init__(self, draft: SamplerDraft, states: list[RequestState], pl: PromptLogprobsInputs | None) -> None:
+        self.draft, self.states, self.pl = draft, states, pl
+        self._result: StepResult | None = None
+        packed = draft.packed
+        self.event: torch.cuda.Event | None = None
+        if packed.is_cuda:
+            self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.host.copy_(packed, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = packed
+
+    @staticmethod
+    def done(result: StepResult) -> PendingStep:
+        step = PendingStep.__new__(PendingStep)
+        step._result = result
+        return step
+
+    def result(self) -> StepResult:
+        if self._result is not None:
+            return self._result
+        if self.event is not None:
+            self.event.synchronize()  # the step's one host sync
+        host = self.host.tolist()
+        result = StepResult()
+        if self.states:
+            out = self.draft.unpack(host)
+            for st, tok, lp in zip(self.states, out.token_ids, out.logprobs, strict=True):
+                st.token_ids.append(tok)
+                st.sampling.output_token_ids.append(tok)
+                st.sampling.num_pending -= 1
+                result.sampled_token_ids[st.request_id] = [tok]
+                if lp is not None:
+                    result.logprobs[st.request_id] = [lp]
+            host = out.extra
+        if self.pl is not None:
+            result.prompt_logprobs = _unpack_prompt(self.pl, host)
+        self._result = result
+        return result

@@ -1,0 +1,168 @@
+"""Fused rotary embedding + KV-cache write: Triton kernel, launcher, torch reference.
+
+A decode step of a 7B model spends about as long in the ~14 small torch kernels of rotary
+(chunk, mul, sub, cat for q and for k) and the two `index_copy_` cache writes as in
+attention itself. This kernel does all of it in one launch per layer, reading q, k and v once:
+
+    q  <- rope(q)              in place, inside the qkv projection's output
+    cache[0][slot] <- rope(k)  at each token's flat slot
+    cache[1][slot] <- v
+
+Semantics are those of `layers/rotary.py` (rotate-half layout) and
+`layers/attention.write_kv_cache`, with one difference: the rotation
+`x1 * cos - x2 * sin` is computed in fp32 and rounded once, where torch rounds after each
+op in bf16/fp16 (so half-precision results differ from the torch code by about one ulp,
+and are closer to the exact value). cos and sin come in the activations' dtype, as
+transformers casts them.
+
+One program handles BLOCK_H heads of one token; the grid depends only on the token count,
+so the launch can be captured in a CUDA graph. Runs on CPU only under the interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
+    triton = None  # type: ignore[assignment]
+
+from turbollm.kernels._interpreter import emulate_bf16_rounding
+
+if triton is not None:
+    from turbollm.kernels._interpreter import round_bf16
+
+HAS_TRITON = triton is not None
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BLOCK_H = 16  # heads per program
+
+if triton is not None:
+
+    @triton.jit
+    def _rope_cache_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
+        stride_tok, stride_cos, stride_sin, stride_plane, stride_slot,
+        NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+        HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+        ROUND: tl.constexpr,  # interpreter only: see _interpreter.py
+    ):
+        tok = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] over q | k | v heads
+        half: tl.constexpr = HEAD_DIM // 2
+        d = tl.arange(0, HALF_PAD)  # [HALF_PAD]
+        dmask = d < half
+        total: tl.constexpr = NUM_HEADS + 2 * NUM_KV
+        hmask = head < total
+        mask = hmask[:, None] & dmask[None, :]  # [BLOCK_H, HALF_PAD]
+        src = qkv_ptr + tok * stride_tok + head[:, None] * HEAD_DIM + d[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0)  # [BLOCK_H, HALF_PAD]
+        x2 = tl.load(src + half, mask=mask, other=0.0)
+        c = tl.load(cos_ptr + tok * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)  # [HALF_PAD]
+        s = tl.load(sin_ptr + tok * stride_sin + d, mask=dmask, other=0.0).to(tl.float32)
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        r1 = f1 * c[None, :] - f2 * s[None, :]
+        r2 = f2 * c[None, :] + f1 * s[None, :]
+        if ROUND:
+            r1 = round_bf16(r1)
+            r2 = round_bf16(r2)
+        r1 = r1.to(x1.dtype)
+        r2 = r2.to(x1.dtype)
+        is_q = head < NUM_HEADS
+        is_v = head >= NUM_HEADS + NUM_KV
+        o1 = tl.where(is_v[:, None], x1, r1)
+        o2 = tl.where(is_v[:, None], x2, r2)
+        # q heads: back into the projection output, rotated.
+        qmask = mask & is_q[:, None]
+        tl.store(src, o1, mask=qmask)
+        tl.store(src + half, o2, mask=qmask)
+        # k and v heads: into the cache at this token's slot (plane 0 = k, 1 = v).
+        slot = tl.load(slot_ptr + tok)
+        kv_head = tl.where(is_v, head - NUM_HEADS - NUM_KV, head - NUM_HEADS)
+        plane = is_v.to(tl.int64)
+        dst = (cache_ptr + plane[:, None] * stride_plane + slot * stride_slot
+               + kv_head[:, None] * HEAD_DIM + d[None, :])
+        kvmask = mask & (~is_q)[:, None]
+        tl.store(dst, o1, mask=kvmask)
+        tl.store(dst + half, o2, mask=kvmask)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _check(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+) -> None:
+    if qkv.dtype not in _DTYPES:
+        raise ValueError(f"qkv dtype {qkv.dtype} is not one of {_DTYPES}")
+    tokens = qkv.shape[0]
+    width = (num_heads + 2 * num_kv_heads) * head_dim
+    if qkv.dim() != 2 or qkv.shape[1] != width or qkv.stride(1) != 1:
+        raise ValueError(f"qkv {tuple(qkv.shape)} is not [T, {width}] with unit column stride")
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even, got {head_dim}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape != (tokens, head_dim // 2) or t.stride(1) != 1:
+            raise ValueError(f"{name} {tuple(t.shape)} is not [{tokens}, {head_dim // 2}] row-major")
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3:] != (num_kv_heads, head_dim):
+        raise ValueError(
+            f"kv_cache {tuple(kv_cache.shape)} is not [2, blocks, block_size, {num_kv_heads}, {head_dim}]"
+        )
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous")
+    if kv_cache.dtype != qkv.dtype:
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} differs from qkv dtype {qkv.dtype}")
+    if slot_mapping.shape != (tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slot_mapping {tuple(slot_mapping.shape)} {slot_mapping.dtype} is not [{tokens}] int")
+    for name, t in (("cos", cos), ("sin", sin), ("kv_cache", kv_cache), ("slot_mapping", slot_mapping)):
+        if t.device != qkv.device:
+            raise ValueError(f"{name} is on {t.device}, qkv is on {qkv.device}")
+
+
+def rope_and_cache(
+    qkv: torch.Tensor,  # [T, (H + 2 KV) * D]: q | k | v, each head's D values contiguous
+    cos: torch.Tensor,  # [T, D / 2]
+    sin: torch.Tensor,  # [T, D / 2]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KV, D]
+    slot_mapping: torch.Tensor,  # [T] flat slot of each token
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> None:
+    """Rotate q in place inside `qkv`; store rotated k and v at each token's cache slot."""
+    if triton is None:
+        raise RuntimeError("rope_and_cache needs triton; use rope_and_cache_ref instead")
+    _check(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+    tokens = qkv.shape[0]
+    if tokens == 0:
+        return
+    heads = num_heads + 2 * num_kv_heads
+    grid = (tokens, triton.cdiv(heads, _BLOCK_H))
+    _rope_cache_kernel[grid](
+        qkv, cos, sin, kv_cache, slot_mapping,
+        qkv.stride(0), cos.stride(0), sin.stride(0), kv_cache.stride(0), kv_cache.stride(2),
+        NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim,
+        HALF_PAD=max(16, _next_pow2(head_dim // 2)), BLOCK_H=_BLOCK_H,
+        ROUND=emulate_bf16_rounding(qkv.dtype), num_warps=4,
+    )
+
+
+def rope_and_cache_ref(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+) -> None:
+    """The kernel's semantics in torch (fp32 rotation, one rounding), same in-place effects."""
+    _check(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+    tokens = qkv.shape[0]
+    x = qkv.view(tokens, num_heads + 2 * num_kv_heads, head_dim)  # [T, H + 2 KV, D]
+    rot = x[:, : num_heads + num_kv_heads].float()  # [T, H + KV, D]
+    x1, x2 = rot.chunk(2, dim=-1)  # [T, H + KV, D / 2] each
+    c, s = cos.float()[:, None, :], sin.float()[:, None, :]  # [T, 1, D / 2]
+    rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)  # [T, H + KV, D]
+    x[:, :num_heads] = rotated[:, :num_heads]
+    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)  # [2, slots, KV, D]
+    flat[0].index_copy_(0, slot_mapping.long(), rotated[:, num_heads:])
+    flat[1].index_copy_(0, slot_mapping.long(), x[:, num_heads + num_kv_heads :])
