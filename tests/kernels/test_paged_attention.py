@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from turbollm.kernels.paged_attention import (
+    PrefillConfig,
+    _launch_prefill,
     choose_num_splits,
+    choose_prefill_config,
     paged_decode_attention,
     paged_decode_attention_ref,
     paged_prefill_attention,
@@ -119,14 +122,16 @@ def test_decode_zero_length_request_gives_zeros() -> None:
 def check_prefill(
     query_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, head_dim: int,
     block_size: int, dtype: torch.dtype = torch.float32, window: int | None = None,
+    config: PrefillConfig | None = None, scale: float | None = None,
 ) -> None:
     kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype)
     g = torch.Generator().manual_seed(2)
     q = torch.randn(sum(query_lens), heads, head_dim, generator=g).to(dtype).to(DEVICE)  # [T, H, D]
     starts = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0)  # [R + 1]
     lens = torch.tensor(seq_lens, device=DEVICE)  # [R]
-    args = (q, kv_cache, tables, starts, lens, head_dim**-0.5, max(query_lens), window)
-    out = paged_prefill_attention(*args)
+    scale = head_dim**-0.5 if scale is None else scale
+    args = (q, kv_cache, tables, starts, lens, scale, max(query_lens), window)
+    out = paged_prefill_attention(*args) if config is None else _launch_prefill(*args, config)
     ref = paged_prefill_attention_ref(*args)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -149,6 +154,49 @@ def test_prefill_shapes(block_size: int, head_dim: int) -> None:
 
 def test_prefill_bf16() -> None:
     check_prefill(PREFILL_QLENS, PREFILL_SEQLENS, 8, 2, 64, 16, dtype=torch.bfloat16, window=20)
+
+
+# Explicit tilings: every stage of the key loop (window edge, unmasked, diagonal) with a cached
+# prefix, chunks that are not multiples of the query block, GQA packs 1..8, both grid orders.
+# Requests: fresh 37-token prompt; 3 tokens after 47 cached; 20 after 41; 50 after 50.
+CONFIG_QLENS, CONFIG_SEQLENS = [37, 3, 20, 50], [37, 50, 61, 100]
+
+
+@pytest.mark.parametrize(
+    "config,block_size,window",
+    [
+        (PrefillConfig(32, 32, 4, 1, pack=1), 16, None),
+        (PrefillConfig(32, 16, 4, 1, pack=2, m_fastest=True), 8, 40),
+        (PrefillConfig(32, 32, 4, 1, pack=4, loop_stages=True), 16, 9),
+        (PrefillConfig(64, 16, 4, 1, pack=8, m_fastest=True), 32, 40),
+        (PrefillConfig(16, 32, 4, 1, pack=2, loop_stages=True), 8, 25),
+    ],
+)
+def test_prefill_explicit_configs(config: PrefillConfig, block_size: int, window: int | None) -> None:
+    check_prefill(CONFIG_QLENS, CONFIG_SEQLENS, 8, 1, 32, block_size, window=window, config=config)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_prefill_nonpositive_scale(scale: float) -> None:
+    check_prefill([20, 6], [20, 30], 4, 2, 32, 16, window=11, scale=scale)
+
+
+def test_choose_prefill_config() -> None:
+    for group in (1, 2, 3, 4, 7, 8, 16):
+        for max_qlen in (1, 5, 16, 17, 64, 65, 300, 8192):
+            for dtype, head_dim in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 256)):
+                for on_gpu in (True, False):
+                    c = choose_prefill_config(dtype, head_dim, group, max_qlen, on_gpu=on_gpu)
+                    assert group % c.pack == 0 and c.block_m % c.pack == 0
+                    for v in (c.block_m, c.block_n, c.pack):
+                        assert v & (v - 1) == 0
+    # Decode-like chunks pack the whole GQA group; longer ones at most 2 heads (compute-bound).
+    assert choose_prefill_config(torch.bfloat16, 128, 8, 8).pack == 8
+    assert choose_prefill_config(torch.bfloat16, 128, 7, 8).pack == 1
+    assert choose_prefill_config(torch.bfloat16, 128, 8, 8192).pack == 2
+    assert choose_prefill_config(torch.bfloat16, 128, 8, 512).pack == 1
+    with pytest.raises(ValueError, match="group"):
+        check_prefill([4], [4], 4, 2, 32, 16, config=PrefillConfig(16, 16, 4, 1, pack=4))
 
 
 @pytest.mark.parametrize("window", [None, 10])
@@ -244,6 +292,30 @@ def test_gpu_decode_fp32_and_fp16() -> None:
 def test_gpu_prefill_real_shapes() -> None:
     check_prefill([1024, 512, 1, 700], [1024, 2048, 300, 1500], 32, 8, 128, 16, dtype=torch.bfloat16)
     check_prefill([1024, 333], [1024, 3000], 32, 8, 128, 16, dtype=torch.bfloat16, window=512)
+    check_prefill([8, 3, 16], [2000, 3, 700], 32, 8, 128, 16, dtype=torch.bfloat16, window=512)
+    check_prefill([64, 40], [4000, 40], 32, 8, 64, 16, dtype=torch.float16)
+    check_prefill([300, 7], [300, 900], 8, 2, 128, 16, dtype=torch.float32, window=100)
+    # Long chunks (the long tiling, GQA pack 2) and head dim 256 on every tiling.
+    check_prefill([2500, 100], [2500, 3000], 32, 8, 128, 16, dtype=torch.bfloat16)
+    check_prefill([2100, 300, 9], [2100, 700, 500], 8, 4, 256, 16, dtype=torch.bfloat16, window=600)
+    check_prefill([5, 200], [900, 200], 8, 4, 256, 16, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "config",
+    [
+        PrefillConfig(128, 128, 8, 3, m_fastest=True),
+        PrefillConfig(128, 64, 8, 3, m_fastest=True, loop_stages=True),
+        PrefillConfig(64, 64, 4, 3, pack=4),
+        PrefillConfig(32, 128, 4, 2, pack=4, loop_stages=True),
+        PrefillConfig(128, 128, 8, 3, pack=2, m_fastest=True),
+    ],
+)
+def test_gpu_prefill_configs(config: PrefillConfig) -> None:
+    check_prefill([777, 1, 300, 64], [777, 1000, 1300, 64], 32, 8, 128, 16, dtype=torch.bfloat16,
+                  config=config)
+    check_prefill([500, 20], [900, 20], 32, 8, 128, 16, dtype=torch.bfloat16, window=256, config=config)
 
 
 @pytest.mark.gpu
