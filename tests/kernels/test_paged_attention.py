@@ -87,6 +87,11 @@ def test_decode_fp8_cache(dtype: torch.dtype) -> None:
     check_decode([1, 17, 64, 97], 8, 2, 32, 16, dtype=dtype, num_splits=2, fp8_cache=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefill_fp8_cache(dtype: torch.dtype) -> None:
+    check_prefill([5, 40], [5, 77], 8, 2, 32, 16, dtype=dtype, fp8_cache=True)
+
+
 def test_decode_auto_splits_long_context() -> None:
     assert choose_num_splits(2, 1, 700) == 3  # 2 programs, 3 partitions of >= 256 keys
     check_decode([700, 333], 4, 1, 32, 32, num_splits=None)
@@ -122,9 +127,11 @@ def test_decode_zero_length_request_gives_zeros() -> None:
 def check_prefill(
     query_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, head_dim: int,
     block_size: int, dtype: torch.dtype = torch.float32, window: int | None = None,
-    config: PrefillConfig | None = None, scale: float | None = None,
+    config: PrefillConfig | None = None, scale: float | None = None, fp8_cache: bool = False,
 ) -> None:
     kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype)
+    if fp8_cache:
+        kv_cache = kv_cache.to(torch.float8_e4m3fn)
     g = torch.Generator().manual_seed(2)
     q = torch.randn(sum(query_lens), heads, head_dim, generator=g).to(dtype).to(DEVICE)  # [T, H, D]
     starts = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0)  # [R + 1]

@@ -189,9 +189,8 @@ if triton is not None:
                 ld_mask = (offs_d < HEAD_DIM)[None, :]
                 k = tl.load(ptrs, mask=ld_mask, other=0.0)
                 v = tl.load(ptrs + stride_kv, mask=ld_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = k.to(q.dtype)  # an FP8 cache widens to q's dtype; fp32 with UPCAST; else a no-op
+            v = v.to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [M, N]
             if CAUSAL or WINDOW:
                 visible = tok[None, :] <= qpos[:, None]
@@ -210,7 +209,7 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["window", "group"])
     def _prefill_kernel(
         q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
         qk_scale, window, group,
