@@ -102,21 +102,43 @@ def test_fp16() -> None:
     check_int8(5, 96, 320, torch.float16, True)
 
 
-# Each path forced at sizes the defaults would not give it, with and without split-K (3 splits
-# of 5 steps: uneven), ragged N (not a multiple of the block), M over several row blocks.
+# Each path and dequantization variant forced at sizes the defaults would not give it, with
+# and without split-K (3 splits of 5 steps: uneven), ragged N (not a multiple of the block),
+# M over several row blocks.
 FORCED = [
-    QuantMatmulConfig("gemv", 1, 32, 64),
-    QuantMatmulConfig("gemv", 8, 32, 64, split_k=3),
-    QuantMatmulConfig("dot", 16, 32, 32),
-    QuantMatmulConfig("dot", 32, 16, 32, split_k=3, group_m=2),
+    QuantMatmulConfig("gemv", 1, 32, 64, dequant="cvt"),
+    QuantMatmulConfig("gemv", 8, 32, 64, split_k=3, split_x=True),
+    QuantMatmulConfig("gemv", 4, 16, 128, dequant="magic"),
+    QuantMatmulConfig("dot", 16, 32, 32, dequant="cvt"),
+    QuantMatmulConfig("dot", 32, 16, 32, split_k=3, group_m=2, split_x=True),
+    QuantMatmulConfig("dequant", 1, 16, 64),
 ]
 
 
-@pytest.mark.parametrize("config", FORCED, ids=lambda c: f"{c.path}-bm{c.block_m}-s{c.split_k}")
+def _cfg_id(c: QuantMatmulConfig) -> str:
+    return f"{c.path}-bm{c.block_m}-s{c.split_k}-{c.dequant}{'-splitx' if c.split_x else ''}"
+
+
+@pytest.mark.parametrize("config", FORCED, ids=_cfg_id)
 @pytest.mark.parametrize("m", [2, 11])
 def test_forced_configs(m: int, config: QuantMatmulConfig) -> None:
     check_int4(m, 72, 160, 32, torch.float32, True, config=config)
     check_int8(m, 72, 160, torch.float32, True, config=config)
+
+
+@pytest.mark.parametrize("split_x", [False, True])
+def test_fp16_activation_dtype_dequant(split_x: bool) -> None:
+    """fp16 takes the "magic_act" bit trick in fp16 arithmetic (bf16 does too, on the GPU)."""
+    cfg = QuantMatmulConfig("dot", 16, 32, 32, dequant="magic_act", split_x=split_x)
+    check_int4(9, 96, 320, 32, torch.float16, True, config=cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dequant_path(dtype: torch.dtype) -> None:
+    """W_hat written by the Triton pass, then a dense matmul."""
+    cfg = QuantMatmulConfig("dequant", 1, 16, 64)
+    check_int4(5, 48, 320, 64, dtype, True, config=cfg)
+    check_int8(5, 48, 320, dtype, True, config=cfg)
 
 
 def test_row_strided_input() -> None:

@@ -37,214 +37,14 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None  # type: ignore[assignment]
 
 from turbollm.kernels._interpreter import emulate_bf16_rounding
-from turbollm.kernels.quant_matmul_config import QuantMatmulConfig, check_config, pick_config
+from turbollm.kernels.quant_matmul_config import DEQUANT_MODES, QuantMatmulConfig, check_config, pick_config
 
 if triton is not None:
-    from turbollm.kernels._interpreter import round_bf16
+    from turbollm.kernels import _quant_matmul_kernels as _k
 
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REDUCE_BLOCK = 1024  # output columns per program of the split-K reduction
-
-if triton is not None:
-
-    @triton.jit
-    def _epilogue(
-        acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k,
-        SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
-    ):
-        """acc [BM, BN] fp32 -> out (+ bias, cast) or, when split, the fp32 partial."""
-        rows = offs_m.to(tl.int64)[:, None]
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            if ROUND_OUT:
-                acc = round_bf16(acc)
-            tl.store(out_ptr + rows * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.store(part_ptr + (pid_k * M + rows) * N + offs_n[None, :], acc, mask=mask)
-
-    @triton.jit
-    def _splitk_reduce_kernel(
-        part_ptr, b_ptr, out_ptr, M, N, stride_om,
-        SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
-    ):
-        """out[m, n] = sum_s part[s, m, n] (+ bias[n]), summed in split order."""
-        m = tl.program_id(0).to(tl.int64)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = offs_n < N
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(part_ptr + (s * M + m) * N + offs_n, mask=mask, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask, other=0.0).to(tl.float32)
-        if ROUND_OUT:
-            acc = round_bf16(acc)
-        tl.store(out_ptr + m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _int8_gemv_kernel(
-        x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
-        M, N, K, stride_xm, stride_om, k_per_split,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
-    ):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        offs_k = tl.arange(0, BLOCK_K)  # [BK]
-        n_mask = offs_n < N
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K  # [BN, 1]
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        row_ids = tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + offs_k
-            k_mask = k < k_hi
-            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)  # [BN, BK]
-            w = w.to(tl.float32)
-            for i in tl.static_range(BLOCK_M):  # every row of x reuses the slab in registers
-                m = pid_m * BLOCK_M + i
-                xv = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=k_mask & (m < M), other=0.0)
-                c = tl.sum(w * xv.to(tl.float32)[None, :], axis=1)  # [BN]
-                acc += tl.where(row_ids == i, c[None, :], 0.0)
-        scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-        acc = acc * scale[None, :]
-        _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k,
-                  SPLIT_K, HAS_BIAS, ROUND_OUT)
-
-    @triton.jit
-    def _int4_gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
-        M, N, K, stride_xm, stride_om, groups_per_split,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
-        SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
-    ):
-        HALF: tl.constexpr = GROUP // 2  # packed bytes per group
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        n_groups = K // GROUP
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        offs_t = tl.arange(0, GROUPS_PER_TILE)  # [GT]
-        offs_j = tl.arange(0, HALF)  # [HALF]
-        offs_c = tl.arange(0, GROUP)  # [G]
-        n_mask = offs_n < N
-        w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * (K // 2)  # [BN, 1, 1]
-        sz_rows = offs_n[:, None] * n_groups  # [BN, 1]
-        g_lo = pid_k * groups_per_split
-        g_hi = tl.minimum(g_lo + groups_per_split, n_groups)
-        row_ids = tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for g0 in range(g_lo, g_hi, GROUPS_PER_TILE):
-            g = g0 + offs_t  # [GT]
-            g_mask = g < g_hi
-            p = tl.load(w_rows + (g * HALF)[None, :, None] + offs_j[None, None, :],
-                        mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)  # [BN, GT, HALF] uint8
-            q = tl.interleave(p & 0xF, p >> 4).to(tl.float32)  # [BN, GT, G], column c = k - g * G
-            sz_mask = n_mask[:, None] & g_mask[None, :]
-            s = tl.load(s_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)  # [BN, GT]
-            z = tl.load(z_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)  # [BN, GT]
-            for i in tl.static_range(BLOCK_M):
-                m = pid_m * BLOCK_M + i
-                xv = tl.load(x_ptr + m.to(tl.int64) * stride_xm + (g * GROUP)[:, None] + offs_c[None, :],
-                             mask=g_mask[:, None] & (m < M), other=0.0).to(tl.float32)  # [GT, G]
-                d = tl.sum(q * xv[None, :, :], axis=2)  # [BN, GT]  sum_k q x per group
-                xs = tl.sum(xv, axis=1)  # [GT]  sum_k x per group
-                c = tl.sum(s * (d - z * xs[None, :]), axis=1)  # [BN]
-                acc += tl.where(row_ids == i, c[None, :], 0.0)
-        _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k,
-                  SPLIT_K, HAS_BIAS, ROUND_OUT)
-
-    @triton.jit
-    def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """Grouped tile order: GROUP_M row blocks share each weight column block in L2."""
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = GROUP_M * num_n
-        first_m = (pid // per_group) * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % per_group) % size_m
-        pid_n = (pid % per_group) // size_m
-        return pid_m, pid_n
-
-    @triton.jit
-    def _int8_dot_kernel(
-        x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
-        M, N, K, stride_xm, stride_om, k_per_split,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST: tl.constexpr,
-    ):
-        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        pid_k = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        offs_k = tl.arange(0, BLOCK_K)  # [BK]
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]  # [BN, BK]
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):  # K % BLOCK_K == 0 (checked by the launcher)
-            xt = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)  # [BM, BK]
-            w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0)  # [BN, BK] int8
-            # |q| <= 127 is exact in every activation dtype: the scale is applied after the dot.
-            if UPCAST:
-                xt = xt.to(tl.float32)
-            acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc, input_precision=DOT_PREC)
-        scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-        acc = acc * scale[None, :]
-        _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k,
-                  SPLIT_K, HAS_BIAS, ROUND_OUT)
-
-    @triton.jit
-    def _int4_dot_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
-        M, N, K, stride_xm, stride_om, k_per_split,
-        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-        ROUND_W: tl.constexpr, ROUND_OUT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-    ):
-        HALF_K: tl.constexpr = BLOCK_K // 2
-        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        pid_k = tl.program_id(1)
-        n_groups = K // GROUP
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        offs_k = tl.arange(0, BLOCK_K)  # [BK]
-        offs_kh = tl.arange(0, HALF_K)  # [BK / 2]
-        m_mask = offs_m < M
-        n_mask = offs_n < N
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + offs_kh[None, :]  # [BN, BK / 2]
-        sz_ptrs = offs_n * n_groups  # [BN]
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):  # BLOCK_K divides GROUP: one group per tile
-            xt = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)  # [BM, BK]
-            p = tl.load(w_ptrs + k0 // 2, mask=n_mask[:, None], other=0)  # [BN, BK / 2] uint8
-            g = k0 // GROUP
-            s = tl.load(s_ptr + sz_ptrs + g, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-            z = tl.load(z_ptr + sz_ptrs + g, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
-            q = tl.interleave(p & 0xF, p >> 4).to(tl.float32)  # [BN, BK]
-            w = (q - z[:, None]) * s[:, None]  # [BN, BK]
-            if ROUND_W:
-                w = round_bf16(w)  # now exact in bf16: UPCAST keeps it fp32
-            if UPCAST:
-                xt = xt.to(tl.float32)
-            acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc, input_precision=DOT_PREC)
-        _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k,
-                  SPLIT_K, HAS_BIAS, ROUND_OUT)
-
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks (shared by the kernels and the references)
@@ -322,11 +122,16 @@ def _finish(part: torch.Tensor | None, out: torch.Tensor, bias: torch.Tensor | N
     if part is None:
         return
     m, n = out.shape
-    _splitk_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
+    _k.splitk_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
         part, bias if bias is not None else part, out, m, n, out.stride(0),
         SPLIT_K=split_k, BLOCK_N=_REDUCE_BLOCK, HAS_BIAS=bias is not None,
         ROUND_OUT=emulate_bf16_rounding(out.dtype), num_warps=4,
     )
+
+
+def _dense(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Second pass of the "dequant" path: the dense matmul (cuBLAS on the GPU, fp32 accumulation)."""
+    return torch.nn.functional.linear(x, w, bias.to(x.dtype) if bias is not None else None)  # [M, N]
 
 
 def _outputs(x: torch.Tensor, n: int, split_k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -354,22 +159,41 @@ def _dot_kwargs(x: torch.Tensor) -> dict[str, object]:
     return dict(DOT_PREC="ieee" if exact else "tf32", UPCAST=_upcast(x))
 
 
+# "magic_act" bit patterns: OR-ing q < 16 into them gives base + q in the activation dtype.
+_MAGIC_ACT = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
+def _int4_dot_dequant(cfg: QuantMatmulConfig, x: torch.Tensor) -> dict[str, object]:
+    deq = DEQUANT_MODES[cfg.dequant]
+    if deq == 2 and (x.dtype not in _MAGIC_ACT or _upcast(x)):
+        deq = 1  # the tile is dequantized in fp32 anyway
+    bits, base = _MAGIC_ACT[x.dtype] if deq == 2 else (0, 0.0)
+    return dict(DEQ=deq, MAGIC_BITS=bits, MAGIC_BASE=base, ROUND_W=emulate_bf16_rounding(x.dtype))
+
+
 def _int8_launch(cfg: QuantMatmulConfig, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[0]
-    k_per_split = cfg.k_per_split(k)
+    deq = min(DEQUANT_MODES[cfg.dequant], 1)  # int8 has no activation-dtype trick
+    if cfg.path == "dequant":
+        w = torch.empty(n, k, dtype=x.dtype, device=x.device)  # [N, K] W_hat
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))
+        _k.int8_dequant_kernel[grid](qweight, scales, w, n, k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, DEQ=deq,
+                                     ROUND_W=emulate_bf16_rounding(x.dtype), num_warps=cfg.num_warps)
+        return _dense(x, w, bias)
     out, part = _outputs(x, n, cfg.split_k)
     b = bias if bias is not None else scales  # unused pointer when HAS_BIAS is False
-    args = (x, qweight, scales, b, out, part if part is not None else out, m, n, k, x.stride(0), out.stride(0), k_per_split)
+    args = (x, qweight, scales, b, out, part if part is not None else out, m, n, k, x.stride(0), out.stride(0),
+            cfg.k_per_split(k))
     if cfg.path == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-        _int8_gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                **_common_kwargs(cfg, x, bias))
+        _k.int8_gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                  DEQ=deq, **_common_kwargs(cfg, x, bias))
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        _int8_dot_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                               GROUP_M=cfg.group_m, **_dot_kwargs(x), **_common_kwargs(cfg, x, bias))
+        _k.int8_dot_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                 GROUP_M=cfg.group_m, DEQ=deq, **_dot_kwargs(x), **_common_kwargs(cfg, x, bias))
     _finish(part, out, bias, cfg.split_k)
     return out
 
@@ -378,20 +202,28 @@ def _int4_launch(cfg: QuantMatmulConfig, x: torch.Tensor, qweight: torch.Tensor,
                  zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[0]
+    if cfg.path == "dequant":
+        w = torch.empty(n, k, dtype=x.dtype, device=x.device)  # [N, K] W_hat
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(k, cfg.block_k))
+        _k.int4_dequant_kernel[grid](qweight, scales, zeros, w, n, k, GROUP=group_size, BLOCK_N=cfg.block_n,
+                                     BLOCK_K=cfg.block_k, DEQ=min(DEQUANT_MODES[cfg.dequant], 1),
+                                     ROUND_W=emulate_bf16_rounding(x.dtype), num_warps=cfg.num_warps)
+        return _dense(x, w, bias)
     k_per_split = cfg.k_per_split(k, group_size)
     out, part = _outputs(x, n, cfg.split_k)
-    b = bias if bias is not None else scales
+    b = bias if bias is not None else scales  # unused pointer when HAS_BIAS is False
     head = (x, qweight, scales, zeros, b, out, part if part is not None else out, m, n, k, x.stride(0), out.stride(0))
     if cfg.path == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-        _int4_gemv_kernel[grid](*head, k_per_split // group_size, GROUP=group_size, BLOCK_M=cfg.block_m,
-                                BLOCK_N=cfg.block_n, GROUPS_PER_TILE=max(1, cfg.block_k // group_size),
-                                **_common_kwargs(cfg, x, bias))
+        _k.int4_gemv_kernel[grid](*head, k_per_split // group_size, GROUP=group_size, BLOCK_M=cfg.block_m,
+                                  BLOCK_N=cfg.block_n, GROUPS_PER_TILE=max(1, cfg.block_k // group_size),
+                                  DEQ=min(DEQUANT_MODES[cfg.dequant], 1), SPLIT_X=cfg.split_x,
+                                  **_common_kwargs(cfg, x, bias))
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
-        _int4_dot_kernel[grid](*head, k_per_split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                               BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, ROUND_W=emulate_bf16_rounding(x.dtype),
-                               **_dot_kwargs(x), **_common_kwargs(cfg, x, bias))
+        _k.int4_dot_kernel[grid](*head, k_per_split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                 BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_X=cfg.split_x,
+                                 **_int4_dot_dequant(cfg, x), **_dot_kwargs(x), **_common_kwargs(cfg, x, bias))
     _finish(part, out, bias, cfg.split_k)
     return out
 

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-PATHS = ("gemv", "dot")
+PATHS = ("gemv", "dot", "dequant")
+# How packed integers become floats (see _quant_matmul_kernels.py): int->float conversion
+# instructions, fp32 bit tricks, or (int4 tensor-core path) bit tricks in the activation dtype.
+DEQUANT_MODES = {"cvt": 0, "magic": 1, "magic_act": 2}
 GEMV_MAX_M = 8  # largest M that takes the GEMV path by default
 _INTERPRET_GEMV_MAX_M = 4
 
@@ -24,11 +27,17 @@ _INTERPRET_GEMV_MAX_M = 4
 class QuantMatmulConfig:
     """One kernel launch shape.
 
-    path: "gemv" (CUDA cores, per-row reductions; small M) or "dot" (tensor-core tiles).
+    path: "gemv" (CUDA cores, per-row reductions; small M), "dot" (tensor-core tiles with the
+    weights dequantized in registers) or "dequant" (W_hat written to a [N, K] workspace in
+    the activation dtype by a Triton pass, then one dense matmul: for M so large that the
+    workspace round trip costs less than dequantizing every tile once per row block).
     block_k: columns of K per loop step. int4 GEMV rounds it to whole groups; int4 "dot"
     needs it to divide the group size (one scale/zero per row per tile).
     split_k: programs sharing one output tile along K; > 1 adds a deterministic reduce pass.
     group_m: row blocks that walk the column blocks together ("dot" only; L2 reuse).
+    dequant: a key of DEQUANT_MODES ("magic_act" acts as "magic" where it does not apply).
+    split_x: int4 only: multiply the low / high nibbles by the even / odd columns of x instead
+    of interleaving the nibbles back into column order (dot: BLOCK_K >= 32).
     """
 
     path: str
@@ -39,6 +48,8 @@ class QuantMatmulConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    dequant: str = "magic"
+    split_x: bool = False
 
     def k_per_split(self, k: int, group_size: int | None = None) -> int:
         """Columns each split covers: a whole number of loop steps (int4 GEMV: of tiles of groups)."""
@@ -60,12 +71,16 @@ def check_config(cfg: QuantMatmulConfig, k: int, group_size: int | None) -> None
     for name in ("block_m", "block_n", "block_k", "num_warps"):
         if not _pow2(getattr(cfg, name)):
             raise ValueError(f"config {name} must be a power of two, got {getattr(cfg, name)}")
+    if cfg.dequant not in DEQUANT_MODES:
+        raise ValueError(f"config dequant {cfg.dequant!r} is not one of {tuple(DEQUANT_MODES)}")
     if cfg.split_k < 1 or cfg.group_m < 1 or cfg.num_stages < 1:
         raise ValueError(f"config split_k, group_m and num_stages must be >= 1, got {cfg}")
     if cfg.path != "dot":
         return
     if min(cfg.block_m, cfg.block_n, cfg.block_k) < 16:
         raise ValueError(f"dot path needs block_m, block_n, block_k >= 16 (tl.dot), got {cfg}")
+    if group_size is not None and cfg.split_x and cfg.block_k < 32:
+        raise ValueError(f"dot path split_x needs block_k >= 32, got {cfg.block_k}")
     if group_size is not None and group_size % cfg.block_k:
         raise ValueError(f"dot path block_k {cfg.block_k} must divide group_size {group_size}")
     if group_size is None and k % cfg.block_k:
@@ -117,4 +132,4 @@ def pick_config(kind: str, m: int, n: int, k: int, group_size: int | None,
                              num_warps=warps, num_stages=stages)
 
 
-__all__ = ["GEMV_MAX_M", "PATHS", "QuantMatmulConfig", "check_config", "pick_config"]
+__all__ = ["DEQUANT_MODES", "GEMV_MAX_M", "PATHS", "QuantMatmulConfig", "check_config", "pick_config"]
