@@ -107,16 +107,19 @@ def test_fp16() -> None:
 # M over several row blocks.
 FORCED = [
     QuantMatmulConfig("gemv", 1, 32, 64, dequant="cvt"),
-    QuantMatmulConfig("gemv", 8, 32, 64, split_k=3, split_x=True),
-    QuantMatmulConfig("gemv", 4, 16, 128, dequant="magic"),
+    QuantMatmulConfig("gemv", 8, 32, 64, split_k=3, split_x=True, prefetch=True),
+    QuantMatmulConfig("gemv", 4, 16, 128, dequant="magic", prefetch=True),
     QuantMatmulConfig("dot", 16, 32, 32, dequant="cvt"),
     QuantMatmulConfig("dot", 32, 16, 32, split_k=3, group_m=2, split_x=True),
+    QuantMatmulConfig("dot", 16, 16, 32, split_k=2, swap_ab=True),
+    QuantMatmulConfig("dot", 16, 32, 32, split_x=True, swap_ab=True),
     QuantMatmulConfig("dequant", 1, 16, 64),
 ]
 
 
 def _cfg_id(c: QuantMatmulConfig) -> str:
-    return f"{c.path}-bm{c.block_m}-s{c.split_k}-{c.dequant}{'-splitx' if c.split_x else ''}"
+    flags = [f for f in ("split_x", "prefetch", "swap_ab") if getattr(c, f)]
+    return "-".join([c.path, f"bm{c.block_m}", f"s{c.split_k}", c.dequant, *flags])
 
 
 @pytest.mark.parametrize("config", FORCED, ids=_cfg_id)
@@ -126,11 +129,17 @@ def test_forced_configs(m: int, config: QuantMatmulConfig) -> None:
     check_int8(m, 72, 160, torch.float32, True, config=config)
 
 
-@pytest.mark.parametrize("split_x", [False, True])
-def test_fp16_activation_dtype_dequant(split_x: bool) -> None:
+@pytest.mark.parametrize("split_x,swap_ab", [(False, False), (True, True)])
+def test_fp16_activation_dtype_dequant(split_x: bool, swap_ab: bool) -> None:
     """fp16 takes the "magic_act" bit trick in fp16 arithmetic (bf16 does too, on the GPU)."""
-    cfg = QuantMatmulConfig("dot", 16, 32, 32, dequant="magic_act", split_x=split_x)
+    cfg = QuantMatmulConfig("dot", 16, 32, 32, dequant="magic_act", split_x=split_x, swap_ab=swap_ab)
     check_int4(9, 96, 320, 32, torch.float16, True, config=cfg)
+
+
+def test_bf16_swap_ab() -> None:
+    cfg = QuantMatmulConfig("dot", 16, 32, 64, split_x=True, swap_ab=True)
+    check_int4(5, 96, 320, 64, torch.bfloat16, True, config=cfg)
+    check_int8(5, 96, 320, torch.bfloat16, True, config=cfg)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -91,12 +91,26 @@ def splitk_reduce_kernel(
 
 
 @triton.jit
+def _int8_gemv_step(acc, w, x_ptr, k, k_mask, pid_m, M, stride_xm, row_ids,
+                    BLOCK_M: tl.constexpr, DEQ: tl.constexpr):
+    """acc [BM, BN] += x[rows, k] . w[:, k] for a [BN, BK] int8 slab (reused by every row)."""
+    w = _i8_to_f32(w, DEQ)
+    for i in tl.static_range(BLOCK_M):
+        m = pid_m * BLOCK_M + i
+        xv = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=k_mask & (m < M), other=0.0)  # [BK]
+        c = tl.sum(w * xv.to(tl.float32)[None, :], axis=1)  # [BN]
+        acc += tl.where(row_ids == i, c[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def int8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, stride_om, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
+    PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
 ):
+    """PREFETCH loads the next slab before reducing the current one (two slabs in flight)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -109,19 +123,62 @@ def int8_gemv_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     row_ids = tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < k_hi
-        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)  # [BN, BK] int8
-        w = _i8_to_f32(w, DEQ)
-        for i in tl.static_range(BLOCK_M):  # every row of x reuses the slab in registers
-            m = pid_m * BLOCK_M + i
-            xv = tl.load(x_ptr + m.to(tl.int64) * stride_xm + k, mask=k_mask & (m < M), other=0.0)  # [BK]
-            c = tl.sum(w * xv.to(tl.float32)[None, :], axis=1)  # [BN]
-            acc += tl.where(row_ids == i, c[None, :], 0.0)
+    if PREFETCH:
+        k = k_lo + offs_k
+        w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < k_hi)[None, :], other=0)  # [BN, BK]
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + offs_k
+            kn = k + BLOCK_K
+            w_next = tl.load(w_rows + kn[None, :], mask=n_mask[:, None] & (kn < k_hi)[None, :], other=0)
+            acc = _int8_gemv_step(acc, w, x_ptr, k, k < k_hi, pid_m, M, stride_xm, row_ids, BLOCK_M, DEQ)
+            w = w_next
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + offs_k
+            w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & (k < k_hi)[None, :], other=0)  # [BN, BK]
+            acc = _int8_gemv_step(acc, w, x_ptr, k, k < k_hi, pid_m, M, stride_xm, row_ids, BLOCK_M, DEQ)
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
     acc = acc * scale[None, :]
     _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT)
+
+
+@triton.jit
+def _int4_gemv_load(w_rows, s_ptr, z_ptr, sz_rows, g, g_hi, n_mask, offs_j, HALF: tl.constexpr):
+    """Packed slab [BN, GT, HALF] uint8 and its scales / zeros [BN, GT] for groups g [GT]."""
+    g_mask = g < g_hi
+    p = tl.load(w_rows + (g * HALF)[None, :, None] + offs_j[None, None, :],
+                mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)
+    sz_mask = n_mask[:, None] & g_mask[None, :]
+    s = tl.load(s_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0)
+    z = tl.load(z_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0)
+    return p, s, z
+
+
+@triton.jit
+def _int4_gemv_step(acc, p, s, z, x_ptr, g, g_mask, offs_c, pid_m, M, stride_xm, row_ids,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
+                    DEQ: tl.constexpr, SPLIT_X: tl.constexpr):
+    """acc [BM, BN] += s (sum_k q x - z sum_k x) per group of the slab, for every row of x."""
+    HALF: tl.constexpr = GROUP // 2
+    lo = _u4_to_f32(p & 0xF, DEQ)  # [BN, GT, HALF]  columns g * G + 2j
+    hi = _u4_to_f32(p >> 4, DEQ)  # [BN, GT, HALF]  columns g * G + 2j + 1
+    if not SPLIT_X:
+        q = tl.interleave(lo, hi)  # [BN, GT, G]  column order
+    s = s.to(tl.float32)
+    z = z.to(tl.float32)
+    for i in tl.static_range(BLOCK_M):
+        m = pid_m * BLOCK_M + i
+        xv = tl.load(x_ptr + m.to(tl.int64) * stride_xm + (g * GROUP)[:, None] + offs_c[None, :],
+                     mask=g_mask[:, None] & (m < M), other=0.0).to(tl.float32)  # [GT, G]
+        if SPLIT_X:
+            xe, xo = tl.split(tl.reshape(xv, [GROUPS_PER_TILE, HALF, 2]))  # [GT, HALF] each
+            d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, GT]
+        else:
+            d = tl.sum(q * xv[None, :, :], axis=2)  # [BN, GT]  sum_k q x per group
+        xs = tl.sum(xv, axis=1)  # [GT]  sum_k x per group
+        c = tl.sum(s * (d - z * xs[None, :]), axis=1)  # [BN]
+        acc += tl.where(row_ids == i, c[None, :], 0.0)
+    return acc
 
 
 @triton.jit
@@ -129,13 +186,14 @@ def int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, stride_om, groups_per_split,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
-    DEQ: tl.constexpr, SPLIT_X: tl.constexpr,
+    DEQ: tl.constexpr, SPLIT_X: tl.constexpr, PREFETCH: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
 ):
     """Per group: sum_k (q - z) s x = s (sum_k q x - z sum_k x): one multiply-add per weight.
 
     SPLIT_X pairs the low / high nibbles with the even / odd columns of x (split in
-    registers); otherwise the nibbles are interleaved back into column order.
+    registers); otherwise the nibbles are interleaved back into column order. PREFETCH loads
+    the next slab before reducing the current one (two slabs in flight per program).
     """
     HALF: tl.constexpr = GROUP // 2  # packed bytes per group
     pid_n = tl.program_id(0)
@@ -154,30 +212,21 @@ def int4_gemv_kernel(
     g_hi = tl.minimum(g_lo + groups_per_split, n_groups)
     row_ids = tl.arange(0, BLOCK_M)[:, None]  # [BM, 1]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for g0 in range(g_lo, g_hi, GROUPS_PER_TILE):
-        g = g0 + offs_t  # [GT]
-        g_mask = g < g_hi
-        p = tl.load(w_rows + (g * HALF)[None, :, None] + offs_j[None, None, :],
-                    mask=n_mask[:, None, None] & g_mask[None, :, None], other=0)  # [BN, GT, HALF] uint8
-        lo = _u4_to_f32(p & 0xF, DEQ)  # [BN, GT, HALF]  columns g * G + 2j
-        hi = _u4_to_f32(p >> 4, DEQ)  # [BN, GT, HALF]  columns g * G + 2j + 1
-        if not SPLIT_X:
-            q = tl.interleave(lo, hi)  # [BN, GT, G]  column order
-        sz_mask = n_mask[:, None] & g_mask[None, :]
-        s = tl.load(s_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)  # [BN, GT]
-        z = tl.load(z_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)  # [BN, GT]
-        for i in tl.static_range(BLOCK_M):
-            m = pid_m * BLOCK_M + i
-            xv = tl.load(x_ptr + m.to(tl.int64) * stride_xm + (g * GROUP)[:, None] + offs_c[None, :],
-                         mask=g_mask[:, None] & (m < M), other=0.0).to(tl.float32)  # [GT, G]
-            if SPLIT_X:
-                xe, xo = tl.split(tl.reshape(xv, [GROUPS_PER_TILE, HALF, 2]))  # [GT, HALF] each
-                d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, GT]
-            else:
-                d = tl.sum(q * xv[None, :, :], axis=2)  # [BN, GT]  sum_k q x per group
-            xs = tl.sum(xv, axis=1)  # [GT]  sum_k x per group
-            c = tl.sum(s * (d - z * xs[None, :]), axis=1)  # [BN]
-            acc += tl.where(row_ids == i, c[None, :], 0.0)
+    if PREFETCH:
+        p, s, z = _int4_gemv_load(w_rows, s_ptr, z_ptr, sz_rows, g_lo + offs_t, g_hi, n_mask, offs_j, HALF)
+        for g0 in range(g_lo, g_hi, GROUPS_PER_TILE):
+            g = g0 + offs_t  # [GT]
+            pn, sn, zn = _int4_gemv_load(w_rows, s_ptr, z_ptr, sz_rows, g + GROUPS_PER_TILE, g_hi, n_mask,
+                                         offs_j, HALF)
+            acc = _int4_gemv_step(acc, p, s, z, x_ptr, g, g < g_hi, offs_c, pid_m, M, stride_xm, row_ids,
+                                  GROUP, BLOCK_M, GROUPS_PER_TILE, DEQ, SPLIT_X)
+            p, s, z = pn, sn, zn
+    else:
+        for g0 in range(g_lo, g_hi, GROUPS_PER_TILE):
+            g = g0 + offs_t  # [GT]
+            p, s, z = _int4_gemv_load(w_rows, s_ptr, z_ptr, sz_rows, g, g_hi, n_mask, offs_j, HALF)
+            acc = _int4_gemv_step(acc, p, s, z, x_ptr, g, g < g_hi, offs_c, pid_m, M, stride_xm, row_ids,
+                                  GROUP, BLOCK_M, GROUPS_PER_TILE, DEQ, SPLIT_X)
     _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT)
 
 
@@ -199,9 +248,11 @@ def int8_dot_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, stride_om, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DEQ: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DEQ: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROUND_OUT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """SWAP computes the transposed tile W x^T: the dequantized weights are the register
+    operand A of the tensor-core instruction and x^T the shared-memory operand B."""
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -213,7 +264,10 @@ def int8_dot_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]  # [BN, BK]
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):  # K % BLOCK_K == 0 (checked by the launcher)
         xt = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)  # [BM, BK]
         w = tl.load(w_ptrs + k0, mask=n_mask[:, None], other=0)  # [BN, BK] int8
@@ -224,7 +278,12 @@ def int8_dot_kernel(
             wt = w.to(xt.dtype)
         else:
             wt = _i8_to_f32(w, DEQ).to(xt.dtype)
-        acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PREC)
+        if SWAP:
+            acc = tl.dot(wt, tl.trans(xt), acc, input_precision=DOT_PREC)  # [BN, BM]
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision=DOT_PREC)  # [BM, BN]
+    if SWAP:
+        acc = tl.trans(acc)  # [BM, BN]
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
     acc = acc * scale[None, :]
     _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT)
@@ -236,10 +295,11 @@ def int4_dot_kernel(
     M, N, K, stride_xm, stride_om, k_per_split,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DEQ: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr,
-    SPLIT_X: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SPLIT_X: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROUND_W: tl.constexpr, ROUND_OUT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """BLOCK_K divides GROUP, so each weight tile has one scale / zero per row."""
+    """BLOCK_K divides GROUP, so each weight tile has one scale / zero per row. SWAP: as in
+    int8_dot_kernel (the weights become the register operand, the tile is W x^T)."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -255,7 +315,10 @@ def int4_dot_kernel(
     sz_ptrs = offs_n * n_groups  # [BN]
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         xt = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0.0)  # [BM, BK]
         p = tl.load(w_ptrs + k0 // 2, mask=n_mask[:, None], other=0)  # [BN, BK / 2] uint8
@@ -273,11 +336,20 @@ def int4_dot_kernel(
         wh = _dequant_int4_tile(p >> 4, z, s, zb, sb, wdt, DEQ, MAGIC_BITS, ROUND_W)  # [BN, BK/2] odd k
         if SPLIT_X:
             xe, xo = tl.split(tl.reshape(xt, [BLOCK_M, HALF_K, 2]))  # [BM, BK / 2] each
-            acc = tl.dot(xe, tl.trans(wl), acc, input_precision=DOT_PREC)
-            acc = tl.dot(xo, tl.trans(wh), acc, input_precision=DOT_PREC)
+            if SWAP:
+                acc = tl.dot(wl, tl.trans(xe), acc, input_precision=DOT_PREC)  # [BN, BM]
+                acc = tl.dot(wh, tl.trans(xo), acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(xe, tl.trans(wl), acc, input_precision=DOT_PREC)  # [BM, BN]
+                acc = tl.dot(xo, tl.trans(wh), acc, input_precision=DOT_PREC)
         else:
             w = tl.interleave(wl, wh)  # [BN, BK] column order
-            acc = tl.dot(xt, tl.trans(w), acc, input_precision=DOT_PREC)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(xt), acc, input_precision=DOT_PREC)  # [BN, BM]
+            else:
+                acc = tl.dot(xt, tl.trans(w), acc, input_precision=DOT_PREC)  # [BM, BN]
+    if SWAP:
+        acc = tl.trans(acc)  # [BM, BN]
     _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT)
 
 

@@ -189,11 +189,12 @@ def _int8_launch(cfg: QuantMatmulConfig, x: torch.Tensor, qweight: torch.Tensor,
     if cfg.path == "gemv":
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
         _k.int8_gemv_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                  DEQ=deq, **_common_kwargs(cfg, x, bias))
+                                  DEQ=deq, PREFETCH=cfg.prefetch, **_common_kwargs(cfg, x, bias))
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         _k.int8_dot_kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                 GROUP_M=cfg.group_m, DEQ=deq, **_dot_kwargs(x), **_common_kwargs(cfg, x, bias))
+                                 GROUP_M=cfg.group_m, DEQ=deq, SWAP=cfg.swap_ab, **_dot_kwargs(x),
+                                 **_common_kwargs(cfg, x, bias))
     _finish(part, out, bias, cfg.split_k)
     return out
 
@@ -218,11 +219,11 @@ def _int4_launch(cfg: QuantMatmulConfig, x: torch.Tensor, qweight: torch.Tensor,
         _k.int4_gemv_kernel[grid](*head, k_per_split // group_size, GROUP=group_size, BLOCK_M=cfg.block_m,
                                   BLOCK_N=cfg.block_n, GROUPS_PER_TILE=max(1, cfg.block_k // group_size),
                                   DEQ=min(DEQUANT_MODES[cfg.dequant], 1), SPLIT_X=cfg.split_x,
-                                  **_common_kwargs(cfg, x, bias))
+                                  PREFETCH=cfg.prefetch, **_common_kwargs(cfg, x, bias))
     else:
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         _k.int4_dot_kernel[grid](*head, k_per_split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_X=cfg.split_x,
+                                 BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_X=cfg.split_x, SWAP=cfg.swap_ab,
                                  **_int4_dot_dequant(cfg, x), **_dot_kwargs(x), **_common_kwargs(cfg, x, bias))
     _finish(part, out, bias, cfg.split_k)
     return out

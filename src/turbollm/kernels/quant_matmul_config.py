@@ -38,6 +38,9 @@ class QuantMatmulConfig:
     dequant: a key of DEQUANT_MODES ("magic_act" acts as "magic" where it does not apply).
     split_x: int4 only: multiply the low / high nibbles by the even / odd columns of x instead
     of interleaving the nibbles back into column order (dot: BLOCK_K >= 32).
+    prefetch: GEMV only: load the next weight slab before reducing the current one.
+    swap_ab: dot only: compute W x^T, so the dequantized weights feed the tensor cores from
+    registers (operand A) and x^T is the shared-memory operand.
     """
 
     path: str
@@ -50,6 +53,8 @@ class QuantMatmulConfig:
     num_stages: int = 3
     dequant: str = "magic"
     split_x: bool = False
+    prefetch: bool = False
+    swap_ab: bool = False
 
     def k_per_split(self, k: int, group_size: int | None = None) -> int:
         """Columns each split covers: a whole number of loop steps (int4 GEMV: of tiles of groups)."""
