@@ -234,17 +234,23 @@ def test_int8_rejects_bad_arguments() -> None:
 
 
 def test_gpu_heuristic_picks_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """GEMV for decode sizes, tiles beyond; split-K only when the tiles alone cannot fill the chip."""
+    """GEMV for M = 1, tensor-core tiles (split-K while the tiles alone leave SMs idle) up to a
+    few hundred rows, dequantize + dense matmul beyond; every default is a valid config."""
     monkeypatch.setattr(qcfg, "_num_sms", lambda index: 132)
     dev = torch.device("cuda", 0)
-    for kind, group in (("int8", None), ("int4", 128)):
+    for kind, group in (("int8", None), ("int4", 128), ("int4", 32)):
         assert pick_config(kind, 1, 4096, 4096, group, dev).path == "gemv"
-        assert pick_config(kind, qcfg.GEMV_MAX_M, 4096, 4096, group, dev).path == "gemv"
-        big = pick_config(kind, 4096, 4096, 4096, group, dev)
-        assert big.path == "dot" and big.split_k == 1
         small = pick_config(kind, 16, 4096, 4096, group, dev)
         assert small.path == "dot" and small.split_k > 1
-        qcfg.check_config(small, 4096, group)
+        assert pick_config(kind, 128, 4096, 4096, group, dev).path == "dot"
+        assert pick_config(kind, 4096, 4096, 4096, group, dev).path == "dequant"
+        for m in (1, 2, 16, 17, 64, 65, 255, 256, 511, 512, 4096):
+            for n, k in ((4096, 4096), (22016, 4096), (576, 1536)):
+                cfg = pick_config(kind, m, n, k, group, dev)
+                qcfg.check_config(cfg, k, group)
+                assert cfg.split_k == 1 or k // (cfg.split_k * cfg.block_k) >= 1
+    with pytest.raises(ValueError, match="kind"):
+        pick_config("int3", 1, 64, 64, None, dev)
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,8 +279,9 @@ def test_gpu_other_groups_and_dtypes(group: int) -> None:
 
 @pytest.mark.gpu
 def test_gpu_cuda_graph_capture() -> None:
-    """Default launches (GEMV, split-K tiles) replay correctly on new inputs from a graph."""
-    for m in (1, 16):
+    """Default launches (GEMV, split-K tiles, dequantize + cuBLAS) replay correctly on new
+    inputs from a graph."""
+    for m in (1, 16, 256):
         x = make_x(m, 4096, torch.bfloat16)
         p, s, z = make_int4(4096, 4096, 128, torch.bfloat16)
         q, sc = make_int8(4096, 4096, torch.bfloat16)

@@ -3,15 +3,15 @@
 `pick_config` is a fixed heuristic, not an autotuner: the choice depends only on the shape
 and the device's multiprocessor count, so it never benchmarks (which would break CUDA-graph
 capture) and the same shape always runs the same kernel (deterministic results). The GPU
-table was tuned on an H100 SXM with bench/scripts/gpu_quant_kernels.py --sweep on the
-Llama-2-7B shapes; under the interpreter a small fixed config keeps CPU tests fast.
+table (`_BANDS`) was tuned on an H100 SXM with bench/scripts/gpu_quant_kernels.py --sweep on
+the Llama-2-7B shapes; under the interpreter a small fixed config keeps CPU tests fast.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -19,7 +19,7 @@ PATHS = ("gemv", "dot", "dequant")
 # How packed integers become floats (see _quant_matmul_kernels.py): int->float conversion
 # instructions, fp32 bit tricks, or (int4 tensor-core path) bit tricks in the activation dtype.
 DEQUANT_MODES = {"cvt": 0, "magic": 1, "magic_act": 2}
-GEMV_MAX_M = 8  # largest M that takes the GEMV path by default
+GEMV_MAX_M = 1  # largest M that takes the GEMV path by default (see _BANDS)
 _INTERPRET_GEMV_MAX_M = 4
 
 
@@ -101,10 +101,46 @@ def _interpreting(device: torch.device) -> bool:
     return device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _split_for(tiles: int, k: int, block_k: int, sms: int) -> int:
-    """Splits of K that bring `tiles` programs up to about two waves, keeping >= 4 steps each."""
+@dataclass(frozen=True)
+class _Band:
+    """Launch shape for M up to max_m; split-K brings the tiles up to `waves` x SMs programs."""
+
+    max_m: int
+    cfg: QuantMatmulConfig
+    waves: float = 0.0
+    max_split: int = 1
+
+
+_C = QuantMatmulConfig
+_INF = 1 << 62
+# From the H100 sweep of bench/scripts/gpu_quant_kernels.py (2026-11-27, Llama-2-7B shapes,
+# results in bench/results/issue5_quant_kernels_h100.json): the best config per (kind, M) of
+# M = 1, 16, 64, 256, 4096 by total time over the qkv / o / gate_up / down shapes; the bands
+# between those sizes are judgement. The GEMV loses to the tensor-core tiles from M = 8 on
+# (the GEMV does the per-weight work once per row), so it only takes M = 1.
+_BANDS: dict[str, tuple[_Band, ...]] = {
+    "int4": (
+        _Band(1, _C("gemv", 1, 8, 1024, dequant="cvt"), waves=2, max_split=8),
+        _Band(16, _C("dot", 16, 64, 128, dequant="magic_act", swap_ab=True), waves=3, max_split=8),
+        _Band(64, _C("dot", 64, 64, 128, dequant="magic_act", swap_ab=True), waves=4, max_split=4),
+        _Band(255, _C("dot", 128, 128, 64, num_warps=8, dequant="cvt"), waves=3, max_split=2),
+        _Band(_INF, _C("dequant", 1, 8, 1024)),
+    ),
+    "int8": (
+        _Band(1, _C("gemv", 1, 2, 2048, dequant="magic"), waves=2, max_split=8),
+        _Band(16, _C("dot", 16, 64, 128, num_stages=4, dequant="cvt"), waves=4, max_split=4),
+        _Band(64, _C("dot", 64, 64, 128, dequant="cvt", swap_ab=True), waves=3, max_split=4),
+        _Band(511, _C("dot", 64, 128, 64, num_stages=4, dequant="cvt")),
+        _Band(_INF, _C("dequant", 1, 16, 1024, num_warps=8)),
+    ),
+}
+
+
+def _split_for(tiles: int, k: int, block_k: int, waves: float, max_split: int, sms: int) -> int:
+    """Powers of two splitting K until tiles x splits reach `waves` x SMs programs (at most
+    max_split, each split keeping >= 2 loop steps)."""
     split = 1
-    while tiles * split < 2 * sms and k // (2 * split * block_k) >= 4:
+    while split < max_split and tiles * split < waves * sms and k // (2 * split * block_k) >= 2:
         split *= 2
     return split
 
@@ -118,23 +154,20 @@ def pick_config(kind: str, m: int, n: int, k: int, group_size: int | None,
             return QuantMatmulConfig("gemv", m_pow2, 32, 256)
         block_k = min(group_size or 64, 64)
         return QuantMatmulConfig("dot", min(max(m_pow2, 16), 64), 32, block_k)
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    if m <= GEMV_MAX_M:
-        block_k = 1024 if kind == "int4" else 512
-        block_n = 4
-        tiles = -(-n // block_n)
-        return QuantMatmulConfig("gemv", m_pow2, block_n, block_k,
-                                 split_k=_split_for(tiles, k, block_k, sms), num_warps=4)
-    if m <= 64:
-        block_m = max(16, m_pow2)
-        block_n, warps, stages = 64, 4, 4
-    else:
-        block_m = 128 if m > 128 else 64
-        block_n, warps, stages = 128, 8, 3
-    block_k = 64 if kind == "int8" else min(group_size or 64, 64)
-    tiles = -(-m // block_m) * -(-n // block_n)
-    return QuantMatmulConfig("dot", block_m, block_n, block_k, split_k=_split_for(tiles, k, block_k, sms),
-                             num_warps=warps, num_stages=stages)
+    if kind not in _BANDS:
+        raise ValueError(f"kind {kind!r} is not one of {tuple(_BANDS)}")
+    band = next(b for b in _BANDS[kind] if m <= b.max_m)
+    cfg = band.cfg
+    if cfg.path == "dot" and group_size is not None and group_size < cfg.block_k:
+        cfg = replace(cfg, block_k=group_size)  # one scale / zero per row and tile
+    if band.max_split > 1:
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        if cfg.path == "gemv":
+            tiles = -(-n // cfg.block_n)
+        else:
+            tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
+        cfg = replace(cfg, split_k=_split_for(tiles, k, cfg.block_k, band.waves, band.max_split, sms))
+    return cfg
 
 
 __all__ = ["DEQUANT_MODES", "GEMV_MAX_M", "PATHS", "QuantMatmulConfig", "check_config", "pick_config"]
