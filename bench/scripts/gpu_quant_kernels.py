@@ -326,7 +326,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     result: dict[str, object] = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                  "group_size": GROUP, "reps": args.reps,
-                                 "method": "median of CUDA-graph replays, each after reading a 256 MiB buffer (L2 flush)"}
+                                 "method": "median of CUDA-graph replays, each after a 256 MiB read (L2 flush)"}
     configs = None
     if args.sweep:
         result["sweep"] = run_sweep(min(args.reps, 30), args.jobs, args.budget_s)

@@ -281,7 +281,7 @@ def test_gpu_other_groups_and_dtypes(group: int) -> None:
 def test_gpu_cuda_graph_capture() -> None:
     """Default launches (GEMV, split-K tiles, dequantize + cuBLAS) replay correctly on new
     inputs from a graph."""
-    for m in (1, 16, 256):
+    for m in (1, 16, 256, 512):
         x = make_x(m, 4096, torch.bfloat16)
         p, s, z = make_int4(4096, 4096, 128, torch.bfloat16)
         q, sc = make_int8(4096, 4096, torch.bfloat16)

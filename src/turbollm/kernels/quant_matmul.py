@@ -8,20 +8,25 @@ Storage (docs: /work/brief/QUANT_CONTRACT.md, "Runtime storage"). W is [N, K] as
   W_hat[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G].
 Every launcher computes `x @ W_hat.T + bias` with fp32 accumulation and returns x's dtype.
 
-Two kernel shapes per format, picked by `QuantMatmulConfig.path` (see `pick_config`):
-- "gemv" (decode, M <= ~8): no tensor cores. Program (n block, m block, k split) streams a
-  [BLOCK_N, BLOCK_K] slab of packed weights with 16-byte row-contiguous loads, converts it
-  in registers and reduces it against each of its BLOCK_M rows of x in fp32. int4 folds the
-  group affine into the reduction: sum_k (q - z) s x = s (sum_k q x - z sum_k x) per group,
-  so the per-element work is one multiply-add. Parallelism comes from small BLOCK_N (many
-  programs), so no split-K is needed on Llama shapes.
-- "dot" (prefill / large batch): a tiled tl.dot. The [BLOCK_N, BLOCK_K] weight tile is
-  dequantized to the activation dtype in registers (int4: one scale / zero per row, since
-  BLOCK_K divides G) and multiplied on the tensor cores; fp32 x uses IEEE fp32 (no tf32).
-Either may split K over SPLIT_K programs: each writes an fp32 partial [SPLIT_K, M, N] and a
-second kernel sums the splits in a fixed order (deterministic, no atomics), adds the bias and
-casts. Grids and allocations depend only on shapes, never on device values, so every launch
-can be captured in a CUDA graph (the partial buffer then comes from the graph's pool).
+Three paths per format, picked by `QuantMatmulConfig.path` (defaults: `pick_config`, tuned on
+an H100; kernels in _quant_matmul_kernels.py):
+- "gemv" (decode, M = 1 by default): no tensor cores. Program (n block, m block, k split)
+  streams a [BLOCK_N, BLOCK_K] slab of packed weights with 16-byte row-contiguous loads,
+  converts it in registers and reduces it against each of its BLOCK_M rows of x in fp32.
+  int4 folds the group affine into the reduction: sum_k (q - z) s x = s (sum_k q x - z sum_k x)
+  per group, so the per-element work is one multiply-add.
+- "dot" (2 <= M < 512): a tiled tl.dot. The [BLOCK_N, BLOCK_K] weight tile is dequantized to
+  the activation dtype in registers (int4: one scale / zero per row, since BLOCK_K divides G)
+  and multiplied on the tensor cores; fp32 x uses IEEE fp32 (no tf32). `swap_ab` computes
+  the transposed tile W x^T so the weights are the register operand (better for M <= 64).
+- "dequant" (M >= 512): a Triton pass writes W_hat in x's dtype to an [N, K] workspace, then
+  one dense matmul (cuBLAS); the workspace round trip costs less than dequantizing every
+  weight tile once per row block of a long prefill.
+"gemv" and "dot" may split K over SPLIT_K programs: each writes an fp32 partial
+[SPLIT_K, M, N] and a second kernel sums the splits in a fixed order (deterministic, no
+atomics), adds the bias and casts. Grids and allocations depend only on shapes, never on
+device values, so every launch can be captured in a CUDA graph (the partial buffer and the
+"dequant" workspace then come from the graph's pool).
 On CPU the kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set before
 import); the `_ref` functions run anywhere.
 """

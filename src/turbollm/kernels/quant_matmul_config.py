@@ -116,14 +116,17 @@ _INF = 1 << 62
 # From the H100 sweep of bench/scripts/gpu_quant_kernels.py (2026-11-27, Llama-2-7B shapes,
 # results in bench/results/issue5_quant_kernels_h100.json): the best config per (kind, M) of
 # M = 1, 16, 64, 256, 4096 by total time over the qkv / o / gate_up / down shapes; the bands
-# between those sizes are judgement. The GEMV loses to the tensor-core tiles from M = 8 on
+# between those sizes are judgement. "dequant" allocates a [N, K] W_hat workspace per call,
+# so it starts at M = 512 (prefill), above the decode batch sizes. The GEMV loses to the tensor-core tiles from M = 8 on
 # (the GEMV does the per-weight work once per row), so it only takes M = 1.
 _BANDS: dict[str, tuple[_Band, ...]] = {
     "int4": (
         _Band(1, _C("gemv", 1, 8, 1024, dequant="cvt"), waves=2, max_split=8),
         _Band(16, _C("dot", 16, 64, 128, dequant="magic_act", swap_ab=True), waves=3, max_split=8),
         _Band(64, _C("dot", 64, 64, 128, dequant="magic_act", swap_ab=True), waves=4, max_split=4),
-        _Band(255, _C("dot", 128, 128, 64, num_warps=8, dequant="cvt"), waves=3, max_split=2),
+        # At M = 256 the dequant path measured 492 µs and this one 498 µs (sum over the four
+        # shapes): this one needs no [N, K] workspace, which matters inside decode CUDA graphs.
+        _Band(511, _C("dot", 128, 128, 64, num_warps=8, dequant="cvt"), waves=3, max_split=2),
         _Band(_INF, _C("dequant", 1, 8, 1024)),
     ),
     "int8": (
