@@ -37,7 +37,6 @@ import torch
 
 try:
     import triton
-    import triton.language as tl
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
 
