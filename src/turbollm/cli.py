@@ -14,12 +14,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from turbollm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, field_help
+from turbollm.config import (
+    CacheConfig,
+    ModelConfig,
+    ParallelConfig,
+    QuantizationConfig,
+    SchedulerConfig,
+    field_help,
+)
 from turbollm.errors import TurbollmError
 from turbollm.sampling_params import SamplingParams
 from turbollm.server.options import ServerOptions
 
-_ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+_ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, QuantizationConfig)
 _SAMPLING_FLAGS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "n", "stop", "ignore_eos", "min_tokens",

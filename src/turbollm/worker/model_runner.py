@@ -8,20 +8,17 @@ requests that ask (in a step where nobody samples, their own `.tolist()` is that
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
 
 import torch
 
 from turbollm.config import EngineConfig
 from turbollm.core.plan import StepPlan, StepResult, TokenLogprobs
 from turbollm.distributed.parallel import SINGLE, ParallelContext
-from turbollm.errors import ModelLoadError
 from turbollm.layers.attention import AttentionMetadata
-from turbollm.layers.cpu_gemm import prepack_cpu_linears
+from turbollm.models.build import build_model
 from turbollm.models.loader import ModelSource
-from turbollm.models.registry import get_model_class
+from turbollm.quant.plan import resolve_quantization
 from turbollm.sample.sampler import Sampler, SamplingState, gather_logprobs, unpack_logprobs
 from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs
 from turbollm.worker.cuda_graphs import DecodeGraphs
@@ -47,16 +44,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 class ModelRunner:
     """One rank's model, KV cache and request state."""
 
@@ -79,19 +66,10 @@ class ModelRunner:
         self.states: dict[str, RequestState] = {}
 
     def _build_model(self, source: ModelSource) -> torch.nn.Module:
-        cls = get_model_class(self.arch.architecture)
-        with _default_dtype(self.dtype), torch.device(self.device):
-            model = cls(self.arch, self.ctx)
-        if source.kind == "dummy":
-            model.init_dummy_weights(self.config.model.seed)  # type: ignore[operator]
-        else:
-            try:
-                model.load_weights(source.iter_weights())  # type: ignore[operator]
-            except (KeyError, ValueError) as e:
-                raise ModelLoadError(f"{source.path}: weights do not fit the model: {e}") from e
-        if self.device.type == "cpu":
-            prepack_cpu_linears(model)
-        return model.eval()
+        q = self.config.quantization
+        plan = resolve_quantization(q.quantization, q.group_size, source.quantization_config,
+                                    self.device, where=str(source.path))
+        return build_model(source, self.device, self.dtype, self.config.model.seed, plan, self.ctx)
 
     # ---- KV cache ------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
