@@ -178,3 +178,21 @@ def fp8_linear_simulated(
     w = wq.float() * w_scale.float()[:, None]  # [N, K]
     y = torch.nn.functional.linear(xq.float() * x_scale, w).to(x.dtype)
     return y if bias is None else y + bias
+
+
+def install_int4(layer: QuantizableLinear, method: Int4LinearMethod, result: dict[str, torch.Tensor]) -> None:
+    """Turn a dense linear into an int4 one from a calibrated grid (AWQ / GPTQ output).
+
+    result: "scales" and "zeros" [N, K/G]; "q" uint8 [N, K] or else the layer's current
+    `weight` is taken as W_hat on that grid (re-quantizing it with the same s, z is
+    lossless); optional "perm" [K] when the columns of q/W_hat are in act-order.
+    """
+    s = result["scales"].to(layer.weight.device, layer.weight.dtype)
+    z = result["zeros"].to(layer.weight.device, layer.weight.dtype)
+    q = result.get("q")
+    if q is None:
+        q, _, _ = grids.quantize_int4(layer.weight, method.group_size, scales=s, zeros=z)
+    set_int4_weights(layer, q.to(layer.weight.device), s, z, result.get("perm"))
+    delattr(layer, "weight")
+    layer.packed = None
+    layer.quant_method = method

@@ -16,33 +16,13 @@ from turbollm.config import EngineConfig
 from turbollm.core.plan import StepPlan, StepResult, TokenLogprobs
 from turbollm.distributed.parallel import SINGLE, ParallelContext
 from turbollm.layers.attention import AttentionMetadata
-from turbollm.models.build import build_model
+from turbollm.models.build import build_model, resolve_device, resolve_dtype
 from turbollm.models.loader import ModelSource
 from turbollm.quant.plan import resolve_quantization
 from turbollm.sample.sampler import Sampler, SamplingState, gather_logprobs, unpack_logprobs
 from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs
 from turbollm.worker.cuda_graphs import DecodeGraphs
 from turbollm.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; a named cuda device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but no CUDA GPU is available")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on GPU, float32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
 
 class ModelRunner:
     """One rank's model, KV cache and request state."""
