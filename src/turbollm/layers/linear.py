@@ -38,11 +38,12 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: o
 
 def replicated_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
     """A tensor every part of a merged linear ships whole (e.g. an input permutation): the
-    first part copies it, later parts must agree."""
+    first part to arrive copies it, later parts must agree."""
     if param.shape != loaded.shape:
         raise ValueError(f"tensor shape {tuple(loaded.shape)} != expected {tuple(param.shape)}")
-    if shard_id in (None, 0):
+    if not getattr(param, "filled", False):
         param.data.copy_(loaded)
+        param.filled = True  # type: ignore[attr-defined]
     elif not torch.equal(param.data, loaded.to(param.device)):
         raise ValueError("the parts of a merged linear disagree on a tensor they must share")
 

@@ -51,10 +51,14 @@ class QuantPlan:
         return f"{self.config.name}" + (f" g{self.config.group_size}" if hasattr(self.config, "group_size") else "")
 
 
+def _hf_plan(config: QuantConfig, converter: Callable[[WeightStream], Iterator[tuple[str, torch.Tensor]]]) -> QuantPlan:
+    return QuantPlan(config, prequantized=True, converter=converter)
+
+
 _CHECKPOINT_FORMATS: dict[str, Callable[[dict[str, Any]], QuantPlan]] = {
     CHECKPOINT_TAG: lambda d: QuantPlan(config_from_checkpoint_dict(d), prequantized=True),
-    "awq": lambda d: QuantPlan(*hf_formats.awq_plan_parts(d), prequantized=True),
-    "gptq": lambda d: QuantPlan(*hf_formats.gptq_plan_parts(d), prequantized=True),
+    "awq": lambda d: _hf_plan(*hf_formats.awq_plan_parts(d)),
+    "gptq": lambda d: _hf_plan(*hf_formats.gptq_plan_parts(d)),
 }
 """quantization_config["quant_method"] -> how to build a plan for such a checkpoint."""
 
