@@ -40,12 +40,13 @@ def _windows(args: argparse.Namespace, em: EvalModel) -> list[list[int]]:
     return make_windows(em.tokenizer, load_corpus(args.corpus), window, args.max_windows)
 
 
-def _write(path: str | None, payload: dict[str, Any]) -> None:
+def _write(path: str | None, payload: dict[str, Any], quiet: bool = False) -> None:
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2)
-        print(f"wrote {path}")
+        if not quiet:
+            print(f"wrote {path}")
 
 
 def quantization_variants(quantization: str | None, group_sizes: str) -> list[tuple[str, int]]:
@@ -81,7 +82,13 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     for method, group in variants:
         gc.collect()
         t0 = time.perf_counter()
-        q = load_eval_model(name, method, group_size=group, **opts)
+        try:
+            q = load_eval_model(name, method, group_size=group, **opts)
+        except ValueError as e:  # e.g. a group size that does not divide a layer's width
+            label = f"{method} g{group}" if method == "int4" else method
+            payload["quantized"].append({"quantization": label, "error": str(e)})
+            print(f"[{label}]: not run: {e}", flush=True)
+            continue
         qres = perplexity(q, windows)
         delta = 100.0 * (qres.perplexity / res.perplexity - 1.0)
         payload["quantized"].append({**result_dict(qres, q), "delta_pct": delta,
@@ -89,6 +96,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
         print(f"{q.name} [{q.quantization}]: perplexity {qres.perplexity:.4f} "
               f"(baseline {res.perplexity:.4f}, {delta:+.2f}%)", flush=True)
         del q
+        _write(args.json, payload, quiet=True)  # partial results survive an interrupted run
     _write(args.json, payload)
     return 0
 

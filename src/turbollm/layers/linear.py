@@ -87,9 +87,15 @@ class QuantizableLinear(nn.Module):
         return p
 
     def prepack_cpu(self) -> None:
-        """Use a oneDNN-packed copy of the dense weight from now on (CPU, after loading)."""
+        """Use a oneDNN-packed copy of the dense weight from now on (CPU, after loading).
+
+        A quantized layer packs its dequantized weight W_hat when its method offers
+        `dense_weight` (the CPU fallback: dequantize once, then the fast dense matmul).
+        """
         if self.quant_method is None:
             self.packed = prepack(self.weight)
+        elif hasattr(self.quant_method, "dense_weight"):
+            self.packed = prepack(self.quant_method.dense_weight(self))
 
 
 class ColumnParallelLinear(QuantizableLinear):

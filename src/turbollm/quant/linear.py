@@ -7,7 +7,10 @@ tensors live on the layer (its device). Two ways in:
 - quantized checkpoint (prequantized=True): the layer gets the runtime tensors of
   QUANT_CONTRACT.md directly and the loader fills them.
 Matmuls: on a GPU the Triton kernels of kernels/quant_matmul.py when that module exists,
-else (and on CPU) the torch fallback of quant/grids.py (dequantize, then one matmul).
+else the torch fallback of quant/grids.py (dequantize, then one matmul). On CPU the
+fallback dequantizes once after loading: `dense_weight` gives W_hat, which the layer keeps
+oneDNN-prepacked (layers/cpu_gemm.py) beside the quantized tensors, so CPU runs have the
+quantized model's numerics at the dense model's speed, not its memory savings.
 FP8 runs torch._scaled_mm on GPUs with FP8 (compute capability >= 8.9); on CPU it is
 simulated: weights and per-token activations are rounded to e4m3 and the product is taken
 in float32, which gives FP8's accuracy, not its speed.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from turbollm.layers.cpu_gemm import packed_linear
 from turbollm.layers.linear import QuantizableLinear
 from turbollm.quant import grids
 
@@ -41,6 +45,12 @@ def _replace(layer: nn.Module, name: str, value: torch.Tensor, replicated: bool 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])  # [M, K]
+
+
+def _packed(layer: QuantizableLinear, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The CPU path: the prepacked W_hat (see the module docstring), or None if not packed."""
+    packed = getattr(layer, "packed", None)
+    return None if packed is None else packed_linear(x2, packed, bias)  # [M, N]
 
 
 @dataclass(frozen=True)
@@ -65,11 +75,16 @@ class Int8LinearMethod:
         _replace(layer, "scales", s)
         delattr(layer, "weight")
 
+    def dense_weight(self, layer: QuantizableLinear) -> torch.Tensor:
+        """W_hat [N, K] in the scales' dtype."""
+        return grids.dequantize_int8(layer.qweight, layer.scales, layer.scales.dtype)
+
     def apply(self, layer: QuantizableLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
-        if x.is_cuda and _kernels is not None:
+        y = _packed(layer, x2, bias)
+        if y is None and x.is_cuda and _kernels is not None:
             y = _kernels.int8_weight_only_linear(x2, layer.qweight, layer.scales, bias)
-        else:
+        elif y is None:
             y = grids.int8_linear_ref(x2, layer.qweight, layer.scales, bias)
         return y.view(*x.shape[:-1], -1)  # [..., N]
 
@@ -103,8 +118,21 @@ class Int4LinearMethod:
         set_int4_weights(layer, q, s, z)
         delattr(layer, "weight")
 
+    def dense_weight(self, layer: QuantizableLinear) -> torch.Tensor:
+        """W_hat [N, K] in the scales' dtype, columns in input order (perm undone)."""
+        q = grids.unpack_int4(layer.qweight)  # [N, K] stored column order
+        w = grids.dequantize_int4(q, layer.scales, layer.zeros, self.group_size, layer.scales.dtype)
+        perm = getattr(layer, "perm", None)
+        if perm is None:
+            return w
+        out = torch.empty_like(w)
+        out[:, perm] = w  # x[:, perm] @ w^T == x @ out^T
+        return out
+
     def apply(self, layer: QuantizableLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
+        if (y := _packed(layer, x2, bias)) is not None:
+            return y.view(*x.shape[:-1], -1)  # [..., N]
         perm = getattr(layer, "perm", None)
         if perm is not None:
             x2 = x2.index_select(1, perm)  # [M, K] in stored column order
@@ -148,10 +176,17 @@ class Fp8LinearMethod:
         _replace(layer, "weight", q)
         _replace(layer, "weight_scale", s)
 
+    def dense_weight(self, layer: QuantizableLinear) -> torch.Tensor:
+        """W_hat [N, K] float32 (the e4m3 weights times their scales)."""
+        return layer.weight.float() * layer.weight_scale.float()[:, None]
+
     def apply(self, layer: QuantizableLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
         if x.is_cuda:
             y = fp8_scaled_mm(x2, layer.weight, layer.weight_scale, bias)
+        elif getattr(layer, "packed", None) is not None and x.dtype == torch.float32:
+            xq, x_scale = grids.quantize_fp8_per_token(x2)  # simulated W8A8: activations rounded to e4m3
+            y = packed_linear(xq.float() * x_scale, layer.packed, bias)
         else:
             y = fp8_linear_simulated(x2, layer.weight, layer.weight_scale, bias)
         return y.view(*x.shape[:-1], -1)  # [..., N]
