@@ -199,7 +199,7 @@ def fp8_scaled_mm(
     xq, x_scale = grids.quantize_fp8_per_token(x)  # [M, K], [M, 1]
     y = torch._scaled_mm(
         xq, wq.t(), scale_a=x_scale, scale_b=w_scale.float()[None, :],  # [M, 1], [1, N]
-        out_dtype=torch.bfloat16 if x.dtype == torch.float32 else x.dtype,
+        out_dtype=torch.bfloat16,  # row-wise scaling supports bf16 output only
     )
     y = y.to(x.dtype)
     return y if bias is None else y + bias
