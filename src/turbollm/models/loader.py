@@ -163,7 +163,8 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
         if qcfg is not None and not isinstance(qcfg, dict):
             raise ModelLoadError(f"{path}/config.json: quantization_config must be a JSON object")
         source = ModelSource("hf", path, arch, defaults, quantization_config=qcfg)
-    return replace(source, kind="dummy") if dummy else source
+    # Dummy weights are float: a quantized checkpoint lends only its shapes (quantize with options).
+    return replace(source, kind="dummy", quantization_config=None) if dummy else source
 
 
 def has_tokenizer(directory: str) -> bool:
