@@ -53,3 +53,38 @@ def test_eval_ppl_prints_baseline_beside_quantized(tmp_path, capsys: pytest.Capt
     assert rep["quantized"][0]["quantization"] == "int8"
     assert rep["quantized"][0]["delta_pct"] == pytest.approx(
         100 * (rep["quantized"][0]["perplexity"] / rep["baseline"]["perplexity"] - 1))
+
+
+def test_install_calibrated_grids_round_trip_and_check_group_size(tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """What compress.awq / gptq return ({name: q, scales, zeros[, perm]}) becomes int4 layers
+    with W_hat unchanged; a grid of another group size is refused by name."""
+    import torch
+
+    from turbollm.compress.quantize import install_calibrated
+    from turbollm.layers.linear import QuantizableLinear
+    from turbollm.models.build import build_model
+    from turbollm.models.loader import resolve_model
+    from turbollm.quant import grids
+    from turbollm.quant.methods import Int4Config
+
+    def dense():  # type: ignore[no-untyped-def]
+        return build_model(resolve_model(tiny_checkpoint("tiny-llama")[0]), torch.device("cpu"),
+                           torch.float32, prepack_cpu=False)
+
+    model = dense()
+    results, w_hats = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizableLinear):
+            k = m.weight.shape[1]
+            perm = torch.randperm(k)  # act-order: q's columns in perm order
+            q, s, z = grids.quantize_int4(m.weight[:, perm], 32)
+            w_hats[name] = torch.empty_like(m.weight)
+            w_hats[name][:, perm] = grids.dequantize_int4(q, s, z, 32)
+            m.weight.data.copy_(w_hats[name])  # the calibrators leave W_hat in place
+            results[name] = {"q": q, "scales": s, "zeros": z, "perm": perm}
+    assert install_calibrated(model, Int4Config(32, act_order=True), results) == len(w_hats)
+    for name, m in model.named_modules():
+        if name in w_hats:
+            assert torch.equal(m.quant_method.dense_weight(m), w_hats[name])
+    with pytest.raises(ValueError, match="groups over 64 input columns, not group size 64"):
+        install_calibrated(dense(), Int4Config(64), results)

@@ -54,6 +54,12 @@ def install_calibrated(model: nn.Module, config: Int4Config, results: dict[str, 
     if missing:
         raise ValueError(f"the calibrated quantizer returned no grid for {len(missing)} linears, e.g. {missing[:2]}")
     for name, layer in layers.items():
+        k, groups = layer.weight.shape[1], results[name]["scales"].shape[1]
+        if groups * config.group_size != k:  # one group size per checkpoint (QUANT_CONTRACT.md)
+            raise ValueError(
+                f"{name}: the calibrated grid has {groups} groups over {k} input columns, not group size "
+                f"{config.group_size}; pass a --group-size that divides every layer's width"
+            )
         install_int4(layer, method, results[name])
     return len(layers)
 
