@@ -43,3 +43,24 @@ def test_bench_throughput_compares_dummy_preset_with_transformers(tmp_path) -> N
     assert set(runs) == {"turbollm", "hf one-at-a-time", "hf static batch 2", "hf static batch 4"}
     assert all(r["output_tokens"] == r["num_prompts"] * 6 for r in runs.values())
     assert all(0.0 <= r["greedy_match"] <= 1.0 for n, r in runs.items() if n != "turbollm")
+
+
+def test_bench_latency_quantized_counts_packed_weights(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "lat-q.json"
+    rc = main(["bench", "latency", "--model", "tiny-llama", "--device", "cpu", "--batch-sizes", "1",
+               "--input-len", "6", "--output-len", "3", "--quantization", "int4", "--group-size", "32",
+               "--output-json", str(out)])
+    assert rc == 0
+    assert json.loads(out.read_text())["quantization"] == "int4 g32"
+    dense = LLM("tiny-llama", device="cpu", num_blocks=16)
+    q = LLM("tiny-llama", device="cpu", num_blocks=16, quantization="int4", group_size=32)
+    # int4 linears: 0.5 byte per weight + fp32 scale and zero per 32 weights, vs 4 bytes
+    layer = q.engine.executor.runner.model.model.layers[0].mlp.down_proj
+    assert layer.qweight.numel() * 2 == 64 * 128
+    assert step_bytes(q, 1, 8.0) < step_bytes(dense, 1, 8.0)
+
+
+def test_bench_throughput_refuses_hf_compare_when_quantized(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "throughput", "--model", "tiny-llama", "--device", "cpu", "--quantization", "int8",
+               "--num-prompts", "2"])
+    assert rc == 2 and "--compare none" in capsys.readouterr().err

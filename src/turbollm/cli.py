@@ -14,12 +14,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from turbollm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, field_help
+from turbollm.config import (
+    CacheConfig,
+    ModelConfig,
+    ParallelConfig,
+    QuantizationConfig,
+    SchedulerConfig,
+    field_help,
+)
 from turbollm.errors import TurbollmError
 from turbollm.sampling_params import SamplingParams
 from turbollm.server.options import ServerOptions
 
-_ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+_ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, QuantizationConfig)
 _SAMPLING_FLAGS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "n", "stop", "ignore_eos", "min_tokens",
@@ -150,6 +157,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(engine_options(args), ServerOptions(**given))
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from turbollm.compress.eval_cli import run_eval_compare, run_eval_ppl
+
+    return run_eval_ppl(args) if args.eval_command == "ppl" else run_eval_compare(args)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from turbollm.compress.quantize import run_quantize
+
+    return run_quantize(args)
+
+
+def _add_offline_commands(sub: Any) -> None:
+    """`eval ppl|compare` and `quantize` (compress/; flags need no torch import)."""
+    from turbollm.compress.flags import add_eval_args, add_quantize_args
+
+    ev = sub.add_parser("eval", help="accuracy: perplexity and agreement on held-out text")
+    esub = ev.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    ppl = esub.add_parser("ppl", help="perplexity (with --quantization: beside the unquantized baseline)")
+    add_eval_args(ppl, pair=False)
+    cmp_ = esub.add_parser("compare", help="top-1 agreement and KL(A||B) of next-token distributions")
+    add_eval_args(cmp_, pair=True)
+    for p in (ppl, cmp_):
+        p.set_defaults(func=cmd_eval)
+    quant = sub.add_parser("quantize", help="write a quantized checkpoint (rtn, awq, gptq, fp8)")
+    add_quantize_args(quant)
+    quant.set_defaults(func=cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turbollm", description="Fast inference for Llama-family LLMs."
@@ -177,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_args(bserve)
     bserve.set_defaults(func=cmd_bench_serve)
+    _add_offline_commands(sub)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
     add_config_flags(serve, [ServerOptions])
     for p in (gen, chat, thr, lat, serve):

@@ -118,6 +118,28 @@ class ParallelConfig:
             )
 
 
+QUANTIZATION_METHODS = ("none", "int8", "int4", "fp8")
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Weight quantization (a quantized checkpoint brings its own; these quantize a float one at load)."""
+
+    quantization: str | None = None
+    """none | int8 (weight-only) | int4 (weight-only, RTN) | fp8 (W8A8); default: as the checkpoint is."""
+    group_size: int = 128
+    """int4: input columns per scale/zero group (32, 64 or 128; must divide every layer's width)."""
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None:
+            _check_choice("quantization", self.quantization, QUANTIZATION_METHODS)
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(
+                f"group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; got {self.group_size}"
+            )
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """The whole configuration tree."""
@@ -126,6 +148,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
 
     @staticmethod
     def from_flat(**kwargs: object) -> EngineConfig:
@@ -144,6 +167,7 @@ _SECTIONS: dict[str, type] = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "parallel": ParallelConfig,
+    "quantization": QuantizationConfig,
 }
 
 

@@ -45,12 +45,13 @@ def _sync(device: torch.device) -> None:
 
 
 def step_bytes(llm: LLM, batch: int, context: float) -> float:
-    """Bytes one decode step reads: all weights (the embedding only for `batch` rows when it is
-    not also the LM head) and `batch` KV caches of `context` tokens."""
+    """Bytes one decode step reads: all weights at their stored size (quantized ones packed;
+    the embedding only for `batch` rows when it is not also the LM head) and `batch` KV caches
+    of `context` tokens."""
     model = llm.engine.executor.runner.model
     arch = llm.engine.model_info.arch
-    elem = next(model.parameters()).element_size()
-    weights = sum(p.numel() for p in model.parameters()) * elem
+    elem = llm.engine.executor.runner.dtype.itemsize
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     if not arch.tie_word_embeddings:  # the table is only gathered, `batch` rows of it
         weights -= (arch.vocab_size - batch) * arch.hidden_size * elem
     kv_per_token = 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * elem
@@ -71,6 +72,14 @@ def _run(llm: LLM, prompts: list[list[int]], out_len: int) -> dict[str, float]:
     return {"seconds": total, "ttft_ms": 1e3 * statistics.mean(ttft),
             "tpot_ms": 1e3 * statistics.mean(decode),
             "output_tok_s": len(prompts) * out_len / total}
+
+
+def quant_label(opts: dict[str, Any]) -> str:
+    """'none', 'int8', 'int4 g128', 'fp8' (or 'checkpoint' for a quantized checkpoint's own)."""
+    q = opts.get("quantization")
+    if q in (None, "none"):
+        return "none" if q else "as checkpoint"
+    return f"int4 g{opts.get('group_size', 128)}" if q == "int4" else str(q)
 
 
 def run_latency(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
@@ -103,6 +112,7 @@ def run_latency(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "model": info.path or "dummy", "dtype": info.dtype, "copy_bandwidth_gb_s": bw / 1e9,
+        "quantization": quant_label(engine_opts),
         "input_len": args.input_len, "output_len": args.output_len, "rows": rows,
     }
     print(f"copy bandwidth (same run): {bw / 1e9:.0f} GB/s")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from turbollm.bench.hf_baseline import hf_generate, load_hf_model
+from turbollm.bench.latency import quant_label
 from turbollm.bench.prompts import chat_prompts, random_prompts
 from turbollm.engine.llm import LLM
 from turbollm.sampling_params import SamplingParams
@@ -46,6 +47,9 @@ def _median_run(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     opts = dict(engine_opts)
+    if args.compare == "hf" and opts.get("quantization") not in (None, "none"):
+        raise ValueError("--compare hf runs transformers on dense weights; with --quantization pass "
+                         "--compare none and run the unquantized twin as a second command")
     llm = LLM(opts.pop("model", None), **opts)
     eng = llm.engine
     info = eng.model_info
@@ -74,6 +78,7 @@ def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int
             samples.setdefault(r.name, []).append(vars(r))
     runs = [_median_run(v) for v in samples.values()]
     report = _report(args, info, device, dtype, prompts, runs[0], runs[1:])
+    report["quantization"] = quant_label(engine_opts)
     _print_table(report)
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)

@@ -3,11 +3,17 @@
 Weights live on the model's device. Each parameter carries a `weight_loader(param, tensor,
 shard_id)` that copies this rank's slice of a full checkpoint tensor into place, so the
 model's `load_weights` never needs to know the parallel layout.
+
+Quantization enters from outside: a `LinearMethod` handed to the constructor (built by
+quant/, never imported here) creates the layer's weight tensors, converts them once after
+loading and runs the matmul. Without one (None) a layer keeps its dense `weight` and the
+code path below, unchanged: F.linear, or the oneDNN-packed weight on CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +28,8 @@ except ImportError:  # pragma: no cover
     gemv_kernels = None
 
 
-def _param(shape: tuple[int, ...], loader: object) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(shape), requires_grad=False)
+def _param(shape: tuple[int, ...], loader: object, dtype: torch.dtype | None = None) -> nn.Parameter:
+    p = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
     p.weight_loader = loader  # type: ignore[attr-defined]
     return p
 
@@ -43,7 +49,69 @@ def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: o
     param.data.copy_(loaded)
 
 
-class ColumnParallelLinear(nn.Module):
+def replicated_weight_loader(param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+    """A tensor every part of a merged linear ships whole (e.g. an input permutation): the
+    first part to arrive copies it, later parts must agree."""
+    if param.shape != loaded.shape:
+        raise ValueError(f"tensor shape {tuple(loaded.shape)} != expected {tuple(param.shape)}")
+    if not getattr(param, "filled", False):
+        param.data.copy_(loaded)
+        param.filled = True  # type: ignore[attr-defined]
+    elif not torch.equal(param.data, loaded.to(param.device)):
+        raise ValueError("the parts of a merged linear disagree on a tensor they must share")
+
+
+class LinearMethod(Protocol):
+    """How a linear layer stores its weight and multiplies by it (quant/ implements these).
+
+    `create_weights` registers the tensors a checkpoint provides (through `layer.add_param`);
+    `process_weights_after_loading` converts them once (e.g. quantizes a float weight);
+    `apply` computes x [T, in] @ W^T (+ bias) -> [T, out]. One object serves every layer.
+    """
+
+    def create_weights(self, layer: QuantizableLinear, out_features: int, in_features: int) -> None: ...
+
+    def process_weights_after_loading(self, layer: QuantizableLinear) -> None: ...
+
+    def apply(self, layer: QuantizableLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+
+class QuantizableLinear(nn.Module):
+    """Shared plumbing of the parallel linears: parameter creation for a LinearMethod."""
+
+    quant_method: LinearMethod | None
+    num_parts: int
+
+    def row_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """Loader for a tensor whose dim 0 is this layer's output rows."""
+        raise NotImplementedError
+
+    def add_param(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None, per_row: bool = True
+    ) -> nn.Parameter:
+        """Register a frozen parameter the checkpoint fills: per_row tensors are split over
+        output rows like the weight (merged parts by shard id); others are shared whole."""
+        p = _param(shape, self.row_loader if per_row else replicated_weight_loader, dtype)
+        if self.num_parts > 1:
+            p.shard_ids = tuple(range(self.num_parts))  # type: ignore[attr-defined]
+        if not per_row:
+            p.replicated = True  # type: ignore[attr-defined]
+        self.register_parameter(name, p)
+        return p
+
+    def prepack_cpu(self) -> None:
+        """Use a oneDNN-packed copy of the dense weight from now on (CPU, after loading).
+
+        A quantized layer packs its dequantized weight W_hat when its method offers
+        `dense_weight` (the CPU fallback: dequantize once, then the fast dense matmul).
+        """
+        if self.quant_method is None:
+            self.packed = prepack(self.weight)
+        elif hasattr(self.quant_method, "dense_weight"):
+            self.packed = prepack(self.quant_method.dense_weight(self))
+
+
+class ColumnParallelLinear(QuantizableLinear):
     """y = x W^T + b with W split by output rows over ranks.
 
     Several logical outputs can be merged into one matmul (q/k/v, gate/up): `output_sizes`
@@ -56,19 +124,25 @@ class ColumnParallelLinear(nn.Module):
         output_sizes: Sequence[int],
         bias: bool,
         ctx: ParallelContext,
+        quant_method: LinearMethod | None = None,
     ) -> None:
         super().__init__()
         self.ctx = ctx
+        self.quant_method = quant_method
+        self.num_parts = len(output_sizes)
         self.local_sizes = [ctx.shard(s, "output size") for s in output_sizes]
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(self.local_sizes))]
         out = sum(self.local_sizes)
-        self.weight = _param((out, input_size), self.weight_loader)  # [out / tp, in]
+        if quant_method is None:
+            self.weight = _param((out, input_size), self.weight_loader)  # [out / tp, in]
+        else:
+            quant_method.create_weights(self, out, input_size)
         self.bias = _param((out,), self.weight_loader) if bias else None  # [out / tp]
         self.packed: torch.Tensor | None = None
         """oneDNN-packed weight on CPU (see layers/cpu_gemm.py), else None."""
         if len(output_sizes) > 1:
             # load_weights checks every part of a merged parameter arrived.
-            for p in (self.weight, self.bias):
+            for p in (getattr(self, "weight", None), self.bias):
                 if p is not None:
                     p.shard_ids = tuple(range(len(output_sizes)))  # type: ignore[attr-defined]
 
@@ -84,24 +158,34 @@ class ColumnParallelLinear(nn.Module):
         part = loaded.narrow(0, self.ctx.tp_rank * size, size)
         param.data.narrow(0, offset, size).copy_(part)
 
-    def prepack_cpu(self) -> None:
-        """Use a oneDNN-packed copy of the weight from now on (CPU only, after loading)."""
-        self.packed = prepack(self.weight)
+    row_loader = weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)  # [num_tokens, out / tp]
         if self.packed is not None:
             return packed_linear(x, self.packed, self.bias)  # [num_tokens, out / tp]
         return dense_linear(x, self.weight, self.bias)  # [num_tokens, out / tp]
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """y = x W^T + b with W split by input columns; partial sums are all-reduced."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, ctx: ParallelContext) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, ctx: ParallelContext,
+        quant_method: LinearMethod | None = None,
+    ) -> None:
         super().__init__()
         self.ctx = ctx
+        self.quant_method = quant_method
+        self.num_parts = 1
         self.local_in = ctx.shard(input_size, "input size")
-        self.weight = _param((output_size, self.local_in), self.weight_loader)  # [out, in / tp]
+        if quant_method is None:
+            self.weight = _param((output_size, self.local_in), self.weight_loader)  # [out, in / tp]
+        else:
+            if ctx.tp_size != 1:
+                raise ValueError("quantized row-parallel linears need tensor-parallel size 1 for now")
+            quant_method.create_weights(self, output_size, self.local_in)
         self.bias = _param((output_size,), default_weight_loader) if bias else None
         self.packed: torch.Tensor | None = None
         """oneDNN-packed weight on CPU (see layers/cpu_gemm.py), else None."""
@@ -114,11 +198,14 @@ class RowParallelLinear(nn.Module):
             )
         param.data.copy_(loaded.narrow(1, self.ctx.tp_rank * self.local_in, self.local_in))
 
-    def prepack_cpu(self) -> None:
-        """Use a oneDNN-packed copy of the weight from now on (CPU only, after loading)."""
-        self.packed = prepack(self.weight)
+    def row_loader(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+        default_weight_loader(param, loaded)  # tensor-parallel size 1: rows are whole
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            partial = self.quant_method.apply(self, x, None)  # [num_tokens, out]
+            y = self.ctx.all_reduce(partial)
+            return y if self.bias is None else y + self.bias
         partial = dense_linear(x, self.weight) if self.packed is None else packed_linear(x, self.packed)
         y = self.ctx.all_reduce(partial)  # [num_tokens, out]
         return y if self.bias is None else y + self.bias

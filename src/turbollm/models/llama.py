@@ -1,7 +1,9 @@
 """The Llama-family decoder: Llama 2/3 (incl. 3.1 rope scaling), Mistral, Qwen2, SmolLM2.
 
 Plain PyTorch: knows nothing of requests or processes. Tensor parallelism enters only
-through the ParallelContext handed to the layers and their weight loaders. Weights live on
+through the ParallelContext handed to the layers and their weight loaders; quantization only
+through the optional LinearMethod handed to every decoder linear (embeddings, norms and the
+LM head stay dense). Weights live on
 the device the model was built on; activations are flattened over the step's tokens
 ([num_tokens, hidden]) across all requests.
 """
@@ -17,7 +19,7 @@ from turbollm.distributed.parallel import ParallelContext
 from turbollm.layers.activation import SiluAndMul
 from turbollm.layers.attention import Attention, AttentionMetadata
 from turbollm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from turbollm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from turbollm.layers.linear import ColumnParallelLinear, LinearMethod, RowParallelLinear
 from turbollm.layers.norm import RMSNorm
 from turbollm.layers.rotary import RotaryEmbedding
 from turbollm.models.arch import ModelArch
@@ -33,16 +35,16 @@ _MERGED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+    def __init__(self, arch: ModelArch, ctx: ParallelContext, qm: LinearMethod | None) -> None:
         super().__init__()
         d = arch.head_dim
         self.num_heads = ctx.shard(arch.num_attention_heads, "num_attention_heads")
         self.num_kv_heads = ctx.shard(arch.num_key_value_heads, "num_key_value_heads")
         kv_out = arch.num_key_value_heads * d
         self.qkv_proj = ColumnParallelLinear(
-            arch.hidden_size, [arch.num_attention_heads * d, kv_out, kv_out], arch.qkv_bias, ctx
+            arch.hidden_size, [arch.num_attention_heads * d, kv_out, kv_out], arch.qkv_bias, ctx, qm
         )
-        self.o_proj = RowParallelLinear(arch.num_attention_heads * d, arch.hidden_size, arch.o_bias, ctx)
+        self.o_proj = RowParallelLinear(arch.num_attention_heads * d, arch.hidden_size, arch.o_bias, ctx, qm)
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, arch.sliding_window)
 
     def forward(
@@ -54,11 +56,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+    def __init__(self, arch: ModelArch, ctx: ParallelContext, qm: LinearMethod | None) -> None:
         super().__init__()
         i = arch.intermediate_size
-        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], arch.mlp_bias, ctx)
-        self.down_proj = RowParallelLinear(i, arch.hidden_size, arch.mlp_bias, ctx)
+        self.gate_up_proj = ColumnParallelLinear(arch.hidden_size, [i, i], arch.mlp_bias, ctx, qm)
+        self.down_proj = RowParallelLinear(i, arch.hidden_size, arch.mlp_bias, ctx, qm)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,12 +68,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+    def __init__(self, arch: ModelArch, ctx: ParallelContext, qm: LinearMethod | None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch, ctx)
+        self.self_attn = LlamaAttention(arch, ctx, qm)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = LlamaMLP(arch, ctx)
+        self.mlp = LlamaMLP(arch, ctx, qm)
 
     def forward(
         self,
@@ -88,14 +90,14 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+    def __init__(self, arch: ModelArch, ctx: ParallelContext, qm: LinearMethod | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, ctx)
         self.rotary = RotaryEmbedding(
             arch.head_dim, arch.max_position_embeddings, arch.rope_theta, arch.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, ctx) for _ in range(arch.num_hidden_layers)
+            LlamaDecoderLayer(arch, ctx, qm) for _ in range(arch.num_hidden_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
@@ -115,12 +117,15 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Causal LM: `forward` gives hidden states, `compute_logits` the chosen rows' logits."""
+    """Causal LM: `forward` gives hidden states, `compute_logits` the chosen rows' logits.
 
-    def __init__(self, arch: ModelArch, ctx: ParallelContext) -> None:
+    quant_method, when given, makes every decoder linear quantized (see layers/linear.py).
+    """
+
+    def __init__(self, arch: ModelArch, ctx: ParallelContext, quant_method: LinearMethod | None = None) -> None:
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, ctx)
+        self.model = LlamaModel(arch, ctx, quant_method)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, ctx)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -167,6 +172,8 @@ class LlamaForCausalLM(nn.Module):
         """This model's weights under HF names (the inverse of load_weights; one rank only).
 
         Lets a transformers twin run on exactly these weights, e.g. dummy ones, as a baseline.
+        Quantized linears yield their stored tensors (qweight, scales, ...) under the same
+        prefixes; a tensor every merged part shares (`replicated`) is yielded for each part.
         """
         if self.model.embed_tokens.ctx.tp_size != 1:
             raise ValueError("hf_state_dict needs the whole model: tensor-parallel size 1")
@@ -177,7 +184,9 @@ class LlamaForCausalLM(nn.Module):
             parent, _, attr = owner.rpartition(".")
             if attr in split:
                 sizes = modules[owner].local_sizes  # type: ignore[union-attr]
-                for part, t in zip(split[attr], param.detach().split(sizes, dim=0), strict=True):
+                parts = ([param.detach()] * len(sizes) if getattr(param, "replicated", False)
+                         else param.detach().split(sizes, dim=0))
+                for part, t in zip(split[attr], parts, strict=True):
                     yield f"{parent}.{part}.{leaf}", t
             else:
                 yield name, param.detach()

@@ -87,6 +87,8 @@ class ModelSource:
     arch: ModelArch
     generation_defaults: dict[str, object] = field(default_factory=dict)
     """Sampling defaults from generation_config.json (or GGUF general.sampling.*); {} if none."""
+    quantization_config: dict[str, Any] | None = None
+    """config.json's `quantization_config` (a pre-quantized checkpoint; quant/ reads it), else None."""
     _reader: GGUFFile | None = field(default=None, repr=False, compare=False)
     """The open (memory-mapped) GGUF reader, kept so iter_weights needn't parse the file again."""
 
@@ -157,8 +159,12 @@ def resolve_model(model: str | None, load_format: str = "auto") -> ModelSource:
         arch, defaults = _read_hf_metadata(path)
         if not dummy:
             _safetensors_files(path)  # fail now, not halfway through loading
-        source = ModelSource("hf", path, arch, defaults)
-    return replace(source, kind="dummy") if dummy else source
+        qcfg = _read_json(os.path.join(path, "config.json")).get("quantization_config")
+        if qcfg is not None and not isinstance(qcfg, dict):
+            raise ModelLoadError(f"{path}/config.json: quantization_config must be a JSON object")
+        source = ModelSource("hf", path, arch, defaults, quantization_config=qcfg)
+    # Dummy weights are float: a quantized checkpoint lends only its shapes (quantize with options).
+    return replace(source, kind="dummy", quantization_config=None) if dummy else source
 
 
 def has_tokenizer(directory: str) -> bool:

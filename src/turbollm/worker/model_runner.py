@@ -8,20 +8,17 @@ requests that ask (in a step where nobody samples, their own `.tolist()` is that
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterator
 
 import torch
 
 from turbollm.config import EngineConfig
 from turbollm.core.plan import StepPlan, StepResult, TokenLogprobs
 from turbollm.distributed.parallel import SINGLE, ParallelContext
-from turbollm.errors import ModelLoadError
 from turbollm.layers.attention import AttentionMetadata
-from turbollm.layers.cpu_gemm import prepack_cpu_linears
+from turbollm.models.build import build_model, resolve_device, resolve_dtype
 from turbollm.models.loader import ModelSource
-from turbollm.models.registry import get_model_class
+from turbollm.quant.plan import resolve_quantization
 from turbollm.sample.sampler import (
     Sampler,
     SamplerDraft,
@@ -33,36 +30,6 @@ from turbollm.sample.sampler import (
 from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs
 from turbollm.worker.cuda_graphs import DecodeGraphs
 from turbollm.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; a named cuda device must exist."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was asked for, but no CUDA GPU is available")
-    return dev
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on GPU, float32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
 
 class ModelRunner:
     """One rank's model, KV cache and request state."""
@@ -90,19 +57,10 @@ class ModelRunner:
         self._last_tokens: torch.Tensor | None = None  # [num_sampled] int64 of the last step
 
     def _build_model(self, source: ModelSource) -> torch.nn.Module:
-        cls = get_model_class(self.arch.architecture)
-        with _default_dtype(self.dtype), torch.device(self.device):
-            model = cls(self.arch, self.ctx)
-        if source.kind == "dummy":
-            model.init_dummy_weights(self.config.model.seed)  # type: ignore[operator]
-        else:
-            try:
-                model.load_weights(source.iter_weights())  # type: ignore[operator]
-            except (KeyError, ValueError) as e:
-                raise ModelLoadError(f"{source.path}: weights do not fit the model: {e}") from e
-        if self.device.type == "cpu":
-            prepack_cpu_linears(model)
-        return model.eval()
+        q = self.config.quantization
+        plan = resolve_quantization(q.quantization, q.group_size, source.quantization_config,
+                                    self.device, where=str(source.path))
+        return build_model(source, self.device, self.dtype, self.config.model.seed, plan, self.ctx)
 
     # ---- KV cache ------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:

@@ -1,0 +1,125 @@
+"""`turbollm eval ppl|compare`: drivers that print and write JSON (flags in add_eval_args)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import time
+from typing import Any
+
+from turbollm.compress.corpus import load_corpus
+from turbollm.compress.evaluate import (
+    EvalModel,
+    compare,
+    default_window,
+    load_eval_model,
+    make_windows,
+    perplexity,
+    result_dict,
+)
+
+
+def _model_name(name: str | None) -> str | None:
+    return None if name in (None, "embedded") else name
+
+
+def _protocol(args: argparse.Namespace, em: EvalModel, windows: list[list[int]]) -> dict[str, Any]:
+    return {"corpus": args.corpus, "window": len(windows[0]), "num_windows": len(windows),
+            "max_windows": args.max_windows, "tokens_scored": len(windows) * (len(windows[0]) - 1),
+            "device": str(em.device), "dtype": str(em.dtype).removeprefix("torch."),
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d"),
+            "host": platform.node(), "torch_threads": __import__("torch").get_num_threads()}
+
+
+def _windows(args: argparse.Namespace, em: EvalModel) -> list[list[int]]:
+    window = args.window or default_window(em.context_length)
+    return make_windows(em.tokenizer, load_corpus(args.corpus), window, args.max_windows)
+
+
+def _write(path: str | None, payload: dict[str, Any], quiet: bool = False) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2)
+        if not quiet:
+            print(f"wrote {path}")
+
+
+def quantization_variants(quantization: str | None, group_sizes: str) -> list[tuple[str, int]]:
+    """--quantization int8,int4,fp8 --group-size 32,64,128 -> [(method, group size), ...]
+    (int4 once per group size, the others once); 'none' entries are dropped."""
+    groups = [int(g) for g in str(group_sizes).split(",") if g.strip()]
+    out: list[tuple[str, int]] = []
+    for m in (quantization or "").split(","):
+        m = m.strip()
+        if m in ("", "none"):
+            continue
+        if m not in ("int8", "int4", "fp8"):
+            raise ValueError(f"--quantization entries must be none, int8, int4 or fp8; got {m!r}")
+        out += [(m, g) for g in groups] if m == "int4" else [(m, groups[0] if groups else 128)]
+    return out
+
+
+def run_eval_ppl(args: argparse.Namespace) -> int:
+    """Baseline perplexity, and each quantized variant's beside it (same windows)."""
+    name = _model_name(args.model)
+    variants = quantization_variants(args.quantization, args.group_size)
+    opts = {"device": args.device, "dtype": args.dtype}
+    t0 = time.perf_counter()
+    base = load_eval_model(name, None, **opts)
+    windows = _windows(args, base)
+    payload: dict[str, Any] = {"protocol": _protocol(args, base, windows)}
+    res = perplexity(base, windows)
+    payload["baseline"] = {**result_dict(res, base), "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"{base.name} [{base.quantization}]: perplexity {res.perplexity:.4f} "
+          f"({res.num_tokens} tokens, {res.num_windows} x {res.window}-token windows)", flush=True)
+    del base
+    payload["quantized"] = []
+    for method, group in variants:
+        gc.collect()
+        t0 = time.perf_counter()
+        try:
+            q = load_eval_model(name, method, group_size=group, **opts)
+        except ValueError as e:  # e.g. a group size that does not divide a layer's width
+            label = f"{method} g{group}" if method == "int4" else method
+            payload["quantized"].append({"quantization": label, "error": str(e)})
+            print(f"[{label}]: not run: {e}", flush=True)
+            continue
+        qres = perplexity(q, windows)
+        delta = 100.0 * (qres.perplexity / res.perplexity - 1.0)
+        payload["quantized"].append({**result_dict(qres, q), "delta_pct": delta,
+                                     "seconds": round(time.perf_counter() - t0, 1)})
+        print(f"{q.name} [{q.quantization}]: perplexity {qres.perplexity:.4f} "
+              f"(baseline {res.perplexity:.4f}, {delta:+.2f}%)", flush=True)
+        del q
+        _write(args.json, payload, quiet=True)  # partial results survive an interrupted run
+    _write(args.json, payload)
+    return 0
+
+
+def run_eval_compare(args: argparse.Namespace) -> int:
+    """Top-1 agreement and KL of MODEL_B (optionally quantized) against MODEL_A."""
+    variants = quantization_variants(args.quantization, args.group_size)
+    if len(variants) > 1:
+        raise ValueError("eval compare takes one --quantization method and one --group-size")
+    method, group = variants[0] if variants else (None, 128)
+    opts = {"device": args.device, "dtype": args.dtype}
+    a = load_eval_model(_model_name(args.model_a), None, **opts)
+    b = load_eval_model(_model_name(args.model_b), method, group_size=group, **opts)
+    windows = _windows(args, a)
+    res = compare(a, b, windows)
+    print(f"A = {a.name} [{a.quantization}], B = {b.name} [{b.quantization}]")
+    print(f"perplexity: A {res.ppl_a:.4f}, B {res.ppl_b:.4f} ({100 * (res.ppl_b / res.ppl_a - 1):+.2f}%)")
+    print(f"top-1 agreement {100 * res.top1_agreement:.2f}%, mean KL(A||B) {res.mean_kl:.5f} nats "
+          f"over {res.num_tokens} tokens ({res.num_windows} x {res.window})")
+    _write(args.json, {"protocol": _protocol(args, a, windows), **result_dict(res),
+                       "model_a": result_dict_model(a), "model_b": result_dict_model(b)})
+    return 0
+
+
+def result_dict_model(em: EvalModel) -> dict[str, Any]:
+    return {"model": em.name, "quantization": em.quantization}

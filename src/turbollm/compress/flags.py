@@ -1,0 +1,44 @@
+"""Command-line flags of `turbollm eval` and `turbollm quantize` (argparse only: `--help`
+must not import torch)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_eval_args(p: argparse.ArgumentParser, pair: bool) -> None:
+    """Flags shared by `eval ppl` and `eval compare`."""
+    if pair:
+        p.add_argument("model_a", help="reference model (path, .gguf, preset; 'embedded' for the default)")
+        p.add_argument("model_b", help="model compared against it ('embedded' for the default)")
+    else:
+        p.add_argument("model", nargs="?", default=None, help="model (default: the embedded SmolLM2)")
+    which = (" (applies to MODEL_B)" if pair else
+             "; comma-separated for several (e.g. int8,int4,fp8); the unquantized baseline runs too")
+    p.add_argument("--quantization", default=None, help=f"none | int8 | int4 | fp8: quantize at load{which}")
+    p.add_argument("--group-size", default="128",
+                   help="int4 group size: 32, 64 or 128" + ("" if pair else "; comma-separated: one run each"))
+    p.add_argument("--corpus", default="shakespeare",
+                   help="shakespeare (held-out part), shakespeare-calib, or a .txt file")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per window (default: min(2048, context length))")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    """Flags of `turbollm quantize`."""
+    p.add_argument("model", nargs="?", default=None,
+                   help="float model to quantize (default: the embedded SmolLM2, dequantized)")
+    p.add_argument("--method", required=True, help="rtn | awq | gptq | fp8")
+    p.add_argument("--bits", type=int, default=4, help="4 (rtn, awq, gptq) or 8 (rtn: int8, fp8)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128)")
+    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in activation order")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--calib-windows", type=int, default=64,
+                   help="awq/gptq: calibration windows from the Shakespeare calibration part")
+    p.add_argument("--calib-window-len", type=int, default=512, help="awq/gptq: tokens per calibration window")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")

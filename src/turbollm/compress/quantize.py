@@ -1,0 +1,113 @@
+"""`turbollm quantize`: make a quantized checkpoint from a float model (offline, compress/).
+
+rtn / fp8 quantize every decoder linear at load, exactly as `LLM(quantization=...)` does,
+then save. awq / gptq build the dense model, hand it with calibration windows (the
+Shakespeare calibration part, never the evaluation files) to compress.awq / compress.gptq,
+and install the int4 grids they return. The checkpoint is written by quant/checkpoint.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from turbollm.compress.corpus import load_corpus
+from turbollm.compress.evaluate import make_windows
+from turbollm.layers.linear import QuantizableLinear
+from turbollm.models.build import build_model, resolve_device, resolve_dtype
+from turbollm.models.loader import ModelSource, resolve_model
+from turbollm.quant.checkpoint import save_quantized
+from turbollm.quant.linear import Int4LinearMethod, install_int4
+from turbollm.quant.methods import Int4Config, QuantConfig, check_device_support, method_for_cli
+from turbollm.quant.plan import QuantPlan
+
+_CALIBRATED = {"awq": ("turbollm.compress.awq", "awq_quantize_model"),
+               "gptq": ("turbollm.compress.gptq", "gptq_quantize_model")}
+"""--method -> (module, function) of the calibrated int4 algorithms."""
+
+
+def calibrated_quantizer(method: str) -> Callable[..., Any]:
+    """The AWQ / GPTQ entry point; ValueError saying so when it is not available yet."""
+    module, fn = _CALIBRATED[method]
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError):
+        raise ValueError(f"--method {method} is not available in this build ({module}.{fn} is missing)") from None
+
+
+def calibration_windows(tokenizer: Any, count: int, length: int) -> list[list[int]]:
+    """The first `count` windows of `length` tokens of the Shakespeare calibration part."""
+    return make_windows(tokenizer, load_corpus("shakespeare-calib"), length, count)
+
+
+def install_calibrated(model: nn.Module, config: Int4Config, results: dict[str, dict[str, torch.Tensor]]) -> int:
+    """Make every decoder linear int4 from {module name: grid} (see quant.linear.install_int4)."""
+    method = Int4LinearMethod(config.group_size, prequantized=True, has_perm=config.act_order)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizableLinear)}
+    missing = sorted(set(layers) - set(results))
+    if missing:
+        raise ValueError(f"the calibrated quantizer returned no grid for {len(missing)} linears, e.g. {missing[:2]}")
+    for name, layer in layers.items():
+        k, groups = layer.weight.shape[1], results[name]["scales"].shape[1]
+        if groups * config.group_size != k:  # one group size per checkpoint (QUANT_CONTRACT.md)
+            raise ValueError(
+                f"{name}: the calibrated grid has {groups} groups over {k} input columns, not group size "
+                f"{config.group_size}; pass a --group-size that divides every layer's width"
+            )
+        install_int4(layer, method, results[name])
+    return len(layers)
+
+
+def _generation_config(source: ModelSource) -> dict[str, Any]:
+    eos = list(source.arch.eos_token_ids)
+    return {**source.generation_defaults, "eos_token_id": eos[0] if len(eos) == 1 else eos,
+            "bos_token_id": source.arch.bos_token_id}
+
+
+def quantize_model(
+    model_name: str | None, config: QuantConfig, method: str, device: str = "auto", dtype: str = "auto",
+    calib: tuple[int, int] = (64, 512), act_order: bool = False,
+) -> tuple[nn.Module, ModelSource]:
+    """The quantized model (not prepacked) and its source."""
+    source = resolve_model(model_name)
+    if source.quantization_config is not None:
+        raise ValueError(f"{source.path} is already quantized; quantize a float checkpoint")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    check_device_support(config, dev)
+    if method not in _CALIBRATED:
+        return build_model(source, dev, dt, quantization=QuantPlan(config, prequantized=False),
+                           prepack_cpu=False), source
+    assert isinstance(config, Int4Config)
+    fn = calibrated_quantizer(method)
+    model = build_model(source, dev, dt, prepack_cpu=False)
+    tok = source.load_tokenizer()
+    windows = calibration_windows(tok, *calib)
+    extra = {"act_order": act_order} if method == "gptq" else {}
+    results = fn(model, windows, config.bits, config.group_size, **extra)
+    install_calibrated(model, config, results)
+    return model, source
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """CLI driver: quantize, save, print what was written."""
+    config = method_for_cli(args.method, args.bits, args.group_size)
+    if args.act_order:
+        if args.method != "gptq":
+            raise ValueError("--act-order applies to --method gptq only")
+        config = Int4Config(config.group_size, act_order=True, calibration="gptq")  # type: ignore[union-attr]
+    t0 = time.perf_counter()
+    model_name = None if args.model in (None, "embedded") else args.model
+    model, source = quantize_model(model_name, config, args.method, args.device, args.dtype,
+                                   (args.calib_windows, args.calib_window_len), args.act_order)
+    files = save_quantized(model, config, args.out, source.arch.to_hf_config(),
+                           _generation_config(source), source.load_tokenizer())
+    print(f"quantized {source.path} with {args.method} ({config.to_dict()}) in "
+          f"{time.perf_counter() - t0:.1f}s; wrote {args.out}: {', '.join(sorted(files))}")
+    return 0

@@ -1,0 +1,106 @@
+"""Resolve what quantization a model gets, as a QuantPlan that models/build.py consumes.
+
+A QuantPlan bundles the method config, the LinearMethod that every decoder linear receives
+and a converter from the checkpoint's tensors to that method's layout (identity for float
+checkpoints and our own quantized ones; AutoAWQ / GPTQ repacking for HF 4-bit ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from turbollm.errors import ModelLoadError
+from turbollm.layers.linear import LinearMethod
+from turbollm.quant import hf_formats
+from turbollm.quant.methods import (
+    CHECKPOINT_TAG,
+    QuantConfig,
+    check_device_support,
+    config_from_checkpoint_dict,
+    make_config,
+)
+
+WeightStream = Iterable[tuple[str, torch.Tensor]]
+
+
+def _identity(weights: WeightStream) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from weights
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """How to build one quantized model (satisfies models.build.ModelQuantization)."""
+
+    config: QuantConfig
+    prequantized: bool
+    """True: the checkpoint holds quantized tensors; False: quantize float weights at load."""
+    converter: Callable[[WeightStream], Iterator[tuple[str, torch.Tensor]]] = field(default=_identity)
+
+    @property
+    def linear_method(self) -> LinearMethod:
+        return self.config.linear_method(self.prequantized)
+
+    def convert_weights(self, weights: WeightStream) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.converter(weights)
+
+    def describe(self) -> str:
+        return f"{self.config.name}" + (f" g{self.config.group_size}" if hasattr(self.config, "group_size") else "")
+
+
+def _hf_plan(config: QuantConfig, converter: Callable[[WeightStream], Iterator[tuple[str, torch.Tensor]]]) -> QuantPlan:
+    return QuantPlan(config, prequantized=True, converter=converter)
+
+
+_CHECKPOINT_FORMATS: dict[str, Callable[[dict[str, Any]], QuantPlan]] = {
+    CHECKPOINT_TAG: lambda d: QuantPlan(config_from_checkpoint_dict(d), prequantized=True),
+    "awq": lambda d: _hf_plan(*hf_formats.awq_plan_parts(d)),
+    "gptq": lambda d: _hf_plan(*hf_formats.gptq_plan_parts(d)),
+}
+"""quantization_config["quant_method"] -> how to build a plan for such a checkpoint."""
+
+
+def plan_from_checkpoint(qcfg: dict[str, Any], where: str = "checkpoint") -> QuantPlan:
+    """The plan for a checkpoint's quantization_config; ModelLoadError if unsupported."""
+    tag = qcfg.get("quant_method")
+    maker = _CHECKPOINT_FORMATS.get(str(tag))
+    if maker is None:
+        raise ModelLoadError(
+            f"{where}: quantization_config quant_method {tag!r} is not supported; "
+            f"supported: {', '.join(_CHECKPOINT_FORMATS)}"
+        )
+    try:
+        return maker(qcfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{where}: bad quantization_config: {e}") from e
+
+
+def resolve_quantization(
+    quantization: str | None,
+    group_size: int,
+    checkpoint_config: dict[str, Any] | None,
+    device: torch.device,
+    where: str = "checkpoint",
+) -> QuantPlan | None:
+    """The plan for the user's option and the checkpoint, or None for a dense model.
+
+    quantization None (or 'none' for a float checkpoint) keeps a float checkpoint dense and
+    a quantized one as it is; a method name quantizes a float checkpoint at load. Asking
+    for a different method than a quantized checkpoint has is a ValueError.
+    """
+    if checkpoint_config is not None:
+        plan = plan_from_checkpoint(checkpoint_config, where)
+        if quantization is not None and quantization != plan.config.name:
+            raise ValueError(
+                f"{where} is already quantized ({plan.config.name}); quantization={quantization!r} "
+                f"cannot apply: leave it unset or pass {plan.config.name!r}"
+            )
+    elif quantization in (None, "none"):
+        return None
+    else:
+        plan = QuantPlan(make_config(quantization, group_size), prequantized=False)
+    check_device_support(plan.config, device)
+    return plan

@@ -1,0 +1,90 @@
+"""`turbollm quantize` and `turbollm eval` from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from turbollm.cli import main
+
+
+def test_quantize_bad_bits_exit_2(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert main(["quantize", "tiny-llama", "--method", "rtn", "--bits", "3", "--out", str(tmp_path)]) == 2
+    assert "--bits 3 is not supported by --method rtn; use 4 or 8" in capsys.readouterr().err
+
+
+def test_calibrated_methods_need_their_module(capsys: pytest.CaptureFixture[str], tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    if importlib.util.find_spec("turbollm.compress.awq") is not None:
+        pytest.skip("compress.awq is present")
+    path, _ = tiny_checkpoint("tiny-llama")
+    assert main(["quantize", path, "--method", "awq", "--bits", "4", "--group-size", "32",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--method awq is not available" in capsys.readouterr().err
+
+
+def test_quantize_then_generate(tiny_checkpoint, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    path, _ = tiny_checkpoint("tiny-llama")
+    out = tmp_path / "q"
+    assert main(["quantize", path, "--method", "rtn", "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["quantization_config"] == {"quant_method": "turbollm", "method": "int4", "bits": 4,
+                                          "group_size": 32, "act_order": False, "calibration": "rtn"}
+    from turbollm.engine.llm import LLM
+    from turbollm.sampling_params import SamplingParams
+
+    llm = LLM(str(out), device="cpu")
+    outs = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True),
+                        use_tqdm=False)
+    assert len(outs[0].outputs[0].token_ids) == 5
+
+
+@pytest.mark.slow
+def test_eval_ppl_prints_baseline_beside_quantized(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "r.json"
+    assert main(["eval", "ppl", "--quantization", "int8", "--window", "48", "--max-windows", "1",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "[none]: perplexity" in text and "[int8]: perplexity" in text and "baseline" in text
+    rep = json.load(open(out))
+    assert rep["protocol"]["window"] == 48 and rep["protocol"]["tokens_scored"] == 47
+    assert rep["quantized"][0]["quantization"] == "int8"
+    assert rep["quantized"][0]["delta_pct"] == pytest.approx(
+        100 * (rep["quantized"][0]["perplexity"] / rep["baseline"]["perplexity"] - 1))
+
+
+def test_install_calibrated_grids_round_trip_and_check_group_size(tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """What compress.awq / gptq return ({name: q, scales, zeros[, perm]}) becomes int4 layers
+    with W_hat unchanged; a grid of another group size is refused by name."""
+    import torch
+
+    from turbollm.compress.quantize import install_calibrated
+    from turbollm.layers.linear import QuantizableLinear
+    from turbollm.models.build import build_model
+    from turbollm.models.loader import resolve_model
+    from turbollm.quant import grids
+    from turbollm.quant.methods import Int4Config
+
+    def dense():  # type: ignore[no-untyped-def]
+        return build_model(resolve_model(tiny_checkpoint("tiny-llama")[0]), torch.device("cpu"),
+                           torch.float32, prepack_cpu=False)
+
+    model = dense()
+    results, w_hats = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizableLinear):
+            k = m.weight.shape[1]
+            perm = torch.randperm(k)  # act-order: q's columns in perm order
+            q, s, z = grids.quantize_int4(m.weight[:, perm], 32)
+            w_hats[name] = torch.empty_like(m.weight)
+            w_hats[name][:, perm] = grids.dequantize_int4(q, s, z, 32)
+            m.weight.data.copy_(w_hats[name])  # the calibrators leave W_hat in place
+            results[name] = {"q": q, "scales": s, "zeros": z, "perm": perm}
+    assert install_calibrated(model, Int4Config(32, act_order=True), results) == len(w_hats)
+    for name, m in model.named_modules():
+        if name in w_hats:
+            assert torch.equal(m.quant_method.dense_weight(m), w_hats[name])
+    with pytest.raises(ValueError, match="groups over 64 input columns, not group size 64"):
+        install_calibrated(dense(), Int4Config(64), results)
