@@ -79,7 +79,10 @@ def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int
     runs = [_median_run(v) for v in samples.values()]
     report = _report(args, info, device, dtype, prompts, runs[0], runs[1:])
     report["quantization"] = quant_label(engine_opts)
+    report["kv_capacity_tokens"] = eng.kv_capacity_tokens
+    report["kv_cache_dtype"] = eng.config.cache.kv_cache_dtype
     _print_table(report)
+    print(f"KV cache: {eng.kv_capacity_tokens} tokens ({eng.config.cache.kv_cache_dtype})")
     if args.output_json:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
         with open(args.output_json, "w", encoding="utf-8") as fh:

@@ -79,11 +79,16 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
           f"({res.num_tokens} tokens, {res.num_windows} x {res.window}-token windows)", flush=True)
     del base
     payload["quantized"] = []
+    if args.kv_cache_dtype != "auto":  # the float model with a compressed KV cache
+        variants = [*variants, ("kv", 0)]
     for method, group in variants:
         gc.collect()
         t0 = time.perf_counter()
         try:
-            q = load_eval_model(name, method, group_size=group, **opts)
+            if method == "kv":
+                q = load_eval_model(name, None, kv_cache_dtype=args.kv_cache_dtype, **opts)
+            else:
+                q = load_eval_model(name, method, group_size=group, **opts)
         except ValueError as e:  # e.g. a group size that does not divide a layer's width
             label = f"{method} g{group}" if method == "int4" else method
             payload["quantized"].append({"quantization": label, "error": str(e)})
@@ -109,7 +114,8 @@ def run_eval_compare(args: argparse.Namespace) -> int:
     method, group = variants[0] if variants else (None, 128)
     opts = {"device": args.device, "dtype": args.dtype}
     a = load_eval_model(_model_name(args.model_a), None, **opts)
-    b = load_eval_model(_model_name(args.model_b), method, group_size=group, **opts)
+    b = load_eval_model(_model_name(args.model_b), method, group_size=group,
+                        kv_cache_dtype=args.kv_cache_dtype, **opts)
     windows = _windows(args, a)
     res = compare(a, b, windows)
     print(f"A = {a.name} [{a.quantization}], B = {b.name} [{b.quantization}]")

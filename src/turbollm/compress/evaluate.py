@@ -47,6 +47,8 @@ class EvalModel:
     """'none' or the method (e.g. 'int4 g128')."""
     device: torch.device
     dtype: torch.dtype
+    kv_dtype: torch.dtype | None = None
+    """The KV cache's dtype when it differs from the model's (FP8 cache); None: the model's."""
 
     @property
     def context_length(self) -> int:
@@ -56,6 +58,7 @@ class EvalModel:
 def load_eval_model(
     model: str | None, quantization: str | None = None, group_size: int = 128, device: str = "auto",
     dtype: str = "auto", load_format: str = "auto", tokenizer: str | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> EvalModel:
     """Build a model as the engine would (optionally quantized at load) for evaluation."""
     source = resolve_model(model, load_format)
@@ -67,7 +70,12 @@ def load_eval_model(
         raise ValueError(f"{model}: evaluation needs a tokenizer; pass one with --tokenizer")
     built = build_model(source, dev, dt, quantization=plan)
     label = plan.describe() if plan is not None else "none"
-    return EvalModel(built, tok, model or "embedded SmolLM2-135M-Instruct", label, dev, dt)
+    kv = None
+    if kv_cache_dtype == "fp8":
+        kv, label = torch.float8_e4m3fn, ("" if label == "none" else label + " + ") + "fp8 KV cache"
+    elif kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype must be auto or fp8, got {kv_cache_dtype!r}")
+    return EvalModel(built, tok, model or "embedded SmolLM2-135M-Instruct", label, dev, dt, kv)
 
 
 def default_window(context_length: int) -> int:
@@ -90,13 +98,14 @@ def make_windows(tokenizer: Any, text: str, window: int, max_windows: int | None
 
 
 @torch.inference_mode()
-def window_hidden(model: nn.Module, ids: list[int]) -> torch.Tensor:
-    """Final hidden states [L, hidden] of one sequence prefilled from position 0."""
+def window_hidden(model: nn.Module, ids: list[int], kv_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Final hidden states [L, hidden] of one sequence prefilled from position 0 (attention
+    reads the keys and values back from a cache of `kv_dtype`, default the model's dtype)."""
     dev = next(model.parameters()).device
     arch = model.arch  # type: ignore[union-attr]
     n = len(ids)
     nblocks = -(-n // _BLOCK)
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    dtype = kv_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
     caches = [torch.zeros(2, nblocks, _BLOCK, arch.num_key_value_heads, arch.head_dim, dtype=dtype, device=dev)
               for _ in range(arch.num_hidden_layers)]
     meta = AttentionMetadata(
@@ -131,7 +140,7 @@ def perplexity(em: EvalModel, windows: list[list[int]]) -> PerplexityResult:
     """Perplexity of one model over the windows (see the module docstring)."""
     total, count = 0.0, 0
     for ids in windows:
-        hidden = window_hidden(em.model, ids)
+        hidden = window_hidden(em.model, ids, em.kv_dtype)
         targets = torch.tensor(ids[1:], device=hidden.device)  # [L - 1]
         for r in range(0, len(ids) - 1, _ROW_CHUNK):
             lp = _logprobs(em.model, hidden[r : r + _ROW_CHUNK][: len(ids) - 1 - r])  # [rows, vocab]
@@ -158,7 +167,7 @@ def compare(a: EvalModel, b: EvalModel, windows: list[list[int]]) -> CompareResu
     """Top-1 agreement and mean KL(P_a || P_b) of next-token distributions, and both perplexities."""
     agree, kl, nll_a, nll_b, count = 0, 0.0, 0.0, 0.0, 0
     for ids in windows:
-        ha, hb = window_hidden(a.model, ids), window_hidden(b.model, ids)
+        ha, hb = window_hidden(a.model, ids, a.kv_dtype), window_hidden(b.model, ids, b.kv_dtype)
         hb = hb.to(ha.device)
         targets = torch.tensor(ids[1:], device=ha.device)  # [L - 1]
         for r in range(0, len(ids) - 1, _ROW_CHUNK):

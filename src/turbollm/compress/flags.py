@@ -18,6 +18,8 @@ def add_eval_args(p: argparse.ArgumentParser, pair: bool) -> None:
     p.add_argument("--quantization", default=None, help=f"none | int8 | int4 | fp8: quantize at load{which}")
     p.add_argument("--group-size", default="128",
                    help="int4 group size: 32, 64 or 128" + ("" if pair else "; comma-separated: one run each"))
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto | fp8: also evaluate (ppl) / give model B (compare) an FP8 (e4m3) KV cache")
     p.add_argument("--corpus", default="shakespeare",
                    help="shakespeare (held-out part), shakespeare-calib, or a .txt file")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
