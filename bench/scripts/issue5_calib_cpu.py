@@ -66,8 +66,11 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--heldout", type=int, default=24)
     ap.add_argument("--methods", default="fp32,rtn128,awq128,gptq128,rtn64,awq64,gptq64,gptq128ao")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: the shared 2-core machine is oversubscribed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     source = resolve_model(None)
     tok = source.load_tokenizer()
@@ -97,7 +100,8 @@ def main() -> None:
                 "what": "held-out Shakespeare perplexity, embedded SmolLM2-135M, int4 decoder linears",
                 "date": time.strftime("%Y-%m-%d"), "machine": f"CPU ({platform.processor() or 'x86_64'}), 2 cores",
                 "command": "PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py "
-                           f"--calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout}",
+                           f"--calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout} "
+                           f"--methods {args.methods} --threads {args.threads}",
                 "calibration_files": [os.path.basename(p) for p in corpus_files("calibration")],
                 "heldout_files": [os.path.basename(p) for p in corpus_files("heldout")],
                 "calibration_windows": args.calib, "calibration_window_tokens": args.calib_len,

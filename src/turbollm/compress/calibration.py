@@ -125,16 +125,26 @@ def find_linears(module: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextmanager
-def collect_stats(linears: dict[str, nn.Module]) -> Iterator[dict[str, LinearStats]]:
-    """Within the block, every forward of these linears adds its input to their stats."""
+def collect_stats(
+    linears: dict[str, nn.Module], after: Callable[[str], None] | None = None
+) -> Iterator[dict[str, LinearStats]]:
+    """Within the block, every forward of these linears adds its input to their stats
+    (then calls `after(name)`, which may raise to cut the forward short)."""
     stats: dict[str, LinearStats] = {}
     handles = []
+
+    def hook(name: str, st: LinearStats, x: torch.Tensor) -> None:
+        st.add(x)
+        if after is not None:
+            after(name)
+
     for name, mod in linears.items():
         k = mod.weight.shape[1]
         dev = mod.weight.device
         st = LinearStats(torch.zeros(k, device=dev), torch.zeros(k, k, device=dev))
         stats[name] = st
-        handles.append(mod.register_forward_pre_hook(lambda _m, args, st=st: st.add(args[0])))
+        handles.append(mod.register_forward_pre_hook(
+            lambda _m, args, name=name, st=st: hook(name, st, args[0])))
     try:
         yield stats
     finally:
@@ -224,12 +234,31 @@ class LayerwiseRunner:
             if update:
                 self.states[j] = out
 
+    @torch.no_grad()  # not inference_mode: the stats must stay ordinary tensors
     def layer_stats(self, i: int, names: Sequence[str] | None = None) -> dict[str, LinearStats]:
         """Input stats of layer i's linears (all, or those named relative to the layer) from
-        one pass over the windows at the current boundary; the states do not move."""
-        linears = find_linears(self.inner.layers[i])
+        one pass over the windows at the current boundary; the states do not move. Each
+        window's forward stops once every named linear has seen its input."""
+        layer = self.inner.layers[i]
+        linears = find_linears(layer)
         if names is not None:
             linears = {n: linears[n] for n in names}
-        with collect_stats(linears) as stats:
-            self.run_layer(i, update=False)
+        seen: set[str] = set()
+
+        def after(name: str) -> None:
+            seen.add(name)
+            if len(seen) == len(linears):
+                raise _StopLayer
+
+        with collect_stats(linears, after) as stats:
+            for j, (x, res) in enumerate(self.states):
+                seen.clear()
+                try:
+                    layer(self.rope[j], x, res, self.cache, self.meta[j])
+                except _StopLayer:
+                    pass
         return stats
+
+
+class _StopLayer(Exception):
+    """Raised by a statistics hook once a window's forward has nothing left to show."""
