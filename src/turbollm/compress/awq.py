@@ -19,7 +19,7 @@ Scaled groups per decoder layer (like AutoAWQ for Llama), names relative to the 
 The row-folded groups go first so the qkv / gate_up searches see their final rows. As in
 AutoAWQ, q and k rows are never clipped (their output error is not the attention error).
 Layers are processed in order; layer i's statistics come from the outputs of layers
-0..i-1 already quantized, as in GPTQ.
+0..i-1 already quantized, as in GPTQ (AutoAWQ propagates the float outputs instead).
 """
 
 from __future__ import annotations
