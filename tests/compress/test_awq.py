@@ -25,12 +25,12 @@ def _out_mse(w: torch.Tensor, w_hat: torch.Tensor, x: torch.Tensor) -> float:
     return ((x @ (w_hat - w).T) ** 2).mean().item()
 
 
-@pytest.mark.parametrize("group_size", [64, 128])
-def test_awq_beats_rtn_on_heldout_activations(group_size: int) -> None:
+@pytest.mark.parametrize("group_size,duo", [(64, False), (128, False), (128, True)])
+def test_awq_beats_rtn_on_heldout_activations(group_size: int, duo: bool) -> None:
     n, k = 96, 256
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05
     calib, held = correlated_inputs(k, 2048, seed=1), correlated_inputs(k, 1024, seed=2)
-    cfg = AWQConfig(group_size=group_size)
+    cfg = AWQConfig(group_size=group_size, duo_scaling=duo)
     st = _stats(calib)
     s, alpha = search_scale(w, st, cfg, group_size)
     assert alpha > 0, "salient channels exist, so some scaling must help"
