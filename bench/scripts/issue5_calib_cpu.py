@@ -1,0 +1,116 @@
+"""Issue 5, calibration methods on CPU: held-out Shakespeare perplexity of the embedded
+SmolLM2-135M (fp32 = GGUF weights dequantized) with its decoder linears int4-quantized by
+RTN, AWQ and GPTQ (compress/awq.py, compress/gptq.py), each method on a fresh model.
+
+    PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py --calib 32 --heldout 24 \
+        --out bench/results/issue5_calib_cpu.json
+
+Protocol (BENCHMARKS.md "ppl"): held-out files (calibration.corpus_files("heldout"), i.e.
+the 7 files with sorted index i % 6 == 5) joined, tokenized, cut into non-overlapping
+2048-token windows; the first --heldout windows are scored (token-level NLL, 2047
+predictions each). Calibration: --calib windows of 512 tokens evenly spaced over the other 35 files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+
+import torch
+
+from turbollm.compress import _int4
+from turbollm.compress.awq import awq_quantize_model
+from turbollm.compress.calibration import (
+    calibration_windows, corpus_files, corpus_tokens, find_linears, forward_window,
+    set_linear_weight,
+)
+from turbollm.compress.gptq import gptq_quantize_model
+from turbollm.distributed.parallel import SINGLE
+from turbollm.models.loader import resolve_model
+from turbollm.models.registry import get_model_class
+
+
+def build(source):  # type: ignore[no-untyped-def]
+    model = get_model_class(source.arch.architecture)(source.arch, SINGLE)
+    model.load_weights(source.iter_weights())
+    return model.eval()
+
+
+@torch.inference_mode()
+def perplexity(model, windows: list[torch.Tensor]) -> float:  # type: ignore[no-untyped-def]
+    nll, count = 0.0, 0
+    for ids in windows:
+        hidden = forward_window(model, ids)[:-1]  # [T - 1, hidden]
+        for r in range(0, hidden.shape[0], 512):
+            logits = model.compute_logits(hidden[r:r + 512]).float()
+            nll += torch.nn.functional.cross_entropy(
+                logits, ids[1 + r:1 + r + logits.shape[0]], reduction="sum").item()
+            count += logits.shape[0]
+    return math.exp(nll / count)
+
+
+def rtn_model(model, group_size: int) -> None:  # type: ignore[no-untyped-def]
+    with torch.no_grad():
+        for name, lin in find_linears(model.model.layers).items():
+            gs = _int4.group_size_for(lin.weight.shape[1], group_size, name)
+            set_linear_weight(lin, _int4.rtn(lin.weight, gs).dequantize())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--heldout", type=int, default=24)
+    ap.add_argument("--methods", default="fp32,rtn128,awq128,gptq128,rtn64,awq64,gptq64,gptq128ao")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: the shared 2-core machine is oversubscribed)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    source = resolve_model(None)
+    tok = source.load_tokenizer()
+    held = corpus_tokens(tok, "heldout")
+    windows = [held[i * 2048:(i + 1) * 2048] for i in range(args.heldout)]
+    calib = calibration_windows(tok, args.calib, args.calib_len)
+    results: dict[str, dict[str, float]] = {}
+    for m in args.methods.split(","):
+        model = build(source)
+        t0 = time.time()
+        g = int("".join(c for c in m if c.isdigit()) or 0)
+        if m.startswith("rtn"):
+            rtn_model(model, g)
+        elif m.startswith("awq"):
+            awq_quantize_model(model, calib, group_size=g)
+        elif m.startswith("gptq"):
+            gptq_quantize_model(model, calib, group_size=g, act_order=m.endswith("ao"))
+        tq = time.time() - t0
+        ppl = perplexity(model, windows)
+        results[m] = {"ppl": ppl, "quantize_s": round(tq, 1)}
+        base = results.get("fp32", {}).get("ppl")
+        rel = f" ({100 * (ppl / base - 1):+.2f}% vs fp32)" if base else ""
+        print(f"{m:12s} ppl {ppl:.4f}{rel}  quantize {tq:.1f}s", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({
+                "what": "held-out Shakespeare perplexity, embedded SmolLM2-135M, int4 decoder linears",
+                "date": time.strftime("%Y-%m-%d"), "machine": f"CPU ({platform.processor() or 'x86_64'}), 2 cores",
+                "command": "PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py "
+                           f"--calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout} "
+                           f"--methods {args.methods} --threads {args.threads}",
+                "calibration_files": [os.path.basename(p) for p in corpus_files("calibration")],
+                "heldout_files": [os.path.basename(p) for p in corpus_files("heldout")],
+                "calibration_windows": args.calib, "calibration_window_tokens": args.calib_len,
+                "heldout_windows": args.heldout, "heldout_window_tokens": 2048,
+                "group_size_policy": "K=576 linears (qkv, o, gate_up) fall back to g64 at g128 "
+                                     "(576 % 128 != 0); down_proj (K=1536) uses g128",
+                "results": results,
+            }, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""AWQ: activation-aware weight quantization (Lin et al. 2023), offline, on CPU or GPU.
+
+Input channels that carry large activations matter most. For each group of linears that
+share an input, AWQ searches a per-input-channel scale s = mean|x|^alpha (alpha on a grid in
+[0, 1), normalized so sqrt(max s * min s) = 1) that minimizes the output error of the
+quantized layer on calibration activations, multiplies W's columns by s and divides the
+producer of x by s (an exact rewrite in float), then optionally shrinks each group's clip
+range, then rounds on the contract's int4 grid (compress/_int4.py).
+
+The output error of a weight error D [N, K] on inputs X is ||X D^T||^2 = tr(D X^T X D^T), so
+both searches use the Hessian H = 2 X^T X / n from calibration.py instead of the raw
+activations: exact, and independent of the number of calibration tokens.
+
+Scaled groups per decoder layer (like AutoAWQ for Llama), names relative to the layer:
+  self_attn.o_proj     <- v rows of self_attn.qkv_proj  (only without GQA: shapes must match)
+  mlp.down_proj        <- up rows of mlp.gate_up_proj
+  self_attn.qkv_proj   <- input_layernorm
+  mlp.gate_up_proj     <- post_attention_layernorm
+The row-folded groups go first so the qkv / gate_up searches see their final rows. As in
+AutoAWQ, q and k rows are never clipped (their output error is not the attention error).
+Layers are processed in order; layer i's statistics come from the outputs of layers
+0..i-1 already quantized, as in GPTQ (AutoAWQ propagates the float outputs instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from turbollm.compress import _int4
+from turbollm.compress._int4 import Int4Weight, QuantizedModel
+from turbollm.compress.calibration import LayerwiseRunner, LinearStats, set_linear_weight
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """Options of the AWQ search (defaults follow AutoAWQ)."""
+
+    bits: int = 4
+    """Bits per weight code (the contract's int4 grid: 4)."""
+    group_size: int = 128
+    """Input columns per scale / zero group (32, 64 or 128; see _int4.group_size_for)."""
+    n_grid: int = 20
+    """alpha takes the values 0, 1/n_grid, ..., (n_grid - 1)/n_grid; alpha = 0 is plain RTN."""
+    duo_scaling: bool = False
+    """s = mean|x|^alpha / mean|w|^(1 - alpha) (AutoAWQ's default) instead of mean|x|^alpha."""
+    clip: bool = True
+    """Search a shrink ratio of each group's clip range after scaling."""
+    clip_grid: int = 20
+    """Shrink ratios 1 - i / clip_grid for i while the ratio stays above 1 - max_shrink."""
+    max_shrink: float = 0.5
+    """Largest fraction of the clip range the search may cut away."""
+
+
+def output_error(d: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """tr(D H D^T): with H = 2 X^T X / n, twice the summed mean-squared output error of D."""
+    return (d @ hessian * d).sum()
+
+
+def search_scale(
+    w: torch.Tensor, stats: LinearStats, cfg: AWQConfig, group_size: int
+) -> tuple[torch.Tensor, float]:
+    """Best input-channel scale s [K] for W [N, K] on inputs with `stats`, and its alpha."""
+    x_mean = stats.mean_abs  # [K]
+    h = stats.hessian  # [K, K]
+    w_mean = None
+    if cfg.duo_scaling:
+        wg = w.abs().reshape(w.shape[0], -1, group_size)
+        w_mean = (wg / wg.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(w.shape).mean(0)  # [K]
+    best_err, best_s, best_a = float("inf"), torch.ones_like(x_mean), 0.0
+    for i in range(cfg.n_grid):
+        a = i / cfg.n_grid
+        s = x_mean.pow(a)
+        if w_mean is not None:
+            s = s / w_mean.pow(1 - a).clamp(min=1e-4)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        lo, hi = _int4.minmax_range(w * s, group_size)
+        d = _int4.fake_quantize(w * s, lo, hi, group_size, cfg.bits) / s - w  # [N, K]
+        err = output_error(d, h).item()
+        if err < best_err:
+            best_err, best_s, best_a = err, s, a
+    return best_s, best_a
+
+
+def search_clip(
+    w: torch.Tensor, hessian: torch.Tensor, cfg: AWQConfig, group_size: int,
+    frozen_rows: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clip range [lo, hi] (each [N, K // G]) minimizing each group's output error.
+
+    Group g of row n contributes err = d^T H_gg d, d its weight error and H_gg the diagonal
+    block of H for its columns. Rows below `frozen_rows` keep the full min/max range.
+    """
+    n, k = w.shape
+    ng = k // group_size
+    lo0, hi0 = _int4.minmax_range(w, group_size)  # [N, ng]
+    blocks = torch.stack([hessian[j * group_size:(j + 1) * group_size,
+                                  j * group_size:(j + 1) * group_size] for j in range(ng)])  # [ng, G, G]
+    best_err = torch.full((n, ng), float("inf"), device=w.device)
+    best_r = torch.ones(n, ng, device=w.device)
+    i = 0
+    while (r := 1 - i / cfg.clip_grid) > 1 - cfg.max_shrink:
+        d = (_int4.fake_quantize(w, lo0 * r, hi0 * r, group_size, cfg.bits) - w)
+        d = d.reshape(n, ng, group_size).transpose(0, 1)  # [ng, N, G]
+        err = (torch.bmm(d, blocks) * d).sum(-1).t()  # [N, ng]
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        i += 1
+    best_r[:frozen_rows] = 1.0
+    return lo0 * best_r, hi0 * best_r
+
+
+@dataclass
+class _Group:
+    linear: str  # the scaled linear, relative to the decoder layer
+    norm: str | None = None  # RMSNorm that produces its input
+    rows_of: str | None = None  # or: the linear whose rows [start, stop) produce it
+    start: int = 0
+    stop: int = 0
+
+
+def _scale_groups(layer: nn.Module) -> list[_Group]:
+    attn = layer.self_attn
+    groups = []
+    if attn.num_heads == attn.num_kv_heads:  # o_proj's input columns are v's rows one to one
+        v0 = attn.q_size + attn.kv_size
+        groups.append(_Group("self_attn.o_proj", rows_of="self_attn.qkv_proj", start=v0,
+                             stop=v0 + attn.kv_size))
+    i = layer.mlp.gate_up_proj.local_sizes[0]
+    groups.append(_Group("mlp.down_proj", rows_of="mlp.gate_up_proj", start=i, stop=2 * i))
+    groups.append(_Group("self_attn.qkv_proj", norm="input_layernorm"))
+    groups.append(_Group("mlp.gate_up_proj", norm="post_attention_layernorm"))
+    return groups
+
+
+@torch.no_grad()
+def _fold(layer: nn.Module, g: _Group, s: torch.Tensor, changed: set[str]) -> None:
+    """W[:, c] *= s[c] on the linear; divide its input's producer by s (exact in float)."""
+    lin = layer.get_submodule(g.linear)
+    set_linear_weight(lin, lin.weight.float() * s)
+    if g.norm is not None:
+        norm = layer.get_submodule(g.norm)
+        norm.weight.data.copy_((norm.weight.float() / s).to(norm.weight.dtype))
+        changed.add(f"{g.norm}.weight")
+        return
+    src = layer.get_submodule(g.rows_of)
+    w = src.weight.float().clone()
+    w[g.start:g.stop] /= s[:, None]
+    set_linear_weight(src, w)
+    if src.bias is not None:
+        src.bias.data[g.start:g.stop] /= s.to(src.bias.dtype)
+        changed.add(f"{g.rows_of}.bias")
+
+
+def _frozen_rows(layer: nn.Module, name: str) -> int:
+    """q and k rows of the merged qkv_proj are not clipped (AutoAWQ's avoid_clipping)."""
+    attn = layer.self_attn
+    return attn.q_size + attn.kv_size if name == "self_attn.qkv_proj" else 0
+
+
+def awq_quantize_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQConfig) -> tuple[
+        dict[str, Int4Weight], set[str]]:
+    """Scale, clip and quantize one decoder layer in place (its linears become W_hat).
+
+    Returns the codes of its linears (module names relative to the layer) and the
+    relative names of float parameters the folding changed.
+    """
+    changed: set[str] = set()
+    for g in _scale_groups(layer):
+        lin = layer.get_submodule(g.linear)
+        gs = _int4.group_size_for(lin.weight.shape[1], cfg.group_size, g.linear)
+        s, _ = search_scale(lin.weight.float(), stats[g.linear], cfg, gs)
+        _fold(layer, g, s, changed)
+        stats[g.linear].scale_inputs(s)  # the linear now sees x / s
+    out: dict[str, Int4Weight] = {}
+    for name, st in stats.items():
+        lin = layer.get_submodule(name)
+        w = lin.weight.float()
+        gs = _int4.group_size_for(w.shape[1], cfg.group_size, name)
+        if cfg.clip:
+            lo, hi = search_clip(w, st.hessian, cfg, gs, _frozen_rows(layer, name))
+        else:
+            lo, hi = _int4.minmax_range(w, gs)
+        qw = _int4.quantize_range(w, lo, hi, gs, cfg.bits)
+        set_linear_weight(lin, qw.dequantize())
+        out[name] = qw
+    return out, changed
+
+
+def awq_quantize_model(
+    model: nn.Module, calib_windows: Sequence[torch.Tensor], bits: int = 4,
+    group_size: int = 128, config: AWQConfig | None = None,
+) -> QuantizedModel:
+    """AWQ-quantize every decoder linear of a turbollm Llama-family model, in place.
+
+    calib_windows: token ids, each a [T] tensor or a list of ints (e.g.
+    calibration.calibration_windows). Afterwards the model's linear weights hold W_hat
+    (it can be evaluated as is) and its RMSNorm weights / biases the folded values.
+    Returns {module name: {"q", "scales", "zeros"}} for every decoder linear, with the
+    changed float parameters in `.float_params` (see _int4.QuantizedModel). Embeddings
+    and the LM head stay in float. `config` overrides bits / group_size.
+    """
+    cfg = config or AWQConfig(bits=bits, group_size=group_size)
+    _int4.check_bits(cfg.bits, cfg.group_size)
+    runner = LayerwiseRunner(model, calib_windows)
+    result = QuantizedModel()
+    for i in range(runner.num_layers):
+        layer = runner.inner.layers[i]
+        codes, changed = awq_quantize_layer(layer, runner.layer_stats(i), cfg)
+        prefix = f"model.layers.{i}."
+        result.update({prefix + n: {k: t.cpu() for k, t in q.as_dict().items()} for n, q in codes.items()})
+        params = dict(layer.named_parameters())
+        result.float_params.update({prefix + n: params[n].detach().float().cpu().clone()
+                                    for n in sorted(changed)})
+        runner.run_layer(i, update=True)  # the next layer sees this layer's quantized outputs
+    return result

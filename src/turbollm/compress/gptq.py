@@ -1,0 +1,147 @@
+"""GPTQ: Hessian-based int4 quantization with error compensation (Frantar et al. 2022).
+
+Offline, on CPU or GPU, float32. For a linear with inputs X and H = 2 X^T X / n, GPTQ
+quantizes W's columns one at a time and spreads each column's rounding error over the
+columns not yet quantized, weighted by the Cholesky factor of H^-1 (damped by
+`damp` * mean diag H), in blocks of 128 columns with lazy updates. Group scale / zero are
+computed when a group starts, from the error-updated columns. With act-order, columns are
+processed by decreasing diag(H); the codes are returned in that permuted order with `perm`,
+so groups stay contiguous and the runtime computes x[:, perm] @ W_stored^T (contract).
+
+Layers are quantized in order from activations of the already-quantized earlier layers.
+With `true_sequential`, inside a layer qkv_proj, o_proj, gate_up_proj and down_proj are
+also quantized one after another, each from inputs produced by the quantized ones before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from turbollm.compress import _int4
+from turbollm.compress._int4 import Int4Weight, QuantizedModel
+from turbollm.compress.calibration import LayerwiseRunner, set_linear_weight
+
+SEQUENTIAL_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
+                     ("mlp.down_proj",))
+"""Order of a layer's linears under true_sequential (each group from the one before)."""
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Options of GPTQ (defaults follow the reference implementation)."""
+
+    bits: int = 4
+    """Bits per weight code (the contract's int4 grid: 4)."""
+    group_size: int = 128
+    """Input columns per scale / zero group (32, 64 or 128; see _int4.group_size_for)."""
+    act_order: bool = False
+    """Quantize columns by decreasing diag(H); the result carries the permutation."""
+    damp: float = 0.01
+    """Dampening added to diag(H), as a fraction of its mean."""
+    block_size: int = 128
+    """Columns per lazy-update block (a multiple of the group size)."""
+    true_sequential: bool = True
+    """Re-collect inputs after each of a layer's linears is quantized."""
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 [K, K]."""
+    h = h.clone()
+    k = h.shape[0]
+    h.diagonal().add_(damp * h.diagonal().mean())
+    for extra in (0.0, 1e-6, 1e-4, 1e-2):  # rare: H numerically indefinite; damp harder
+        try:
+            if extra:
+                h.diagonal().add_(extra * h.diagonal().mean())
+            lower = torch.linalg.cholesky(h)
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError(f"the {k}x{k} Hessian is not positive definite even when damped")
+
+
+@torch.no_grad()
+def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig,
+                         group_size: int) -> Int4Weight:
+    """GPTQ codes of W [N, K] (any float dtype) for inputs with Hessian H [K, K]."""
+    w = w.float().clone()  # [N, K]
+    h = hessian.float().clone()  # [K, K]
+    n, k = w.shape
+    dead = h.diagonal() == 0  # channels never active: any value works, zero them
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(h.diagonal(), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_hessian_factor(h, cfg.damp)  # [K, K] upper
+    maxq = 2**cfg.bits - 1
+    ng = k // group_size
+    q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    scales = torch.zeros(n, ng, device=w.device)
+    zeros = torch.zeros(n, ng, device=w.device)
+    bs = max(group_size, cfg.block_size // group_size * group_size)
+    for b0 in range(0, k, bs):
+        b1 = min(b0 + bs, k)
+        w1 = w[:, b0:b1].clone()  # [N, B], updated with this block's errors as it goes
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % group_size == 0:  # groups lie inside blocks (bs is a multiple of G)
+                gi = col // group_size
+                lo, hi = _int4.minmax_range(w1[:, i:i + group_size], group_size)
+                s, z = _int4.scale_zero(lo[:, 0], hi[:, 0], cfg.bits)
+                scales[:, gi], zeros[:, gi] = s, z
+            wc = w1[:, i]
+            qc = (torch.round(wc / s) + z).clamp(0, maxq)
+            q[:, col] = qc.to(torch.uint8)
+            e = (wc - (qc - z) * s) / hinv1[i, i]  # [N]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    return Int4Weight(q, scales, zeros, group_size, perm)
+
+
+@torch.no_grad()
+def _quantize_linears(layer: nn.Module, stats: dict, cfg: GPTQConfig) -> dict[str, Int4Weight]:
+    out = {}
+    for name, st in stats.items():
+        lin = layer.get_submodule(name)
+        gs = _int4.group_size_for(lin.weight.shape[1], cfg.group_size, name)
+        qw = gptq_quantize_weight(lin.weight, st.hessian, cfg, gs)
+        set_linear_weight(lin, qw.dequantize())
+        out[name] = qw
+    return out
+
+
+def gptq_quantize_model(
+    model: nn.Module, calib_windows: Sequence[torch.Tensor], bits: int = 4,
+    group_size: int = 128, act_order: bool = False, config: GPTQConfig | None = None,
+) -> QuantizedModel:
+    """GPTQ-quantize every decoder linear of a turbollm Llama-family model, in place.
+
+    calib_windows: token ids, each a [T] tensor or a list of ints (e.g.
+    calibration.calibration_windows). Afterwards the model's linear weights hold W_hat in
+    the original column order (it can be evaluated as is). Returns {module name: {"q",
+    "scales", "zeros"} + "perm" under act-order} for every decoder linear (see
+    _int4.QuantizedModel); float_params stays empty (GPTQ changes no other parameter).
+    Embeddings and the LM head stay in float. `config` overrides bits / group_size / act_order.
+    """
+    cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
+    _int4.check_bits(cfg.bits, cfg.group_size)
+    runner = LayerwiseRunner(model, calib_windows)
+    result = QuantizedModel()
+    order = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
+    for i in range(runner.num_layers):
+        layer = runner.inner.layers[i]
+        for names in order:
+            codes = _quantize_linears(layer, runner.layer_stats(i, names), cfg)
+            result.update({f"model.layers.{i}.{n}": {k: t.cpu() for k, t in q.as_dict().items()}
+                           for n, q in codes.items()})
+        runner.run_layer(i, update=True)
+    return result
