@@ -63,7 +63,8 @@ class LLMEngine:
         self.kv_capacity_tokens = self.num_blocks * config.cache.block_size
         if self.num_blocks < 1:
             raise ValueError("the KV-cache budget holds no block; raise the memory budget")
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks, self.max_model_len,
+                                   config.speculative)
         self._groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, str] = {}
         self._counter = 0

@@ -7,6 +7,7 @@ source once, so the engine can read the model's facts and load its tokenizer.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,4 +71,8 @@ class Executor:
         return num_blocks
 
     def execute(self, plan: StepPlan) -> StepResult:
-        return self.runner.execute(plan)
+        t0 = time.perf_counter()
+        result = self.runner.execute(plan)
+        # Measured step costs drive the adaptive speculation length (core/spec_policy.py).
+        result.step_seconds = result.step_seconds or time.perf_counter() - t0
+        return result

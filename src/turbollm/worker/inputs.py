@@ -71,6 +71,8 @@ class StepInputs:
     """Requests that sample a token this step, in logits_indices order."""
     prompt_logprobs: PromptLogprobsInputs | None = None
     """None unless a scheduled chunk belongs to a request asking for prompt logprobs."""
+    request_order: list[str] | None = None
+    """The scheduled requests in row order (each one's tokens are consecutive rows)."""
 
 
 def build_step_inputs(
@@ -134,4 +136,4 @@ def build_step_inputs(
         prompt_lp = PromptLogprobsInputs(to_dev(pl_rows), to_dev(pl_targets), pl_targets, pl_spans,
                                          max_k=max(sp.k for sp in pl_spans))
     return StepInputs(to_dev(input_ids), to_dev(positions), meta, to_dev(logits_idx), sampling,
-                      prompt_lp)
+                      prompt_lp, order)

@@ -26,6 +26,7 @@ from turbollm.sample.sampler import Sampler, SamplingState, gather_logprobs, unp
 from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs
 from turbollm.worker.cuda_graphs import DecodeGraphs
 from turbollm.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
+from turbollm.worker.spec_decode import SpecDecoder
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,6 +78,8 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: DecodeGraphs | None = None
         self.states: dict[str, RequestState] = {}
+        # Speculative decoding: its steps (plans with num_spec_tokens) run in SpecDecoder.
+        self.spec = SpecDecoder(self, source) if config.speculative.enabled else None
 
     def _build_model(self, source: ModelSource) -> torch.nn.Module:
         cls = get_model_class(self.arch.architecture)
@@ -97,6 +100,8 @@ class ModelRunner:
     def determine_num_blocks(self) -> int:
         """Blocks that fit the memory budget (GPU: after weights and a profiled forward)."""
         per_block = bytes_per_block(self.arch, self.block_size, self.dtype, self.ctx.tp_size)
+        if self.spec is not None:  # the draft's cache shares the target's block ids
+            per_block += self.spec.kv_bytes_per_block()
         if self.device.type != "cuda":
             return num_blocks_for_budget(self.config.cache.cpu_kv_cache_bytes, per_block, self.config.cache)
         torch.cuda.synchronize(self.device)
@@ -144,6 +149,8 @@ class ModelRunner:
         use_graphs = self.device.type == "cuda" and not self.config.model.enforce_eager
         total = num_blocks + 1 if use_graphs else num_blocks
         self.kv_caches = allocate_kv_caches(self.arch, total, self.block_size, self.dtype, self.device)
+        if self.spec is not None:
+            self.spec.init_kv_cache(total)
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
                                        self.max_model_len, self.block_size, scratch_block=num_blocks)
@@ -182,6 +189,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         """Run the plan's tokens through the model and sample where a request is caught up."""
+        if plan.num_spec_tokens and self.spec is not None:
+            return self.spec.execute(plan)
         self._apply_plan(plan)
         result = StepResult()
         if plan.is_empty:

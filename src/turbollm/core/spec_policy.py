@@ -1,0 +1,192 @@
+"""How many draft tokens each request verifies per step (plain Python, CPU).
+
+Owned by the scheduler. Each step `choose` gets the requests ready to decode and returns K
+per request (0: a plain decode). `observe` learns from every step's result:
+
+- per request, the acceptance rate of its drafts (decayed counts, so it follows a request
+  whose text turns from copying to free writing);
+- per step, measured wall times: the target's step seconds by total scheduled tokens (plain
+  decode steps and speculative steps in separate tables, since on a GPU the former replay
+  CUDA graphs) and the draft's seconds per forward by batch size.
+
+The choice maximizes predicted tokens per second for the whole step. With acceptance rate a
+the k-th draft token of a request is emitted with probability a^k (its marginal gain), so
+for a threshold t every request takes the drafts whose gain is >= t; each threshold gives
+expected tokens / predicted seconds, and the best one wins unless a plain decode step is
+predicted faster. Costs come from measurements only: with no speculative measurement yet the
+policy speculates once to get one, every `refresh_steps` a plain step refreshes the baseline
+at the current batch size, and sizes beyond the largest measured one are extrapolated from
+the last measured slope (so a larger K is tried once and then judged on its real cost).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from turbollm.config import SpeculativeConfig
+
+_DECAY = 0.8
+"""Weight of a request's past drafts per new observation."""
+_PRIOR = (0.5, 1.0)
+"""(accepted, drafted) pseudo-counts: a new request starts at acceptance 0.5."""
+_EMA = 0.3
+"""Weight of a new time measurement in its bucket's average."""
+_THRESHOLDS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+
+
+@dataclass
+class _Acceptance:
+    accepted: float = _PRIOR[0]
+    drafted: float = _PRIOR[1]
+
+    @property
+    def rate(self) -> float:
+        return min(self.accepted / self.drafted, 0.99)
+
+
+class CostTable:
+    """Exponential averages of measured (size, seconds), one per power-of-two size bucket."""
+
+    def __init__(self) -> None:
+        self.points: dict[int, tuple[float, float]] = {}
+        """bucket -> (average size, average seconds)."""
+        self.last_step: dict[int, int] = {}
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return max(0, math.ceil(math.log2(max(n, 1))))
+
+    def observe(self, n: int, seconds: float, step: int) -> None:
+        b = self.bucket(n)
+        old = self.points.get(b)
+        if old is None:
+            self.points[b] = (float(n), seconds)
+        else:
+            self.points[b] = ((1 - _EMA) * old[0] + _EMA * n, (1 - _EMA) * old[1] + _EMA * seconds)
+        self.last_step[b] = step
+
+    def predict(self, n: int) -> float | None:
+        """Seconds for size n, linear between measured points, flat below the smallest;
+        above the largest, the slope of the last two (flat with one point: optimistic, so the
+        policy tries the larger size once and learns its real cost). None: nothing measured."""
+        if not self.points:
+            return None
+        pts = sorted(self.points.values())
+        if n <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if n <= x1:
+                return y0 + (y1 - y0) * (n - x0) / max(x1 - x0, 1e-9)
+        if len(pts) == 1:
+            return pts[0][1]
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        return y1 + max(0.0, (y1 - y0) / max(x1 - x0, 1e-9)) * (n - x1)
+
+
+@dataclass
+class Candidate:
+    """A request ready to decode and the most draft tokens it may take this step."""
+
+    request_id: str
+    max_k: int
+
+
+class SpecPolicy:
+    """Adaptive K (see the module docstring); with adaptive off, every request gets its max."""
+
+    def __init__(self, config: SpeculativeConfig, uses_draft_model: bool, refresh_steps: int = 50) -> None:
+        self.config = config
+        self.uses_draft_model = uses_draft_model
+        self.refresh_steps = refresh_steps
+        self.acceptance: dict[str, _Acceptance] = {}
+        self.plain = CostTable()
+        """Target seconds of decode-only steps without speculation, by batch size."""
+        self.spec = CostTable()
+        """Target seconds of decode-only speculative steps, by tokens verified."""
+        self.draft = CostTable()
+        """Draft seconds per draft forward, by number of speculating requests."""
+        self.step = 0
+
+    # ---- learning ------------------------------------------------------------------------
+    def observe_request(self, request_id: str, drafted: int, accepted: int) -> None:
+        acc = self.acceptance.setdefault(request_id, _Acceptance())
+        if drafted:
+            acc.accepted = _DECAY * acc.accepted + accepted
+            acc.drafted = _DECAY * acc.drafted + drafted
+
+    def observe_step(self, num_reqs: int, num_tokens: int, speculative: bool, max_k: int,
+                     step_seconds: float, draft_seconds: float) -> None:
+        """One decode-only step's measured times (steps with prompt chunks are not fed)."""
+        self.step += 1
+        if step_seconds <= 0:
+            return
+        if not speculative:
+            self.plain.observe(num_reqs, step_seconds, self.step)
+            return
+        self.spec.observe(num_tokens, step_seconds - draft_seconds, self.step)
+        if self.uses_draft_model and max_k > 0:
+            self.draft.observe(num_reqs, draft_seconds / max_k, self.step)
+
+    def forget(self, request_id: str) -> None:
+        self.acceptance.pop(request_id, None)
+
+    def rate(self, request_id: str) -> float:
+        acc = self.acceptance.get(request_id)
+        return (acc or _Acceptance()).rate
+
+    # ---- choosing ------------------------------------------------------------------------
+    def choose(self, cands: list[Candidate]) -> dict[str, int]:
+        """K per candidate request (0: plain decode); see the module docstring."""
+        cands = [c for c in cands if c.max_k > 0]
+        if not cands:
+            return {}
+        if not self.config.speculative_adaptive:
+            return {c.request_id: c.max_k for c in cands}
+        b = len(cands)
+        plain = self.plain.predict(b)
+        bucket = CostTable.bucket(b)
+        if plain is None or self.step - self.plain.last_step.get(bucket, -10**9) >= self.refresh_steps:
+            return {}  # measure (or refresh) the plain-decode cost at this batch size
+        rates = [self.rate(c.request_id) for c in cands]
+        best_ks: list[int] = []
+        best = b / plain
+        for t in _THRESHOLDS:
+            ks = [min(c.max_k, _drafts_above(r, t)) for c, r in zip(cands, rates, strict=True)]
+            total = sum(ks)
+            if total == 0:
+                continue
+            seconds = self._predict_spec(b + total, ks)
+            if seconds is None:
+                return {c.request_id: k for c, k in zip(cands, ks, strict=True)}  # explore
+            tokens = sum(_expected_tokens(r, k) for r, k in zip(rates, ks, strict=True))
+            if tokens / seconds > best:
+                best, best_ks = tokens / seconds, ks
+        return {c.request_id: k for c, k in zip(cands, best_ks, strict=True) if k}
+
+    def _predict_spec(self, num_tokens: int, ks: list[int]) -> float | None:
+        target = self.spec.predict(num_tokens)
+        if target is None:
+            return None
+        if not self.uses_draft_model:
+            return target
+        draft = 0.0
+        for depth in range(1, max(ks) + 1):
+            n = sum(1 for k in ks if k >= depth)
+            per = self.draft.predict(n)
+            if per is None:
+                return None
+            draft += per
+        return target + draft
+
+
+def _drafts_above(rate: float, threshold: float) -> int:
+    """The largest k with rate**k >= threshold (the k-th draft's chance to be emitted)."""
+    if rate <= 0.0 or rate < threshold:
+        return 0
+    return int(math.log(threshold) / math.log(rate) + 1e-9) if rate < 1.0 else 1 << 10
+
+
+def _expected_tokens(rate: float, k: int) -> float:
+    """Tokens a step emits with k drafts at per-draft acceptance `rate` (bonus included)."""
+    return sum(rate**i for i in range(k + 1))
