@@ -27,7 +27,7 @@ from turbollm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from turbollm.core.block_pool import KVCacheManager
 from turbollm.core.plan import CachedRequestData, NewRequestData, StepPlan, StepResult
 from turbollm.core.request import Request, RequestStatus
-from turbollm.core.spec_policy import Candidate, SpecPolicy
+from turbollm.core.spec_policy import Candidate, SpecCounters, SpecPolicy
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,8 @@ class SchedulerStats:
     """Total prompt tokens looked up in the prefix cache at admission."""
     prefix_cache_hits: int
     """Of those, tokens whose KV was reused."""
+    spec: SpecCounters | None = None
+    """Speculative decoding totals (None when it is off)."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -128,6 +130,7 @@ class Scheduler:
             num_free_blocks=self.kv.num_free_blocks,
             prefix_cache_queries=self.kv.prefix_cache_queries,
             prefix_cache_hits=self.kv.prefix_cache_hits,
+            spec=self.spec_policy.counters.copy() if self.spec_policy is not None else None,
         )
 
     # ----------------------------------------------------------------------- scheduling

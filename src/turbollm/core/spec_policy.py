@@ -22,7 +22,7 @@ the last measured slope (so a larger K is tried once and then judged on its real
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from turbollm.config import SpeculativeConfig
 
@@ -85,6 +85,63 @@ class CostTable:
 
 
 @dataclass
+class SpecCounters:
+    """Totals since start over verified request-steps with at least one draft (host side)."""
+
+    num_verified: int = 0
+    """Request-steps that verified >= 1 draft token (one target pass each)."""
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_emitted_tokens: int = 0
+    """Accepted drafts + the one token each verification adds (bonus or resampled)."""
+    drafted_by_position: list[int] = field(default_factory=list)
+    """[i]: request-steps that proposed a draft at position i + 1."""
+    accepted_by_position: list[int] = field(default_factory=list)
+    """[i]: of those, request-steps whose draft i + 1 was accepted."""
+
+    def record(self, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.num_verified += 1
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
+        self.num_emitted_tokens += accepted + 1
+        grow = drafted - len(self.drafted_by_position)
+        if grow > 0:
+            self.drafted_by_position += [0] * grow
+            self.accepted_by_position += [0] * grow
+        for i in range(drafted):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += i < accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / proposed draft tokens."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per target pass of a speculating request (bonus included)."""
+        return self.num_emitted_tokens / self.num_verified if self.num_verified else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+
+    def copy(self) -> SpecCounters:
+        return SpecCounters(self.num_verified, self.num_draft_tokens, self.num_accepted_tokens,
+                            self.num_emitted_tokens, list(self.drafted_by_position),
+                            list(self.accepted_by_position))
+
+    def as_dict(self) -> dict[str, object]:
+        return {"num_verified": self.num_verified, "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "num_emitted_tokens": self.num_emitted_tokens,
+                "acceptance_rate": self.acceptance_rate, "mean_accepted_length": self.mean_accepted_length,
+                "acceptance_by_position": self.acceptance_by_position}
+
+
+@dataclass
 class Candidate:
     """A request ready to decode and the most draft tokens it may take this step."""
 
@@ -107,9 +164,11 @@ class SpecPolicy:
         self.draft = CostTable()
         """Draft seconds per draft forward, by number of speculating requests."""
         self.step = 0
+        self.counters = SpecCounters()
 
     # ---- learning ------------------------------------------------------------------------
     def observe_request(self, request_id: str, drafted: int, accepted: int) -> None:
+        self.counters.record(drafted, accepted)
         acc = self.acceptance.setdefault(request_id, _Acceptance())
         if drafted:
             acc.accepted = _DECAY * acc.accepted + accepted
@@ -162,6 +221,8 @@ class SpecPolicy:
             tokens = sum(_expected_tokens(r, k) for r, k in zip(rates, ks, strict=True))
             if tokens / seconds > best:
                 best, best_ks = tokens / seconds, ks
+        if not best_ks:
+            return {}
         return {c.request_id: k for c, k in zip(cands, best_ks, strict=True) if k}
 
     def _predict_spec(self, num_tokens: int, ks: list[int]) -> float | None:

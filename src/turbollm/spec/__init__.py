@@ -7,7 +7,7 @@ argmax matching), so outputs follow the target model's distribution exactly.
 """
 
 from turbollm.spec.proposer import PROPOSERS, Proposal, ProposalRequest, Proposer, build_proposer
-from turbollm.spec.verify import VerifyRequest, verify
+from turbollm.spec.verification import VerifyRequest, verify
 
 __all__ = [
     "PROPOSERS", "Proposal", "ProposalRequest", "Proposer", "VerifyRequest", "build_proposer", "verify",

@@ -31,7 +31,7 @@ from turbollm.models.loader import resolve_model
 from turbollm.models.registry import get_model_class
 from turbollm.sample.sampler import Sampler, sampling_probs
 from turbollm.spec.proposer import PROPOSERS, Proposal, ProposalRequest, ProposerContext
-from turbollm.spec.verify import SALT_DRAFT, row_states
+from turbollm.spec.verification import SALT_DRAFT, row_states
 
 LAYERS_PREFIX = "layers:"
 

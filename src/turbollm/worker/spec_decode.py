@@ -12,7 +12,7 @@ eager (no CUDA graph) for now. Per step:
    proposer may propose fewer, e.g. an n-gram with no match, and then the step computes
    fewer);
 4. one target forward; requests without drafts sample as usual, speculating ones are
-   verified (spec/verify.py) from their 1 + k rows;
+   verified (spec/verification.py) from their 1 + k rows;
 5. the drafts leave the token lists, the emitted tokens join them, num_computed_tokens moves
    back to the last token + accepted drafts, block ids past the known tokens are dropped
    (the scheduler frees the same ones), and the proposer rolls its cache back.
