@@ -9,8 +9,9 @@ per request (0: a plain decode). `observe` learns from every step's result:
   decode steps and speculative steps in separate tables, since on a GPU the former replay
   CUDA graphs) and the draft's seconds per forward by batch size.
 
-The choice maximizes predicted tokens per second for the whole step. With acceptance rate a
-the k-th draft token of a request is emitted with probability a^k (its marginal gain), so
+The choice maximizes predicted tokens per second for the whole step. With a1 the rate at
+which a request's first draft is accepted and b the rate at which a draft following an
+accepted one is, its k-th draft is emitted with probability a1 b^(k-1) (the marginal gain), so
 for a threshold t every request takes the drafts whose gain is >= t; each threshold gives
 expected tokens / predicted seconds, and the best one wins unless a plain decode step is
 predicted faster. Costs come from measurements only: with no speculative measurement yet the
@@ -29,7 +30,7 @@ from turbollm.config import SpeculativeConfig
 _DECAY = 0.8
 """Weight of a request's past drafts per new observation."""
 _PRIOR = (0.5, 1.0)
-"""(accepted, drafted) pseudo-counts: a new request starts at acceptance 0.5."""
+"""(accepted, trials) pseudo-counts: a new request starts at acceptance 0.5."""
 _EMA = 0.3
 """Weight of a new time measurement in its bucket's average."""
 _THRESHOLDS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
@@ -37,12 +38,25 @@ _THRESHOLDS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 
 @dataclass
 class _Acceptance:
-    accepted: float = _PRIOR[0]
-    drafted: float = _PRIOR[1]
+    """Decayed counts of one request's verifications. Acceptance is bursty (an n-gram match
+    or an easy stretch of text accepts a run of drafts), so two rates are kept: of the first
+    draft, and of a draft whose predecessor was accepted."""
+
+    first: float = _PRIOR[0]
+    first_n: float = _PRIOR[1]
+    cont: float = _PRIOR[0]
+    cont_n: float = _PRIOR[1]
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        self.first = _DECAY * self.first + (accepted > 0)
+        self.first_n = _DECAY * self.first_n + 1
+        self.cont = _DECAY * self.cont + max(0, accepted - 1)
+        self.cont_n = _DECAY * self.cont_n + min(accepted, drafted - 1)
 
     @property
-    def rate(self) -> float:
-        return min(self.accepted / self.drafted, 0.99)
+    def rates(self) -> tuple[float, float]:
+        """(P(first draft accepted), P(next draft accepted | previous accepted))."""
+        return min(self.first / self.first_n, 0.99), min(self.cont / self.cont_n, 0.99)
 
 
 class CostTable:
@@ -169,10 +183,8 @@ class SpecPolicy:
     # ---- learning ------------------------------------------------------------------------
     def observe_request(self, request_id: str, drafted: int, accepted: int) -> None:
         self.counters.record(drafted, accepted)
-        acc = self.acceptance.setdefault(request_id, _Acceptance())
         if drafted:
-            acc.accepted = _DECAY * acc.accepted + accepted
-            acc.drafted = _DECAY * acc.drafted + drafted
+            self.acceptance.setdefault(request_id, _Acceptance()).observe(drafted, accepted)
 
     def observe_step(self, num_reqs: int, num_tokens: int, speculative: bool, max_k: int,
                      step_seconds: float, draft_seconds: float) -> None:
@@ -190,9 +202,9 @@ class SpecPolicy:
     def forget(self, request_id: str) -> None:
         self.acceptance.pop(request_id, None)
 
-    def rate(self, request_id: str) -> float:
+    def rates(self, request_id: str) -> tuple[float, float]:
         acc = self.acceptance.get(request_id)
-        return (acc or _Acceptance()).rate
+        return (acc or _Acceptance()).rates
 
     # ---- choosing ------------------------------------------------------------------------
     def choose(self, cands: list[Candidate]) -> dict[str, int]:
@@ -207,7 +219,7 @@ class SpecPolicy:
         bucket = CostTable.bucket(b)
         if plain is None or self.step - self.plain.last_step.get(bucket, -10**9) >= self.refresh_steps:
             return {}  # measure (or refresh) the plain-decode cost at this batch size
-        rates = [self.rate(c.request_id) for c in cands]
+        rates = [self.rates(c.request_id) for c in cands]
         best_ks: list[int] = []
         best = b / plain
         for t in _THRESHOLDS:
@@ -241,13 +253,17 @@ class SpecPolicy:
         return target + draft
 
 
-def _drafts_above(rate: float, threshold: float) -> int:
-    """The largest k with rate**k >= threshold (the k-th draft's chance to be emitted)."""
-    if rate <= 0.0 or rate < threshold:
+def _drafts_above(rates: tuple[float, float], threshold: float) -> int:
+    """The largest k whose k-th draft is emitted with chance a1 * b^(k-1) >= threshold."""
+    a1, b = rates
+    if a1 < threshold:
         return 0
-    return int(math.log(threshold) / math.log(rate) + 1e-9) if rate < 1.0 else 1 << 10
+    if b <= 0.0:
+        return 1
+    return 1 + int(math.log(threshold / a1) / math.log(b) + 1e-9)
 
 
-def _expected_tokens(rate: float, k: int) -> float:
-    """Tokens a step emits with k drafts at per-draft acceptance `rate` (bonus included)."""
-    return sum(rate**i for i in range(k + 1))
+def _expected_tokens(rates: tuple[float, float], k: int) -> float:
+    """Tokens a step emits with k drafts (bonus included): 1 + sum of a1 * b^(i-1)."""
+    a1, b = rates
+    return 1.0 + sum(a1 * b**i for i in range(k))
