@@ -83,9 +83,11 @@ def _time_steps(runner: Any, rids: list[str], k: int, iters: int, warmup: int, e
             if runner.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            runner.execute(plan)  # ends with its host sync
+            res = runner.execute(plan)  # ends with its host sync
             if it >= warmup:
                 times.append(time.perf_counter() - t0)
+            drafted = set(res.num_draft_tokens.values())
+            assert not k or drafted == {k}, f"expected {k} drafts per request, got {drafted}"
     finally:
         runner.graphs = graphs
         for r in rids:
