@@ -148,3 +148,13 @@ def test_logprobs_and_stop_tokens(tiny: Callable[..., LLM], reference: list[list
 def test_bad_options(tiny: Callable[..., LLM], opts: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         tiny(**opts)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_prefix_cache_hits_keep_outputs(tiny: Callable[..., LLM], reference: list[list[int]], method: str) -> None:
+    llm = tiny(**SPEC[method], speculative_adaptive=False)
+    first = _tokens(llm.generate([PROMPTS[2]], GREEDY, use_tqdm=False))[0]
+    again = _tokens(llm.generate([PROMPTS[2], PROMPTS[0]], GREEDY, use_tqdm=False))
+    assert llm.engine.stats().prefix_cache_hits >= 32  # the draft recomputes what the target reuses
+    assert first == again[0] == reference[2] and again[1] == reference[0]
+    assert _all_free(llm)
