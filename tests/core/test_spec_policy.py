@@ -94,6 +94,9 @@ def test_policy_speculates_when_cheap_and_stops_when_costly() -> None:
     for c in big:
         pol.observe_request(c.request_id, 4, 2)  # acceptance ~0.5: not worth 2x the step
     assert pol.choose(big) == {}
+    for _ in range(pol.refresh_steps):  # plain steps only, for a while: speculation is re-tested
+        pol.observe_step(64, 64, False, 0, 0.04, 0.0)
+    assert pol.choose(big)
 
 
 def test_policy_fixed_k_when_not_adaptive() -> None:

@@ -15,9 +15,11 @@ accepted one is, its k-th draft is emitted with probability a1 b^(k-1) (the marg
 for a threshold t every request takes the drafts whose gain is >= t; each threshold gives
 expected tokens / predicted seconds, and the best one wins unless a plain decode step is
 predicted faster. Costs come from measurements only: with no speculative measurement yet the
-policy speculates once to get one, every `refresh_steps` a plain step refreshes the baseline
-at the current batch size, and sizes beyond the largest measured one are extrapolated from
-the last measured slope (so a larger K is tried once and then judged on its real cost).
+policy speculates once to get one; every `refresh_steps` a plain step refreshes the baseline
+at the current batch size, and a speculative step re-tests a policy that stopped
+speculating (each costs at most one step in `refresh_steps`); sizes beyond the largest
+measured one are extrapolated from the last measured slope (so a larger K is tried once and
+then judged on its real cost).
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ class SpecPolicy:
         self.draft = CostTable()
         """Draft seconds per draft forward, by number of speculating requests."""
         self.step = 0
+        self.last_spec_step = 0
         self.counters = SpecCounters()
 
     # ---- learning ------------------------------------------------------------------------
@@ -195,6 +198,7 @@ class SpecPolicy:
         if not speculative:
             self.plain.observe(num_reqs, step_seconds, self.step)
             return
+        self.last_spec_step = self.step
         self.spec.observe(num_tokens, step_seconds - draft_seconds, self.step)
         if self.uses_draft_model and max_k > 0:
             self.draft.observe(num_reqs, draft_seconds / max_k, self.step)
@@ -222,6 +226,10 @@ class SpecPolicy:
         rates = [self.rates(c.request_id) for c in cands]
         best_ks: list[int] = []
         best = b / plain
+        # A stale judgement is re-tested: speculation's cost and the requests' acceptance
+        # are only measured while speculating, so a policy that stopped would never resume.
+        explore = self.step - self.last_spec_step >= self.refresh_steps
+        fallback: tuple[float, list[int]] = (0.0, [])
         for t in _THRESHOLDS:
             ks = [min(c.max_k, _drafts_above(r, t)) for c, r in zip(cands, rates, strict=True)]
             total = sum(ks)
@@ -233,6 +241,10 @@ class SpecPolicy:
             tokens = sum(_expected_tokens(r, k) for r, k in zip(rates, ks, strict=True))
             if tokens / seconds > best:
                 best, best_ks = tokens / seconds, ks
+            if tokens / seconds > fallback[0]:
+                fallback = (tokens / seconds, ks)
+        if not best_ks and explore:
+            best_ks = fallback[1] or [min(c.max_k, 1) for c in cands]
         if not best_ks:
             return {}
         return {c.request_id: k for c, k in zip(cands, best_ks, strict=True) if k}
