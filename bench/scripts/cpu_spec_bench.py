@@ -144,6 +144,9 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="ngram 192, draft 64")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV blocks per engine (each engine otherwise takes the 1 GiB CPU budget)")
+    p.add_argument("--no-fixed", action="store_true", help="skip the fixed-K configuration")
     p.add_argument("--out", default=None, help="write the JSON here")
     args = p.parse_args()
     if args.threads:
@@ -166,6 +169,10 @@ def main() -> int:
         for b in (int(x) for x in args.batch_sizes.split(",")):
             n = max(b, 4)
             cases.append((f"chat prompts ({n}), batch {b}", chat_prompts(tok, n), b))
+    if args.no_fixed:
+        configs = {n: c for n, c in configs.items() if "fixed" not in n}
+    if args.num_blocks:
+        configs = {n: {**c, "num_blocks": args.num_blocks} for n, c in configs.items()}
     rows = bench(configs, cases, max_tokens, args.rounds)
     report = {
         "what": f"speculative decoding, {args.mode}", "date": datetime.datetime.now(datetime.timezone.utc)
