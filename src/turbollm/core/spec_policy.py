@@ -33,6 +33,8 @@ _DECAY = 0.8
 """Weight of a request's past drafts per new observation."""
 _PRIOR = (0.5, 1.0)
 """(accepted, trials) pseudo-counts: a new request starts at acceptance 0.5."""
+_POOLED_DECAY = 0.98
+"""Weight of the pooled past per new observation (a window of ~50 verifications)."""
 _EMA = 0.3
 """Weight of a new time measurement in its bucket's average."""
 _THRESHOLDS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
@@ -48,12 +50,14 @@ class _Acceptance:
     first_n: float = _PRIOR[1]
     cont: float = _PRIOR[0]
     cont_n: float = _PRIOR[1]
+    decay: float = _DECAY
 
     def observe(self, drafted: int, accepted: int) -> None:
-        self.first = _DECAY * self.first + (accepted > 0)
-        self.first_n = _DECAY * self.first_n + 1
-        self.cont = _DECAY * self.cont + max(0, accepted - 1)
-        self.cont_n = _DECAY * self.cont_n + min(accepted, drafted - 1)
+        d = self.decay
+        self.first = d * self.first + (accepted > 0)
+        self.first_n = d * self.first_n + 1
+        self.cont = d * self.cont + max(0, accepted - 1)
+        self.cont_n = d * self.cont_n + min(accepted, drafted - 1)
 
     @property
     def rates(self) -> tuple[float, float]:
@@ -173,6 +177,9 @@ class SpecPolicy:
         self.uses_draft_model = uses_draft_model
         self.refresh_steps = refresh_steps
         self.acceptance: dict[str, _Acceptance] = {}
+        self.pooled = _Acceptance(decay=_POOLED_DECAY)
+        """Every request's verifications: the prior of a request that has none yet, so a
+        useless draft is not retried on every new request, and a good one starts at once."""
         self.plain = CostTable()
         """Target seconds of decode-only steps without speculation, by batch size."""
         self.spec = CostTable()
@@ -187,7 +194,12 @@ class SpecPolicy:
     def observe_request(self, request_id: str, drafted: int, accepted: int) -> None:
         self.counters.record(drafted, accepted)
         if drafted:
-            self.acceptance.setdefault(request_id, _Acceptance()).observe(drafted, accepted)
+            acc = self.acceptance.get(request_id)
+            if acc is None:
+                a1, b = self.pooled.rates
+                acc = self.acceptance[request_id] = _Acceptance(a1, 1.0, b, 1.0)
+            acc.observe(drafted, accepted)
+            self.pooled.observe(drafted, accepted)
 
     def observe_step(self, num_reqs: int, num_tokens: int, speculative: bool, max_k: int,
                      step_seconds: float, draft_seconds: float) -> None:
@@ -208,7 +220,7 @@ class SpecPolicy:
 
     def rates(self, request_id: str) -> tuple[float, float]:
         acc = self.acceptance.get(request_id)
-        return (acc or _Acceptance()).rates
+        return (acc or self.pooled).rates
 
     # ---- choosing ------------------------------------------------------------------------
     def choose(self, cands: list[Candidate]) -> dict[str, int]:
