@@ -56,3 +56,15 @@ def test_generate_and_too_long_prompt_in_a_real_process(tmp_path) -> None:  # ty
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("turbollm: error: the prompt has")
     assert "Traceback" not in bad.stderr
+
+
+def test_speculative_flags_reach_the_engine_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from turbollm.cli import engine_options
+
+    for cmd in (["generate", "hi"], ["serve"], ["bench", "throughput"]):
+        args = build_parser().parse_args([*cmd, "--speculative-method", "draft", "--draft-model", "layers:4",
+                                          "--num-speculative-tokens", "3", "--no-speculative-adaptive"])
+        assert engine_options(args) == {"speculative_method": "draft", "draft_model": "layers:4",
+                                        "num_speculative_tokens": 3, "speculative_adaptive": False}
+    assert main(["generate", "--model", "tiny-llama", "--speculative-method", "eagle", "hi"]) == 2
+    assert "speculative_method must be one of ngram, draft; got 'eagle'" in capsys.readouterr().err

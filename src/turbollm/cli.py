@@ -20,13 +20,16 @@ from turbollm.config import (
     ParallelConfig,
     QuantizationConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     field_help,
 )
 from turbollm.errors import TurbollmError
 from turbollm.sampling_params import SamplingParams
 from turbollm.server.options import ServerOptions
 
-_ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, QuantizationConfig)
+_ENGINE_SECTIONS = (
+    ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig, QuantizationConfig, SpeculativeConfig,
+)
 _SAMPLING_FLAGS = (
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "n", "stop", "ignore_eos", "min_tokens",
@@ -101,6 +104,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"### {p!r}\n{c.text.strip()}\n[{len(c.token_ids)} tokens, {c.finish_reason}]\n")
     print(f"{len(prompts)} prompts, {n_out} output tokens in {dt:.2f}s: {n_out / dt:.1f} tok/s "
           f"({llm.engine.model_info.device}, {llm.engine.model_info.dtype})")
+    spec = llm.engine.stats().spec
+    if spec is not None:
+        by_pos = " ".join(f"{a:.2f}" for a in spec.acceptance_by_position)
+        print(f"speculative: acceptance {spec.acceptance_rate:.1%}, tau {spec.mean_accepted_length:.2f} "
+              f"tokens per target pass, by position [{by_pos}]")
     return 0
 
 

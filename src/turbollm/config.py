@@ -141,6 +141,52 @@ class QuantizationConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (off unless a method is given)."""
+
+    speculative_method: str | None = None
+    """ngram (prompt lookup) | draft (a smaller model with the same tokenizer); default: off."""
+    num_speculative_tokens: int = 4
+    """Most draft tokens K verified per step and request (the scheduler plans 1 + K tokens)."""
+    draft_model: str | None = None
+    """Draft for --speculative-method draft: a model like --model, or layers:N (the target's first N layers, norm and LM head)."""
+    ngram_min: int = 1
+    """Shortest suffix n-gram the ngram method matches in the prompt and output."""
+    ngram_max: int = 4
+    """Longest suffix n-gram the ngram method tries first."""
+    speculative_adaptive: bool = True
+    """Choose K per request from its acceptance and the measured step costs (off: always K)."""
+
+    def __post_init__(self) -> None:
+        if self.speculative_method is not None:
+            _check_choice("speculative_method", self.speculative_method, SPECULATIVE_METHODS)
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(
+                f"num_speculative_tokens must be in [1, 16], got {self.num_speculative_tokens}"
+            )
+        if self.speculative_method == "draft" and not self.draft_model:
+            raise ValueError("speculative_method 'draft' needs draft_model (a model or layers:N)")
+        if self.draft_model and self.speculative_method != "draft":
+            raise ValueError(
+                f"draft_model={self.draft_model!r} needs speculative_method 'draft', "
+                f"got {self.speculative_method!r}"
+            )
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(
+                f"need 1 <= ngram_min <= ngram_max, got ngram_min={self.ngram_min}, "
+                f"ngram_max={self.ngram_max}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_method is not None
+
+
+SPECULATIVE_METHODS = ("ngram", "draft")
+"""Values of speculative_method (each names a proposer in spec/)."""
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """The whole configuration tree."""
 
@@ -149,6 +195,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     @staticmethod
     def from_flat(**kwargs: object) -> EngineConfig:
@@ -168,6 +215,7 @@ _SECTIONS: dict[str, type] = {
     "scheduler": SchedulerConfig,
     "parallel": ParallelConfig,
     "quantization": QuantizationConfig,
+    "speculative": SpeculativeConfig,
 }
 
 

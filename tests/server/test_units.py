@@ -41,3 +41,21 @@ def test_error_body_scrubs_addresses_and_has_openai_shape() -> None:
 def test_server_options_reject_bad_values(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         ServerOptions(**bad)  # type: ignore[arg-type]
+
+
+def test_metrics_export_speculative_decoding() -> None:
+    from turbollm.core.scheduler import SchedulerStats
+    from turbollm.core.spec_policy import SpecCounters
+    from turbollm.server.metrics import ServerMetrics
+
+    spec = SpecCounters()
+    spec.record(4, 2)
+    spec.record(4, 4)
+    stats = SchedulerStats(1, 0, 0, 0.1, 10, 0, 0, spec=spec)
+    text = ServerMetrics(lambda: stats).render().decode()
+    assert "turbollm:spec_decode_num_draft_tokens_total 8.0" in text
+    assert "turbollm:spec_decode_num_accepted_tokens_total 6.0" in text
+    assert "turbollm:spec_decode_mean_accepted_length 4.0" in text  # (3 + 5) / 2
+    assert 'turbollm:spec_decode_acceptance_by_position{position="3"} 0.5' in text
+    off = SchedulerStats(1, 0, 0, 0.1, 10, 0, 0)
+    assert "spec_decode" not in ServerMetrics(lambda: off).render().decode()

@@ -22,18 +22,39 @@ import torch
 from turbollm.bench.hf_baseline import hf_generate, load_hf_model
 from turbollm.bench.latency import quant_label
 from turbollm.bench.prompts import chat_prompts, random_prompts
+from turbollm.core.spec_policy import SpecCounters
 from turbollm.engine.llm import LLM
 from turbollm.sampling_params import SamplingParams
 
 
 def _turbollm_run(llm: LLM, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=args.ignore_eos)
+    before = llm.engine.stats().spec
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     secs = time.perf_counter() - t0
     toks = [o.outputs[0].token_ids for o in outs]
-    return {"name": "turbollm", "num_prompts": len(prompts), "output_tokens": sum(map(len, toks)),
-            "seconds": secs, "outputs": toks}
+    run = {"name": "turbollm", "num_prompts": len(prompts), "output_tokens": sum(map(len, toks)),
+           "seconds": secs, "outputs": toks}
+    after = llm.engine.stats().spec
+    if before is not None and after is not None:
+        run["spec"] = spec_delta(before, after)
+    return run
+
+
+def spec_delta(before: SpecCounters, after: SpecCounters) -> dict[str, Any]:
+    """Speculative-decoding metrics of what ran between two stats snapshots."""
+    n = len(after.drafted_by_position)
+    pad = [0] * (n - len(before.drafted_by_position))
+    delta = SpecCounters(
+        after.num_verified - before.num_verified,
+        after.num_draft_tokens - before.num_draft_tokens,
+        after.num_accepted_tokens - before.num_accepted_tokens,
+        after.num_emitted_tokens - before.num_emitted_tokens,
+        [a - b for a, b in zip(after.drafted_by_position, before.drafted_by_position + pad)],
+        [a - b for a, b in zip(after.accepted_by_position, before.accepted_by_position + pad)],
+    )
+    return delta.as_dict()
 
 
 def _median_run(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,3 +140,12 @@ def _print_table(rep: dict[str, Any]) -> None:
         gm = f"{100 * r['greedy_match']:.0f}%" if "greedy_match" in r else "-"
         print(f"{r['name']:<24}{r['num_prompts']:>8}{r['output_tokens']:>9}{r['seconds']:>9.2f}"
               f"{r['tok_per_s']:>9.1f}{sp:>12}{gm:>13}")
+        if r.get("spec"):
+            print(format_spec(r["spec"]))
+
+
+def format_spec(spec: dict[str, Any]) -> str:
+    """One line of speculative-decoding metrics (acceptance, tau, acceptance by position)."""
+    by_pos = " ".join(f"{a:.2f}" for a in spec["acceptance_by_position"])
+    return (f"  speculative: acceptance {spec['acceptance_rate']:.1%}, tau {spec['mean_accepted_length']:.2f} "
+            f"tokens per target pass ({spec['num_verified']} verifications), by position [{by_pos}]")

@@ -233,6 +233,19 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], hashes[i])
         self._num_cached[rid] = num_full
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Free the request's blocks past those holding its first `num_tokens` tokens (the
+        slots of rejected speculative tokens). Such blocks are never in the prefix cache:
+        only blocks full of known tokens are registered."""
+        blocks = self._req_blocks.get(request.request_id)
+        if blocks is None:
+            return
+        keep = -(-num_tokens // self.block_size)
+        if len(blocks) > keep:
+            assert keep >= self._num_cached.get(request.request_id, 0), "trimming a cached block"
+            self.pool.free(blocks[keep:][::-1])
+            del blocks[keep:]
+
     def free(self, request: Request) -> None:
         """Release every block of the request, tail first (tail blocks get evicted first)."""
         rid = request.request_id

@@ -48,6 +48,10 @@ class StepPlan:
     """request_id -> tokens to compute this step: a prompt chunk, 1 for decode, 0 never."""
     finished_request_ids: set[str] = field(default_factory=set)
     """Requests freed since the last plan (finished, aborted, preempted): drop their state."""
+    num_spec_tokens: dict[str, int] = field(default_factory=dict)
+    """request_id -> K, for requests that speculate this step: their num_scheduled_tokens is
+    1 + K (the last known token, then up to K draft tokens the worker's proposer fills in; it
+    may propose fewer and compute fewer). Absent: no speculation."""
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -84,3 +88,11 @@ class StepResult:
     [s + 1, min(e, num_prompt_tokens - 1) + 1), preceded by None for token 0 when s == 0, so
     a prompt's chunks concatenate to one entry per prompt token. A request resumed after
     preemption recomputes its prompt and reports it again; the engine drops the repeats."""
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
+    """request_id -> draft tokens actually proposed and verified (<= its planned K), for
+    speculating requests. Of them, len(sampled_token_ids[id]) - 1 were accepted: the scheduler
+    rolls num_computed_tokens back over the rest."""
+    step_seconds: float = 0.0
+    """Wall time of the whole step in the worker (ends with its host sync)."""
+    draft_seconds: float = 0.0
+    """Of step_seconds, the time spent proposing (the draft model's forwards)."""

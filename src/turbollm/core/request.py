@@ -1,7 +1,8 @@
 """Request state as the scheduler sees it (plain Python, CPU).
 
 Owned by the scheduler from `add_request` until it finishes; the engine reads it to build
-outputs. Tokens are appended by `Scheduler.update`; nothing else mutates a Request.
+outputs. Tokens are appended by `Scheduler.update`; nothing else mutates a Request, except
+the engine cutting a finished request's output after a stop string (`truncate_output`).
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep only the first `num_output_tokens` outputs (the engine, after a stop string
+        that ended inside a multi-token speculative step; the request is finished)."""
+        assert self.is_finished, "only a finished request's output may be cut"
+        drop = self.num_output_tokens - num_output_tokens
+        if drop > 0:
+            del self.output_token_ids[num_output_tokens:]
+            del self.all_token_ids[len(self.all_token_ids) - drop :]
 
     def __repr__(self) -> str:
         return (

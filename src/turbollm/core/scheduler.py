@@ -6,6 +6,11 @@ its chunk), then waiting requests are admitted first come, first served. When KV
 out, the newest running request is preempted by recompute: its blocks are freed and it goes
 back to the front of the queue, keeping its output tokens.
 
+Speculative decoding: a running request ready to decode may be planned 1 + K tokens (its
+last token and K draft slots the worker's proposer fills; K from the SpecPolicy). `update`
+then moves its num_computed_tokens back over the rejected drafts and frees the blocks that
+only they needed, so the KV cache holds exactly the accepted tokens.
+
 The scheduler owns every unfinished Request and the KVCacheManager. `schedule()` advances
 each scheduled request's `num_computed_tokens` optimistically (as if the step had run), so
 the next plan can be made before this step's result arrives; `update()` appends the sampled
@@ -25,10 +30,11 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from turbollm.config import CacheConfig, SchedulerConfig
+from turbollm.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from turbollm.core.block_pool import KVCacheManager
 from turbollm.core.plan import CachedRequestData, NewRequestData, StepPlan, StepResult
 from turbollm.core.request import Request, RequestStatus
+from turbollm.core.spec_policy import Candidate, SpecCounters, SpecPolicy
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,8 @@ class SchedulerStats:
     """Total prompt tokens looked up in the prefix cache at admission."""
     prefix_cache_hits: int
     """Of those, tokens whose KV was reused."""
+    spec: SpecCounters | None = None
+    """Speculative decoding totals (None when it is off)."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -62,6 +70,7 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int,
+        speculative: SpeculativeConfig | None = None,
         async_scheduling: bool = False,
     ) -> None:
         self.config = scheduler_config
@@ -79,6 +88,11 @@ class Scheduler:
         self.num_preemptions = 0
         self._freed_ids: set[str] = set()
         """Requests freed since the last plan; the worker must drop their state."""
+        self.spec_config = speculative if speculative is not None and speculative.enabled else None
+        self.spec_policy = (
+            SpecPolicy(self.spec_config, self.spec_config.speculative_method == "draft")
+            if self.spec_config is not None else None
+        )
 
     # ----------------------------------------------------------------- requests in and out
 
@@ -125,6 +139,7 @@ class Scheduler:
             num_free_blocks=self.kv.num_free_blocks,
             prefix_cache_queries=self.kv.prefix_cache_queries,
             prefix_cache_hits=self.kv.prefix_cache_hits,
+            spec=self.spec_policy.counters.copy() if self.spec_policy is not None else None,
         )
 
     # ----------------------------------------------------------------------- scheduling
@@ -157,6 +172,7 @@ class Scheduler:
     def _schedule_running(self, plan: StepPlan, budget: int) -> tuple[int, bool]:
         """Schedule running requests in order; returns (budget left, whether any was preempted)."""
         preempted = False
+        spec_ks = self._choose_spec()
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -164,7 +180,13 @@ class Scheduler:
             if num_new == 0:  # nothing to compute until the previous step's token arrives
                 i += 1
                 continue
-            new_block_ids = self.kv.allocate_slots(request, num_new)
+            k = min(spec_ks.get(request.request_id, 0), budget - num_new)
+            new_block_ids = self.kv.allocate_slots(request, num_new + k) if k > 0 else None
+            if new_block_ids is not None:  # speculation never preempts: it is dropped instead
+                plan.num_spec_tokens[request.request_id] = k
+                num_new += k
+            else:
+                new_block_ids = self.kv.allocate_slots(request, num_new)
             while new_block_ids is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -207,11 +229,27 @@ class Scheduler:
             plan.num_scheduled_tokens[request.request_id] = num_new
             budget -= num_new
 
+    def _choose_spec(self) -> dict[str, int]:
+        """K per running request that is ready to decode (see SpecPolicy), capped so the
+        drafts fit max_tokens and the context."""
+        if self.spec_policy is None or self.spec_config is None:
+            return {}
+        k_max = self.spec_config.num_speculative_tokens
+        cands = []
+        for r in self.running:
+            if r.num_tokens - r.num_computed_tokens != 1:
+                continue
+            room = self.max_model_len - r.num_tokens - 1
+            if r.max_tokens is not None:
+                room = min(room, r.max_tokens - r.num_output_tokens - 1)
+            cands.append(Candidate(r.request_id, max(0, min(k_max, room))))
+        return self.spec_policy.choose(cands)
+
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         pending = request.num_output_placeholders
         if pending and self._reaches_length_cap(request, request.num_output_tokens + pending):
             return 0  # its last token is already being sampled
-        num_new = min(request.num_tokens + pending - num_computed, budget)
+        num_new = max(0, min(request.num_tokens + pending - num_computed, budget))
         if self.config.long_prefill_token_threshold > 0:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
@@ -244,6 +282,9 @@ class Scheduler:
         """
         touched: list[Request] = []
         any_finished = False
+        if self.spec_policy is not None:
+            max_k = self._rollback(plan, result) if plan.num_spec_tokens else 0
+            self._observe_step_cost(plan, result, max_k)
         for rid, token_ids in result.sampled_token_ids.items():
             request = self.requests.get(rid)
             if not token_ids or rid not in plan.num_scheduled_tokens or request is None:
@@ -268,6 +309,36 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return touched
 
+    def _rollback(self, plan: StepPlan, result: StepResult) -> int:
+        """Speculating requests keep the KV of their last token and accepted drafts only:
+        num_computed_tokens moves back over the rest, and blocks past the known tokens are
+        freed. Feeds the SpecPolicy each request's acceptance; returns the most drafts."""
+        assert self.spec_policy is not None
+        starts = {c.request_id: c.num_computed_tokens for c in plan.cached_requests}
+        max_k = 0
+        for rid in plan.num_spec_tokens:
+            request = self.requests.get(rid)
+            sampled = result.sampled_token_ids.get(rid, [])
+            if request is None or request.status is not RequestStatus.RUNNING or not sampled:
+                continue  # aborted or preempted since the plan: its blocks are already free
+            request.num_computed_tokens = starts[rid] + len(sampled)
+            self.kv.trim(request, request.num_tokens + len(sampled))
+            drafted = result.num_draft_tokens.get(rid, 0)
+            max_k = max(max_k, drafted)
+            self.spec_policy.observe_request(rid, drafted, len(sampled) - 1)
+        return max_k
+
+    def _observe_step_cost(self, plan: StepPlan, result: StepResult, max_k: int) -> None:
+        """Decode-only steps teach the SpecPolicy what steps cost (prompt chunks would skew it)."""
+        if self.spec_policy is None or plan.new_requests:
+            return
+        spec = plan.num_spec_tokens
+        if any(n != 1 + spec.get(r, 0) for r, n in plan.num_scheduled_tokens.items()):
+            return
+        num_tokens = len(plan.num_scheduled_tokens) + sum(result.num_draft_tokens.values())
+        self.spec_policy.observe_step(len(plan.num_scheduled_tokens), num_tokens, bool(spec),
+                                      max_k, result.step_seconds, result.draft_seconds)
+
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         """The finished status the just-appended token implies, or None; sets stop_reason."""
         params = request.sampling_params
@@ -287,5 +358,7 @@ class Scheduler:
         """Set the final status and free everything; the caller removes it from its queue."""
         request.status = status
         self.kv.free(request)
+        if self.spec_policy is not None:
+            self.spec_policy.forget(request.request_id)
         del self.requests[request.request_id]
         self._freed_ids.add(request.request_id)

@@ -32,15 +32,18 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
         self.text = ""
+        self.num_consumed = 0
+        """Of the last `update`'s tokens, how many were read (fewer after a stop string)."""
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def update(self, new_token_ids: list[int], check_stop: bool) -> str | None:
         """Append tokens; return the stop string that matched (text is cut there), else None."""
+        self.num_consumed = len(new_token_ids)
         if self.tokenizer is None:
             return None
-        for tok in new_token_ids:
+        for i, tok in enumerate(new_token_ids):
             self.tokens.append(tok)
             prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
             full = self._decode(self.tokens[self.prefix_offset :])
@@ -51,6 +54,7 @@ class IncrementalDetokenizer:
                 if check_stop and self.stop:
                     hit = self._find_stop(before)
                     if hit is not None:
+                        self.num_consumed = i + 1
                         return hit
         return None
 

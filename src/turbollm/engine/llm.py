@@ -20,7 +20,8 @@ class LLM:
     """Batch generation with continuous batching. With no model, the embedded SmolLM2-135M."""
 
     def __init__(self, model: str | None = None, **engine_options: Any) -> None:
-        """engine_options: any field of ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig."""
+        """engine_options: any field of ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig,
+        SpeculativeConfig (e.g. `speculative_method="ngram", num_speculative_tokens=4`)."""
         self.engine = LLMEngine(EngineConfig.from_flat(model=model, **engine_options))
 
     def get_tokenizer(self) -> Any:

@@ -34,6 +34,8 @@ class _Child:
     request: Request
     detok: IncrementalDetokenizer
     logprobs: list[TokenLogprobs] | None
+    num_seen: int = 0
+    """Output tokens already passed to the detokenizer."""
 
 
 @dataclass
@@ -65,7 +67,7 @@ class LLMEngine:
             raise ValueError("the KV-cache budget holds no block; raise the memory budget")
         self.overlap = self.executor.overlap_steps
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks, self.max_model_len,
-                                   async_scheduling=self.overlap)
+                                   config.speculative, async_scheduling=self.overlap)
         self._inflight: tuple[StepPlan, PendingStep] | None = None
         """Overlapped scheduling: the step launched last, whose result is not processed yet."""
         self._groups: dict[str, _Group] = {}
@@ -199,8 +201,7 @@ class LLMEngine:
                 continue
             group = self._groups[gid]
             child = next(c for c in group.children if c.request is req)
-            self._process_child(child, result.sampled_token_ids.get(req.request_id, []),
-                                result.logprobs.get(req.request_id, []))
+            self._process_child(child, result.logprobs.get(req.request_id, []))
             if group.metrics.first_token_time is None and req.num_output_tokens:
                 group.metrics.first_token_time = now
             touched[gid] = group
@@ -225,15 +226,22 @@ class LLMEngine:
             assert first <= len(have), f"{rid}: prompt logprobs arrived out of order"
             have.extend(entries[len(have) - first :])
 
-    def _process_child(self, child: _Child, new_tokens: list[int], logprobs: list[TokenLogprobs]) -> None:
+    def _process_child(self, child: _Child, logprobs: list[TokenLogprobs]) -> None:
         req = child.request
-        if child.logprobs is not None:
-            child.logprobs.extend(logprobs)
+        # A speculative step samples several tokens; the scheduler may have kept fewer (a stop
+        # token or the length cap came first), and a stop string may end the text earlier.
+        new_tokens = req.output_token_ids[child.num_seen :]
         check = req.num_output_tokens >= req.sampling_params.min_tokens
         hit = child.detok.update(new_tokens, check_stop=check)
+        kept = child.detok.num_consumed
+        if child.logprobs is not None:
+            child.logprobs.extend(logprobs[:kept])
         if hit is not None and not req.is_finished:
             self.scheduler.abort_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             req.stop_reason = hit
+            if kept < len(new_tokens):
+                req.truncate_output(req.num_output_tokens - (len(new_tokens) - kept))
+        child.num_seen = req.num_output_tokens
 
     def _make_output(self, group: _Group, now: float) -> RequestOutput:
         outs = [

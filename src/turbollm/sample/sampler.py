@@ -158,30 +158,20 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p, then the exponential race: [n, vocab] -> [n]."""
-        vocab = logits.shape[1]
-        params = [s.params for s in states]
-        if any(p.temperature != 1.0 for p in params):
-            logits = apply_temperature(logits, [p.temperature for p in params])  # [n, vocab]
-        top_k = [p.top_k if p.top_k < vocab else 0 for p in params]
-        if any(top_k):
-            logits = apply_top_k(logits, top_k)  # [n, vocab]
-        p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
-        if p_rows:
-            # Only rows that use top-p pay for its full-vocab sort.
-            top_p = [params[j].top_p for j in p_rows]
-            logits = _on_rows(logits, p_rows, lambda x: apply_top_p(x, top_p))  # [n, vocab]
-        if any(p.min_p > 0.0 for p in params):
-            logits = apply_min_p(logits, [p.min_p for p in params])  # [n, vocab]
-        probs = logits.softmax(dim=-1)  # [n, vocab]
+        probs = filter_logits(logits, states).softmax(dim=-1)  # [n, vocab]
         # Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., picks token i with probability p_i.
         return probs.div_(self._exponentials(probs, states)).argmax(dim=-1)  # [n]
 
-    def _exponentials(self, probs: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    def _exponentials(
+        self, probs: torch.Tensor, states: list[SamplingState], salt: int = 0
+    ) -> torch.Tensor:
         """Exp(1) noise shaped like `probs` [n, vocab].
 
         Unseeded rows share one batched draw from the default generator. A seeded row draws
         its own vector from a generator seeded by (seed, position), so its token depends only
-        on its seed, its position and its probabilities, never on the batch around it.
+        on its seed, its position and its probabilities, never on the batch around it. A
+        non-zero `salt` gives an independent stream (speculative decoding's draft sampling
+        and acceptance tests use their own).
         """
         seeded = [j for j, s in enumerate(states) if s.seed is not None]
         noise = torch.empty_like(probs)  # [n, vocab]
@@ -193,7 +183,7 @@ class Sampler:
             for j in seeded:
                 state = states[j]
                 assert state.seed is not None
-                gen.manual_seed(_step_seed(state.seed, len(state.output_token_ids) + state.num_pending))
+                gen.manual_seed(_step_seed(state.seed ^ salt, len(state.output_token_ids) + state.num_pending))
                 # A fresh contiguous buffer, so the draw cannot depend on the row's offset.
                 row = torch.empty(vocab, dtype=probs.dtype, device=probs.device)  # [vocab]
                 noise[j] = row.exponential_(generator=gen)
@@ -205,6 +195,49 @@ class Sampler:
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
         return gen
+
+
+def filter_logits(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """Temperature, top-k, top-p and min-p on float32 logits [n, vocab] (sampled rows)."""
+    vocab = logits.shape[1]
+    params = [s.params for s in states]
+    if any(p.temperature != 1.0 for p in params):
+        logits = apply_temperature(logits, [p.temperature for p in params])  # [n, vocab]
+    top_k = [p.top_k if p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        logits = apply_top_k(logits, top_k)  # [n, vocab]
+    p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
+    if p_rows:
+        # Only rows that use top-p pay for its full-vocab sort.
+        top_p = [params[j].top_p for j in p_rows]
+        logits = _on_rows(logits, p_rows, lambda x: apply_top_p(x, top_p))  # [n, vocab]
+    if any(p.min_p > 0.0 for p in params):
+        logits = apply_min_p(logits, [p.min_p for p in params])  # [n, vocab]
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
+    """The distribution the sampler draws each row's token from: float32 [n, vocab].
+
+    Exactly the sampler's processing (min_tokens mask, penalties, then temperature, top-k,
+    top-p, min-p and softmax); a greedy row is one-hot at the sampler's argmax. Speculative
+    decoding verifies draft tokens against these (target and draft alike).
+    """
+    processed = _process(logits, states)  # [n, vocab]
+    n, vocab = processed.shape
+    probs = torch.zeros(n, vocab, dtype=torch.float32, device=logits.device)  # [n, vocab]
+    greedy = [i for i, s in enumerate(states) if s.params.greedy]
+    sample = [i for i, s in enumerate(states) if not s.params.greedy]
+    if greedy:
+        index = to_device(greedy, torch.long, logits.device)  # [num_greedy]
+        top = processed.index_select(0, index).argmax(dim=-1)  # [num_greedy]
+        probs[index, top] = 1.0
+    if sample:
+        index = to_device(sample, torch.long, logits.device)  # [num_sampled]
+        sub = processed.index_select(0, index).float()  # [num_sampled, vocab]
+        sub = filter_logits(sub, [states[i] for i in sample]).softmax(dim=-1)
+        probs.index_copy_(0, index, sub)
+    return probs
 
 
 def _process(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from turbollm.core.scheduler import SchedulerStats
+from turbollm.core.spec_policy import SpecCounters
 from turbollm.engine.outputs import RequestOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -39,6 +40,30 @@ class _EngineCollector(Collector):
                                 "(0 to 1).", value=s.kv_cache_usage)
         yield CounterMetricFamily("turbollm:num_preemptions", "Preemptions since start.",
                                   value=s.num_preemptions)
+        if s.spec is not None:
+            yield from _spec_metrics(s.spec)
+
+
+def _spec_metrics(c: SpecCounters) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Speculative decoding: acceptance, tau (tokens per target pass) and acceptance by position."""
+    yield CounterMetricFamily("turbollm:spec_decode_num_drafts", "Request-steps that verified at "
+                              "least one draft token.", value=c.num_verified)
+    yield CounterMetricFamily("turbollm:spec_decode_num_draft_tokens", "Draft tokens proposed.",
+                              value=c.num_draft_tokens)
+    yield CounterMetricFamily("turbollm:spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+                              value=c.num_accepted_tokens)
+    yield CounterMetricFamily("turbollm:spec_decode_num_emitted_tokens", "Tokens emitted by "
+                              "verifications (accepted + bonus or resampled).", value=c.num_emitted_tokens)
+    yield GaugeMetricFamily("turbollm:spec_decode_acceptance_rate", "Accepted / proposed draft "
+                            "tokens since start.", value=c.acceptance_rate)
+    yield GaugeMetricFamily("turbollm:spec_decode_mean_accepted_length", "tau: tokens emitted per "
+                            "target pass of a speculating request (bonus included).",
+                            value=c.mean_accepted_length)
+    by_pos = GaugeMetricFamily("turbollm:spec_decode_acceptance_by_position", "Acceptance rate of "
+                               "the draft token at each position (1-based).", labels=["position"])
+    for i, rate in enumerate(c.acceptance_by_position):
+        by_pos.add_metric([str(i + 1)], rate)
+    yield by_pos
 
 
 class ServerMetrics:

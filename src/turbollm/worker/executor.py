@@ -7,6 +7,7 @@ source once, so the engine can read the model's facts and load its tokenizer.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,11 @@ class Executor:
         return num_blocks
 
     def execute(self, plan: StepPlan) -> StepResult:
-        return self.runner.execute(plan)
+        t0 = time.perf_counter()
+        result = self.runner.execute(plan)
+        # Measured step costs drive the adaptive speculation length (core/spec_policy.py).
+        result.step_seconds = result.step_seconds or time.perf_counter() - t0
+        return result
 
     def execute_async(self, plan: StepPlan) -> PendingStep:
         """Queue the step; its StepResult comes from `.result()` (see ModelRunner)."""
@@ -78,6 +83,10 @@ class Executor:
 
     @property
     def overlap_steps(self) -> bool:
-        """Whether the engine should plan step N+1 while step N runs (async_scheduling)."""
+        """Whether the engine should plan step N+1 while step N runs (async_scheduling).
+
+        Not with speculative decoding: proposing needs the previous step's tokens on the host."""
+        if self.config.speculative.speculative_method is not None:
+            return False
         mode = self.config.scheduler.async_scheduling
         return mode == "on" or (mode == "auto" and self.runner.device.type == "cuda")

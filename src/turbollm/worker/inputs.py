@@ -75,6 +75,8 @@ class StepInputs:
     """None unless a scheduled chunk belongs to a request asking for prompt logprobs."""
     placeholder_rows: torch.Tensor | None = None  # [P] int64 rows of input_ids still unknown
     placeholder_src: torch.Tensor | None = None  # [P] int64 their rows in the last step's tokens
+    request_order: list[str] | None = None
+    """The scheduled requests in row order (each one's tokens are consecutive rows)."""
 
 
 def build_step_inputs(
@@ -149,7 +151,7 @@ def build_step_inputs(
         prompt_lp = PromptLogprobsInputs(to_dev(pl_rows), to_dev(pl_targets), pl_targets, pl_spans,
                                          max_k=max(sp.k for sp in pl_spans))
     inputs = StepInputs(to_dev(input_ids), to_dev(positions), meta, to_dev(logits_idx), sampling,
-                        prompt_lp)
+                        prompt_lp, request_order=order)
     if ph_rows:
         inputs.placeholder_rows, inputs.placeholder_src = to_dev(ph_rows), to_dev(ph_src)
     return inputs

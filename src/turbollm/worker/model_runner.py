@@ -30,6 +30,7 @@ from turbollm.sample.sampler import (
 from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs
 from turbollm.worker.cuda_graphs import DecodeGraphs
 from turbollm.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
+from turbollm.worker.spec_decode import SpecDecoder
 
 class ModelRunner:
     """One rank's model, KV cache and request state."""
@@ -55,6 +56,8 @@ class ModelRunner:
         self._inflight: PendingStep | None = None
         """The last step queued; its result may not have reached the host yet."""
         self._last_tokens: torch.Tensor | None = None  # [num_sampled] int64 of the last step
+        # Speculative decoding: its steps (plans with num_spec_tokens) run in SpecDecoder.
+        self.spec = SpecDecoder(self, source) if config.speculative.enabled else None
 
     def _build_model(self, source: ModelSource) -> torch.nn.Module:
         q = self.config.quantization
@@ -66,6 +69,8 @@ class ModelRunner:
     def determine_num_blocks(self) -> int:
         """Blocks that fit the memory budget (GPU: after weights and a profiled forward)."""
         per_block = bytes_per_block(self.arch, self.block_size, self.kv_dtype, self.ctx.tp_size)
+        if self.spec is not None:  # the draft's cache shares the target's block ids
+            per_block += self.spec.kv_bytes_per_block()
         if self.device.type != "cuda":
             return num_blocks_for_budget(self.config.cache.cpu_kv_cache_bytes, per_block, self.config.cache)
         torch.cuda.synchronize(self.device)
@@ -140,6 +145,8 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.arch, total, self.block_size, self.kv_dtype, self.device)
         if self.device.type == "cuda":
             self._warm_up_kernels(num_blocks)
+        if self.spec is not None:
+            self.spec.init_kv_cache(total)
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
                                        self.max_model_len, self.block_size, scratch_block=num_blocks)
@@ -177,6 +184,8 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run the plan's tokens through the model and sample where a request is caught up."""
+        if plan.num_spec_tokens and self.spec is not None:
+            return self.spec.execute(plan)
         return self.execute_async(plan).result()
 
     @torch.inference_mode()
