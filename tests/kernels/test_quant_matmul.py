@@ -300,3 +300,17 @@ def test_gpu_cuda_graph_capture() -> None:
         torch.cuda.synchronize()
         assert rel_err(out4, int4_linear_ref(x, p, s, z, 128, b)) < TOL[torch.bfloat16]
         assert rel_err(out8, int8_linear_ref(x, q, sc, b)) < TOL[torch.bfloat16]
+
+
+def test_default_int8_config_fits_narrow_k(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small model's K (64, 48, 40) gets a dot tile dividing it, or the dequant path (an
+    H100 run once picked block_k 128 for K = 64)."""
+    from turbollm.kernels import quant_matmul_config as qc
+
+    monkeypatch.setattr(qc, "_interpreting", lambda device: False)
+    monkeypatch.setattr(qc, "_num_sms", lambda index: 132)
+    for m in (2, 16, 64, 200):
+        for k in (64, 48, 40, 4096):
+            cfg = qc.pick_config("int8", m, 96, k, None, torch.device("cuda", 0))
+            qc.check_config(cfg, k, None)  # raises if the tile does not divide K
+            assert cfg.path == "dequant" or k % cfg.block_k == 0

@@ -163,6 +163,13 @@ def pick_config(kind: str, m: int, n: int, k: int, group_size: int | None,
     cfg = band.cfg
     if cfg.path == "dot" and group_size is not None and group_size < cfg.block_k:
         cfg = replace(cfg, block_k=group_size)  # one scale / zero per row and tile
+    if cfg.path == "dot" and group_size is None and k % cfg.block_k:
+        # int8 with a narrow K (small models): the widest power-of-two tile dividing K, else
+        # the dequantize-then-cuBLAS path, which takes any K.
+        bk = cfg.block_k
+        while bk > 16 and k % bk:
+            bk //= 2
+        cfg = replace(cfg, block_k=bk) if k % bk == 0 else _BANDS[kind][-1].cfg
     if band.max_split > 1:
         sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
         if cfg.path == "gemv":
