@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from turbollm.kernels import paged_attention as pa
+from turbollm.kernels import prefill_attention as pa
 
 OUT = os.environ.get("OUT", "out")
 DEV = "cuda"

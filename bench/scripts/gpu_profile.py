@@ -109,7 +109,7 @@ def replay_only(llm: LLM, bs: int, ctx: int) -> None:
 
 
 def prefill_attention() -> None:
-    from turbollm.kernels.paged_attention import paged_prefill_attention
+    from turbollm.kernels.prefill_attention import paged_prefill_attention
 
     T, H, KV, D, bs = 8192, 32, 32, 128, 16
     dev = "cuda"

@@ -7,12 +7,14 @@ import pytest
 import torch
 
 from turbollm.kernels.paged_attention import (
-    PrefillConfig,
-    _launch_prefill,
     choose_num_splits,
-    choose_prefill_config,
     paged_decode_attention,
     paged_decode_attention_ref,
+)
+from turbollm.kernels.prefill_attention import (
+    PrefillConfig,
+    _launch_prefill,
+    choose_prefill_config,
     paged_prefill_attention,
     paged_prefill_attention_ref,
 )

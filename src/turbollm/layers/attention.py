@@ -25,9 +25,11 @@ from turbollm.layers.rotary import apply_rope
 
 try:  # the Triton kernels need triton, which CPU-only torch builds lack
     from turbollm.kernels import paged_attention as paged_kernels
+    from turbollm.kernels import prefill_attention as prefill_kernels
     from turbollm.kernels import rope_cache as rope_kernels
 except ImportError:  # pragma: no cover
     paged_kernels = None
+    prefill_kernels = None
     rope_kernels = None
 
 
@@ -125,7 +127,7 @@ class Attention(nn.Module):
             )  # [nd, H, D]
         if nd < meta.num_reqs:
             # Prompt chunks follow the decodes, whose tokens are the first nd rows of q.
-            pre = paged_kernels.paged_prefill_attention(
+            pre = prefill_kernels.paged_prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], meta.query_start_loc[nd:] - nd,
                 meta.seq_lens[nd:], self.scale, max_query_len=max(meta.query_lens_cpu[nd:]),
                 sliding_window=self.window,
