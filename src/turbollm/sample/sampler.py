@@ -11,7 +11,8 @@ Order of work (each stage skipped when no row needs it):
   -> other rows: temperature -> top-k -> top-p -> min-p -> exponential race.
 
 Host syncs: exactly one per call, the `.tolist()` at the end that brings back token ids and
-logprobs together. Everything before it is queued on the device; host lists reach the
+logprobs together; `Sampler.sample` stops just before it and leaves the packed result on the
+device (the worker copies it back asynchronously when steps overlap). Everything before it is queued on the device; host lists reach the
 device through non-blocking pinned copies (see `logits_processors.to_device`).
 """
 

@@ -2,8 +2,9 @@
 
 Lives in the worker process; everything it holds (weights, KV cache, per-request state)
 is on the model's device except the RequestState bookkeeping (host). One documented host
-sync per step: the sampler's final `.tolist()`, which also carries the prompt logprobs of
-requests that ask (in a step where nobody samples, their own `.tolist()` is that sync).
+sync per step, in `PendingStep.result()`: a wait on the event recorded after the sampler's
+packed tokens / logprobs / prompt logprobs were copied (non-blocking) to pinned memory.
+`execute_async` returns before it, so the engine can launch the next step first.
 """
 
 from __future__ import annotations
