@@ -346,3 +346,11 @@ def test_gpu_decode_cuda_graph_capture() -> None:
     graph.replay()
     ref = paged_decode_attention_ref(q, kv_cache, tables, lens, 128**-0.5)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_gpu_fp8_cache_real_shapes() -> None:
+    """The FP8-cache paths of both kernels on real shapes (bf16 q, e4m3 cache)."""
+    check_decode([1, 300, 2048, 777], 32, 8, 128, 16, dtype=torch.bfloat16, fp8_cache=True)
+    check_prefill([512, 37], [1024, 600], 32, 8, 128, 16, dtype=torch.bfloat16, fp8_cache=True)
