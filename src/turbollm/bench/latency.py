@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import random
 import statistics
 import time
@@ -20,6 +18,7 @@ from typing import Any
 
 import torch
 
+from turbollm.bench.report import write_json
 from turbollm.engine.llm import LLM
 from turbollm.sampling_params import SamplingParams
 
@@ -117,7 +116,5 @@ def run_latency(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int:
     }
     print(f"copy bandwidth (same run): {bw / 1e9:.0f} GB/s")
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=1)
+        write_json(args.output_json, report)
     return 0

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from turbollm.bench.report import write_json
+
 
 @dataclass
 class RequestResult:
@@ -174,8 +176,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     out = {"base_url": args.base_url, "model": model, "args": {k: v for k, v in vars(args).items()
            if k not in ("func", "api_key")}, "results": reports}
     if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as fh:
-            json.dump(out, fh, indent=2, default=str)
+        write_json(args.output_json, out)
     if args.plot:
         _plot(reports, args.plot)
     return 0 if all(r["failed"] == 0 for r in reports) else 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,7 @@ from turbollm.bench.hf_baseline import hf_generate, load_hf_model
 from turbollm.bench.latency import quant_label
 from turbollm.bench.prompts import chat_prompts, random_prompts
 from turbollm.core.spec_policy import SpecCounters
+from turbollm.bench.report import write_json
 from turbollm.engine.llm import LLM
 from turbollm.sampling_params import SamplingParams
 
@@ -105,9 +105,7 @@ def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int
     _print_table(report)
     print(f"KV cache: {eng.kv_capacity_tokens} tokens ({eng.config.cache.kv_cache_dtype})")
     if args.output_json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-        with open(args.output_json, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=1)
+        write_json(args.output_json, report)
     return 0
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from turbollm.quant.grids import group_size_for  # the one policy (re-exported here)
+from turbollm.quant.grids import dequantize_int4, group_size_for  # group_size_for: the one policy
 
 SCALE_EPS = 1e-8
 """Guard for an all-zero group (hi == lo == 0): its scale becomes this instead of 0."""
@@ -104,9 +104,7 @@ def quantize(
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """W_hat [N, K] float32 = (q - z) * s."""
-    n, k = q.shape
-    g = q.float().reshape(n, -1, group_size)  # [N, K // G, G]
-    return ((g - zeros[..., None]) * scales[..., None]).reshape(n, k)
+    return dequantize_int4(q, scales, zeros, group_size)
 
 
 def fake_quantize(

@@ -37,6 +37,8 @@ if triton is not None:
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_H = 16  # heads per program
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value: an FP8 cache stores k and v clamped to it (scale 1)."""
 
 if triton is not None:
 
@@ -87,7 +89,7 @@ if triton is not None:
         kvmask = mask & (~is_q)[:, None]
         c1, c2 = o1, o2
         if CACHE_FP8:  # saturate like torch's cast, then round to e4m3 (scale 1)
-            c1 = tl.minimum(tl.maximum(o1.to(tl.float32), -448.0), 448.0)
+            c1 = tl.minimum(tl.maximum(o1.to(tl.float32), -448.0), 448.0)  # FP8_MAX
             c2 = tl.minimum(tl.maximum(o2.to(tl.float32), -448.0), 448.0)
             if ROUND_FP8:
                 c1 = round_e4m3(c1)
@@ -175,10 +177,20 @@ def rope_and_cache_ref(
     c, s = cos.float()[:, None, :], sin.float()[:, None, :]  # [T, 1, D / 2]
     rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)  # [T, H + KV, D]
     x[:, :num_heads] = rotated[:, :num_heads]
-    k, v = rotated[:, num_heads:], x[:, num_heads + num_kv_heads :]  # [T, KV, D] each
-    flat = kv_cache.view(2, -1, num_kv_heads, head_dim)  # [2, slots, KV, D]
-    if kv_cache.dtype == torch.float8_e4m3fn:  # saturate, round, and copy bytes (no FP8 index_copy_)
-        k, v = (t.clamp(-448.0, 448.0).to(kv_cache.dtype).view(torch.uint8) for t in (k, v))
+    store_kv(kv_cache, rotated[:, num_heads:], x[:, num_heads + num_kv_heads :], slot_mapping.long())
+
+
+def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store k, v ([T, KV * D] or [T, KV, D]) at their flat slots in the cache, in place, in
+    torch. An FP8 cache saturates at +-FP8_MAX and rounds once (scale 1); index_copy_ has
+    no FP8 kernels, so the bytes are copied."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)  # [2, slots, KV, D]
+    k, v = k.reshape(-1, kv_heads, head_dim), v.reshape(-1, kv_heads, head_dim)  # [T, KV, D] each
+    if kv_cache.dtype == torch.float8_e4m3fn:
+        k, v = (t.clamp(-FP8_MAX, FP8_MAX).to(kv_cache.dtype).view(torch.uint8) for t in (k, v))
         flat = flat.view(torch.uint8)
-    flat[0].index_copy_(0, slot_mapping.long(), k)
-    flat[1].index_copy_(0, slot_mapping.long(), v)
+    elif k.dtype != kv_cache.dtype:
+        k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)

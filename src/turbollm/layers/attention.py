@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbollm.kernels.rope_cache import store_kv
 from turbollm.layers.rotary import apply_rope
 
 try:  # the Triton kernels need triton, which CPU-only torch builds lack
@@ -179,31 +180,11 @@ class Attention(nn.Module):
         return out[0].transpose(0, 1)  # [qlen, H, D]
 
 
-FP8_MAX = 448.0
-"""Largest finite float8_e4m3fn value: an FP8 cache stores k and v clamped to it (scale 1)."""
-
-
-def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x in the cache's dtype; FP8 saturates at +-448 rather than overflowing."""
-    if dtype == x.dtype:
-        return x
-    if dtype == torch.float8_e4m3fn:
-        x = x.clamp(-FP8_MAX, FP8_MAX)
-    return x.to(dtype)
-
-
 def write_kv_cache(
     kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Store k, v ([T, KV * D]) at their flat slots in the cache (any cache dtype), in place."""
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)  # [2, slots, KV, D]
-    k = to_cache_dtype(k.view(-1, kv_heads, head_dim), kv_cache.dtype)
-    v = to_cache_dtype(v.view(-1, kv_heads, head_dim), kv_cache.dtype)
-    if kv_cache.element_size() == 1:  # index_copy_ has no FP8 kernels: copy the bytes
-        flat, k, v = flat.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8)
-    flat[0].index_copy_(0, slot_mapping, k)
-    flat[1].index_copy_(0, slot_mapping, v)
+    store_kv(kv_cache, k, v, slot_mapping)
 
 
 def gather_kv(

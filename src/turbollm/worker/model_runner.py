@@ -129,14 +129,12 @@ class ModelRunner:
         kernel picks its tiling from the chunk length), so no request waits on a JIT compile.
         Writes only into blocks no request holds yet."""
         budget = self.config.scheduler.max_num_batched_tokens
-        for qlen in (1, 8, 16, 17, 64, 100, 256, 512, 1024, 2048, 4096):
-            for prefix in (0, 37):
-                n = min(prefix + qlen, self.max_model_len)
-                q = min(qlen, n, budget)
-                if 2 * -(-n // self.block_size) > num_blocks:
-                    continue
-                # A decode beside the chunk, as in a mixed step.
-                self._synthetic_forward([1, q], [n, n], self.kv_caches)
+        # (chunk, context) pairs; capped lengths collapse to one run each.
+        shapes = {(min(qlen, budget, n), n) for qlen in (1, 8, 16, 17, 64, 100, 256, 512, 1024, 2048, 4096)
+                  for n in (min(p + qlen, self.max_model_len) for p in (0, 37))}
+        for q, n in sorted(shapes):
+            if 2 * -(-n // self.block_size) <= num_blocks:
+                self._synthetic_forward([1, q], [n, n], self.kv_caches)  # a decode beside the chunk
         torch.cuda.synchronize(self.device)
 
     def init_kv_cache(self, num_blocks: int) -> None:
@@ -282,17 +280,18 @@ class PendingStep:
         self._result: StepResult | None = None
         packed = draft.packed
         self.event: torch.cuda.Event | None = None
+        self.host = packed
         if packed.is_cuda:
             self.host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self.host.copy_(packed, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
-        else:
-            self.host = packed
 
     @staticmethod
     def done(result: StepResult) -> PendingStep:
-        step = PendingStep.__new__(PendingStep)
+        """A step with nothing to bring back (empty, or nobody samples or scores)."""
+        empty = torch.empty(0, dtype=torch.float64)
+        step = PendingStep(SamplerDraft(empty.long(), empty, [], [], 0, 0), [], None)
         step._result = result
         return step
 
