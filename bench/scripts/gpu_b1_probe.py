@@ -1,0 +1,172 @@
+"""One GPU visit: where a batch-1 decode step's GPU time goes (kernels by name in an eager
+step vs the graph replay), the engine's step time, and a probe of torch's varlen flash
+attention (signature, strided inputs, TFLOP/s at 8k tokens against SDPA and our kernel).
+
+Prints a short table and writes $OUT/gpu_b1_probe.json (+ the kernel table as .txt).
+Usage: python bench/scripts/gpu_b1_probe.py
+"""
+import inspect
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from turbollm import LLM, SamplingParams
+
+OUT = os.environ.get("OUT", "out")
+os.makedirs(OUT, exist_ok=True)
+rows: list[tuple[str, str]] = []
+record: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
+def note(key: str, value: str) -> None:
+    rows.append((key, value))
+    print(f"{key}: {value}", flush=True)
+
+
+def timeit(fn, n: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(n):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def varlen_probe() -> None:
+    from turbollm.kernels.prefill_attention import paged_prefill_attention
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        note("varlen_attn", f"missing: {e}")
+        return
+    note("varlen_attn signature", str(inspect.signature(varlen_attn))[:300])
+    T, D, bs = 8192, 128, 16
+    for H, KV in ((32, 32), (32, 8)):
+        torch.manual_seed(0)
+        qkv = torch.randn(T, (H + 2 * KV) * D, device="cuda", dtype=torch.bfloat16)
+        q = qkv[:, : H * D].view(T, H, D)
+        k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
+        v = qkv[:, (H + KV) * D :].view(T, KV, D)
+        cu = torch.tensor([0, T], device="cuda", dtype=torch.int32)
+        flops = 2 * T * T * H * D
+        res = {}
+        try:
+            kw = {"enable_gqa": True} if KV != H else {}
+            params = inspect.signature(varlen_attn).parameters
+            if "is_causal" in params:
+                kw["is_causal"] = True
+            else:
+                kw["window_size"] = (-1, 0)
+            fn = lambda: varlen_attn(q, k, v, cu, cu, T, T, **kw)  # noqa: E731
+            out = fn()
+            ref = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+            err = (out.float() - ref.float()).abs().max().item()
+            ms = timeit(fn)
+            res["varlen_ms"] = ms
+            note(f"varlen 8k H{H}/KV{KV} strided", f"{ms:.3f} ms = {flops / ms / 1e9:.0f} TFLOP/s, err {err:.3g}")
+        except Exception as e:  # noqa: BLE001 - a probe: report and go on
+            note(f"varlen 8k H{H}/KV{KV}", f"failed: {type(e).__name__}: {e}"[:300])
+        nb = T // bs
+        cache = torch.empty(2, nb, bs, KV, D, device="cuda", dtype=torch.bfloat16)
+        cache[0] = k.reshape(nb, bs, KV, D)
+        cache[1] = v.reshape(nb, bs, KV, D)
+        table = torch.arange(nb, device="cuda")[None]
+        qsl = torch.tensor([0, T], device="cuda")
+        sl = torch.tensor([T], device="cuda")
+        ours = timeit(lambda: paged_prefill_attention(q, cache, table, qsl, sl, D**-0.5, T))
+        res["ours_ms"] = ours
+        note(f"ours 8k H{H}/KV{KV}", f"{ours:.3f} ms = {flops / ours / 1e9:.0f} TFLOP/s")
+        qh, kh, vh = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))
+        sd = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True))
+        res["sdpa_ms"] = sd
+        note(f"SDPA 8k H{H}/KV{KV}", f"{sd:.3f} ms = {flops / sd / 1e9:.0f} TFLOP/s")
+        record[f"prefill_8k_H{H}_KV{KV}"] = res
+
+
+def kernel_breakdown(llm: LLM) -> None:
+    runner = llm.engine.executor.runner
+    g = runner.graphs
+    model = runner.model
+    ctx = 256
+    b = g.bucket_for(1)
+    g.seq_lens[:b].fill_(ctx)
+    g.positions[:b].fill_(ctx - 1)
+    g.block_tables[:b].copy_(torch.arange(g.block_tables.shape[1], device=g.block_tables.device))
+    g.slot_mapping[:b].fill_(g.scratch_slot)
+    replay = timeit(lambda: [g.graphs[b].replay() for _ in range(20)]) / 20
+    note("graph replay b1 ctx256", f"{replay * 1e3:.1f} us")
+    meta = g._meta(b)
+    meta.seq_lens_cpu = [ctx]
+    with torch.inference_mode():
+        for _ in range(3):
+            model(g.input_ids[:b], g.positions[:b], runner.kv_caches, meta)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                model(g.input_ids[:b], g.positions[:b], runner.kv_caches, meta)
+            torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += e.device_time / 5
+            per[e.name][1] += 1 / 5
+    total = sum(v[0] for v in per.values())
+    n = sum(v[1] for v in per.values())
+    lines = [f"{v[0]:9.1f} us {v[1]:6.0f}x  {k[:110]}" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])]
+    with open(os.path.join(OUT, "b1_kernels.txt"), "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines[:25]), flush=True)
+    note("eager b1 step kernels", f"{n:.0f} kernels, {total:.1f} us summed; graph replay {replay * 1e3:.1f} us "
+         f"-> {replay * 1e3 - total:.1f} us of gaps ({(replay * 1e3 - total) / max(n, 1):.2f} us/kernel)")
+    record["b1"] = {"replay_us": replay * 1e3, "kernel_us": total, "kernels": n, "top": lines[:30]}
+
+
+def engine_steps(llm: LLM) -> None:
+    eng = llm.engine
+    sp = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    eng.add_request("b1", list(range(1000, 1128)), sp)
+    for _ in range(20):
+        eng.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(200):
+        eng.step()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / 200 * 1e3
+    note("engine step b1", f"{ms:.3f} ms = {1e3 / ms:.1f} tok/s")
+    record["engine_step_b1_ms"] = ms
+    eng.abort_request(["b1"])
+    while eng.has_unfinished_requests():
+        eng.step()
+
+
+def main() -> None:
+    varlen_probe()
+    t0 = time.perf_counter()
+    llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=64, max_model_len=4096)
+    note("cold start", f"{time.perf_counter() - t0:.1f} s")
+    engine_steps(llm)
+    kernel_breakdown(llm)
+    with open(os.path.join(OUT, "gpu_b1_probe.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    print("\n== summary ==")
+    for k, v in rows:
+        print(f"{k:32s} {v}")
+
+
+if __name__ == "__main__":
+    main()
