@@ -1,11 +1,10 @@
 """One GPU visit: where a batch-1 decode step's GPU time goes (kernels by name in an eager
-step vs the graph replay), the engine's step time, and a probe of torch's varlen flash
-attention (signature, strided inputs, TFLOP/s at 8k tokens against SDPA and our kernel).
+step vs the graph replay), the engine's step time, and prefill attention of an 8k prompt
+through the Attention layer's dense route against the paged kernel and plain SDPA.
 
 Prints a short table and writes $OUT/gpu_b1_probe.json (+ the kernel table as .txt).
 Usage: python bench/scripts/gpu_b1_probe.py
 """
-import inspect
 import json
 import os
 import statistics
@@ -43,43 +42,17 @@ def timeit(fn, n: int = 10) -> float:
     return statistics.median(ts)
 
 
-def varlen_probe() -> None:
+def dense_prefill_probe() -> None:
+    """Prefill attention of one whole 8k prompt through the Attention layer: the dense (SDPA)
+    route on strided q/k/v views vs the paged kernel, and SDPA on contiguous inputs."""
     from turbollm.kernels.prefill_attention import paged_prefill_attention
+    from turbollm.layers.attention import Attention, AttentionMetadata
 
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError as e:
-        note("varlen_attn", f"missing: {e}")
-        return
-    note("varlen_attn signature", str(inspect.signature(varlen_attn))[:300])
     T, D, bs = 8192, 128, 16
     for H, KV in ((32, 32), (32, 8)):
         torch.manual_seed(0)
-        qkv = torch.randn(T, (H + 2 * KV) * D, device="cuda", dtype=torch.bfloat16)
-        q = qkv[:, : H * D].view(T, H, D)
-        k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
-        v = qkv[:, (H + KV) * D :].view(T, KV, D)
-        cu = torch.tensor([0, T], device="cuda", dtype=torch.int32)
-        flops = 2 * T * T * H * D
-        res = {}
-        try:
-            kw = {"enable_gqa": True} if KV != H else {}
-            params = inspect.signature(varlen_attn).parameters
-            if "is_causal" in params:
-                kw["is_causal"] = True
-            else:
-                kw["window_size"] = (-1, 0)
-            fn = lambda: varlen_attn(q, k, v, cu, cu, T, T, **kw)  # noqa: E731
-            out = fn()
-            ref = torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                is_causal=True, enable_gqa=True)[0].transpose(0, 1)
-            err = (out.float() - ref.float()).abs().max().item()
-            ms = timeit(fn)
-            res["varlen_ms"] = ms
-            note(f"varlen 8k H{H}/KV{KV} strided", f"{ms:.3f} ms = {flops / ms / 1e9:.0f} TFLOP/s, err {err:.3g}")
-        except Exception as e:  # noqa: BLE001 - a probe: report and go on
-            note(f"varlen 8k H{H}/KV{KV}", f"failed: {type(e).__name__}: {e}"[:300])
+        heads = torch.randn(T, H + 2 * KV, D, device="cuda", dtype=torch.bfloat16)
+        q, k, v = heads[:, :H], heads[:, H : H + KV], heads[:, H + KV :]
         nb = T // bs
         cache = torch.empty(2, nb, bs, KV, D, device="cuda", dtype=torch.bfloat16)
         cache[0] = k.reshape(nb, bs, KV, D)
@@ -87,14 +60,19 @@ def varlen_probe() -> None:
         table = torch.arange(nb, device="cuda")[None]
         qsl = torch.tensor([0, T], device="cuda")
         sl = torch.tensor([T], device="cuda")
+        meta = AttentionMetadata(torch.arange(T, device="cuda"), table, sl, qsl, [T], [T], 0)
+        layer = Attention(H, KV, D)
+        flops = 2 * T * T * H * D
+        dense = timeit(lambda: layer._dense_prefill(q, k, v, meta))
         ours = timeit(lambda: paged_prefill_attention(q, cache, table, qsl, sl, D**-0.5, T))
-        res["ours_ms"] = ours
-        note(f"ours 8k H{H}/KV{KV}", f"{ours:.3f} ms = {flops / ours / 1e9:.0f} TFLOP/s")
         qh, kh, vh = (x.transpose(0, 1)[None].contiguous() for x in (q, k, v))
         sd = timeit(lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True))
-        res["sdpa_ms"] = sd
-        note(f"SDPA 8k H{H}/KV{KV}", f"{sd:.3f} ms = {flops / sd / 1e9:.0f} TFLOP/s")
-        record[f"prefill_8k_H{H}_KV{KV}"] = res
+        err = (layer._dense_prefill(q, k, v, meta).float()
+               - paged_prefill_attention(q, cache, table, qsl, sl, D**-0.5, T).float()).abs().max().item()
+        record[f"prefill_8k_H{H}_KV{KV}"] = {"dense_route_ms": dense, "paged_kernel_ms": ours, "sdpa_contig_ms": sd}
+        note(f"prefill 8k H{H}/KV{KV}", f"dense route {dense:.3f} ms = {flops / dense / 1e9:.0f} TFLOP/s; "
+             f"paged kernel {ours:.3f} ms = {flops / ours / 1e9:.0f}; SDPA contiguous {sd:.3f} ms = "
+             f"{flops / sd / 1e9:.0f}; max diff {err:.3g}")
 
 
 def kernel_breakdown(llm: LLM) -> None:
@@ -155,7 +133,7 @@ def engine_steps(llm: LLM) -> None:
 
 
 def main() -> None:
-    varlen_probe()
+    dense_prefill_probe()
     t0 = time.perf_counter()
     llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=64, max_model_len=4096)
     note("cold start", f"{time.perf_counter() - t0:.1f} s")

@@ -59,6 +59,25 @@ def test_silu_mul_prologue_matches_reference(n: int, k: int, dtype: torch.dtype)
     torch.testing.assert_close(gemv_silu_mul(gu, w).float(), gemv_silu_mul_ref(gu, w).float(), **_tol(dtype))
 
 
+@pytest.mark.parametrize("config", [(8, 32, 3, 4, 2), (32, 64, 2, 8, 3), (16, 16, 1, 4, 1)])
+def test_forced_tilings_match_reference(config: tuple[int, int, int, int, int]) -> None:
+    """Every tiling the tuning sweep may pick, splits of K included, for each prologue."""
+    g = torch.Generator().manual_seed(sum(config))
+    n, k = 37, 200
+    x, r = (torch.randn(1, k, generator=g).to(DEVICE) for _ in range(2))
+    nw = torch.rand(k, generator=g).to(DEVICE) + 0.5
+    w = torch.randn(n, k, generator=g).to(DEVICE) / k**0.5
+    b = torch.randn(n, generator=g).to(DEVICE)
+    tol = _tol(torch.float32)
+    torch.testing.assert_close(gemv(x, w, b, config=config), gemv_ref(x, w, b), **tol)
+    out, new_r = gemv_rmsnorm(x, r, nw, 1e-6, w, b, config=config)
+    ref, ref_r = gemv_rmsnorm_ref(x, r, nw, 1e-6, w, b)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(new_r, ref_r)
+    gu = torch.randn(1, 2 * k, generator=g).to(DEVICE)
+    torch.testing.assert_close(gemv_silu_mul(gu, w, b, config=config), gemv_silu_mul_ref(gu, w, b), **tol)
+
+
 def test_bad_prologue_inputs() -> None:
     x, w = torch.randn(1, 32, device=DEVICE), torch.randn(16, 32, device=DEVICE)
     with pytest.raises(ValueError, match="norm weight"):

@@ -120,10 +120,12 @@ if triton is not None:
         tl.store(out_ptr + split * stride_os + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _sum2_kernel(part_ptr, out_ptr, N, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    def _sum_kernel(part_ptr, out_ptr, N, SPLITS: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        s = tl.load(part_ptr + offs, mask=mask, other=0.0) + tl.load(part_ptr + N + offs, mask=mask, other=0.0)
+        s = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        for i in tl.static_range(1, SPLITS):
+            s += tl.load(part_ptr + i * N + offs, mask=mask, other=0.0)
         if ROUND:
             s = round_bf16(s)
         tl.store(out_ptr + offs, s.to(out_ptr.dtype.element_ty), mask=mask)
@@ -146,34 +148,48 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: 
         raise ValueError(f"x is on {x.device}: Triton kernels need CUDA, or TRITON_INTERPRET=1 set before import")
 
 
+Config = tuple[int, int, int, int, int]
+"""(BLOCK_N, BLOCK_K, K splits, warps, stages): `config` arguments force it (tuning, tests)."""
+
+
+def gemv_config(n: int, k: int) -> Config:
+    """The tiling for an [N, K] weight: (BLOCK_N, BLOCK_K, K splits, warps, stages)."""
+    split = 2 if k >= _SPLIT_K_FROM else 1
+    return _BLOCK_N, _BLOCK_K, split, 8, 4 if n * k <= 4096 * 4096 else 3
+
+
 def _launch(
     prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
     new_residual: torch.Tensor | None = None, eps: float = 0.0,
+    config: Config | None = None,
 ) -> torch.Tensor:
     n, k = weight.shape
-    split = 2 if k >= _SPLIT_K_FROM else 1
-    k_per_split = -(-(-(-k // split)) // _BLOCK_K) * _BLOCK_K
+    block_n, block_k, split, warps, stages = config or gemv_config(n, k)
+    k_per_split = -(-(-(-k // split)) // block_k) * block_k
+    split = -(-k // k_per_split)  # no split left without columns
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)  # [1, N]
     part = out if split == 1 else torch.empty(split, n, device=x.device, dtype=torch.float32)  # [S, N]
-    stages = 4 if n * k <= 4096 * 4096 else 3
     round_ = emulate_bf16_rounding(x.dtype)
-    _gemv_kernel[(triton.cdiv(n, _BLOCK_N), split)](
+    _gemv_kernel[(triton.cdiv(n, block_n), split)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
         new_residual if new_residual is not None else x, weight, bias if bias is not None else x, part,
         n, k, k_per_split, weight.stride(0), part.stride(0) if split > 1 else 0, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, ROUND=round_, ROUND_OUT=round_ and split == 1, num_warps=8, num_stages=stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1,
+        num_warps=warps, num_stages=stages,
     )
     if split > 1:
-        _sum2_kernel[(triton.cdiv(n, 1024),)](part, out, n, BLOCK=1024, ROUND=round_, num_warps=4)
+        _sum_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=split, BLOCK=1024, ROUND=round_, num_warps=4)
     return out
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: Config | None = None
+) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype, fp32 accumulation."""
     _check(x, weight, bias, x.shape[-1])
-    return _launch(_PLAIN, x, weight, bias)
+    return _launch(_PLAIN, x, weight, bias, config=config)
 
 
 def gemv_rmsnorm(
@@ -183,6 +199,7 @@ def gemv_rmsnorm(
     eps: float,
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
+    config: Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual) @ weight^T (+ bias), x + residual): the pair that
     `fused_add_rmsnorm` followed by `gemv` gives; residual None means x itself (returned as is)."""
@@ -194,17 +211,19 @@ def gemv_rmsnorm(
     if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
         raise ValueError(f"norm weight {tuple(norm_weight.shape)} {norm_weight.dtype} is not a contiguous [{k}] in {x.dtype}")
     new_residual = x if residual is None else torch.empty_like(x)  # [1, K]
-    out = _launch(_RMSNORM, x, weight, bias, residual, norm_weight, new_residual, eps)
+    out = _launch(_RMSNORM, x, weight, bias, residual, norm_weight, new_residual, eps, config)
     return out, new_residual
 
 
-def gemv_silu_mul(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv_silu_mul(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: Config | None = None
+) -> torch.Tensor:
     """(silu(gate) * up) @ weight^T (+ bias) for gate_up = [gate | up] of shape [1, 2K]: the
     product `silu_and_mul` followed by `gemv` gives."""
     if gate_up.dim() != 2 or gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up {tuple(gate_up.shape)} is not [1, 2 * K]")
     _check(gate_up, weight, bias, gate_up.shape[-1] // 2)
-    return _launch(_SILU_MUL, gate_up, weight, bias)
+    return _launch(_SILU_MUL, gate_up, weight, bias, config=config)
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
