@@ -127,12 +127,52 @@ def engine_steps(llm: LLM) -> None:
     ms = (time.perf_counter() - t) / 200 * 1e3
     note("engine step b1", f"{ms:.3f} ms = {1e3 / ms:.1f} tok/s")
     record["engine_step_b1_ms"] = ms
+    # GPU timeline of 30 steps: idle gaps between consecutive GPU activities, by neighbours.
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(30):
+            eng.step()
+        torch.cuda.synchronize()
+    ev = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA)
+    gaps = defaultdict(lambda: [0.0, 0])
+    busy_end, total_gap = ev[0][1], 0.0
+    prev = ev[0][2]
+    outside = defaultdict(lambda: [0.0, 0])
+    for st, en, name in ev[1:]:
+        if st > busy_end:
+            key = f"{prev[:40]} -> {name[:40]}"
+            gaps[key][0] += (st - busy_end) / 30
+            gaps[key][1] += 1 / 30
+            total_gap += st - busy_end
+        busy_end = max(busy_end, en)
+        prev = name
+        if not name.startswith("_") or "sample" in name:
+            outside[name[:80]][0] += (en - st) / 30
+            outside[name[:80]][1] += 1 / 30
+    span = ev[-1][1] - ev[0][0]
+    lines = [f"{v[0]:8.1f} us/step {v[1]:5.1f}x  {k}" for k, v in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:15]]
+    lines += ["-- non-Triton GPU work per step --"]
+    lines += [f"{v[0]:8.1f} us/step {v[1]:5.1f}x  {k}" for k, v in sorted(outside.items(), key=lambda kv: -kv[1][0])[:15]]
+    print("\n".join(lines), flush=True)
+    with open(os.path.join(OUT, "b1_gaps.txt"), "w") as f:
+        f.write("\n".join(lines))
+    note("b1 GPU idle", f"{total_gap / 30:.1f} us/step = {100 * total_gap / span:.1f}% of the span")
     eng.abort_request(["b1"])
     while eng.has_unfinished_requests():
         eng.step()
 
 
+def argmax_probe() -> None:
+    for rows in (1, 64):
+        x = torch.randn(rows, 32000, device="cuda", dtype=torch.bfloat16)
+        a = timeit(lambda: [x.argmax(dim=-1) for _ in range(20)]) / 20
+        b = timeit(lambda: [x.view(-1).argmax() for _ in range(20)]) / 20 if rows == 1 else float("nan")
+        c = timeit(lambda: [torch.max(x, dim=-1) for _ in range(20)]) / 20
+        note(f"argmax [{rows}, 32000] bf16", f"argmax(dim=-1) {a * 1e3:.1f} us; flat argmax {b * 1e3:.1f} us; max(dim=-1) {c * 1e3:.1f} us")
+
+
 def main() -> None:
+    argmax_probe()
     dense_prefill_probe()
     t0 = time.perf_counter()
     llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=64, max_model_len=4096)
