@@ -30,6 +30,7 @@ import): there the e4m3 cast is emulated (see _interpreter.py) and the dot upcas
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -213,6 +214,11 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return xq, scales
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _pick_small_m(m: int, n: int, k: int, device: torch.device) -> Fp8SmallMConfig:
     """Default launch (fixed heuristic: shapes and the SM count only, never a benchmark, so
     graph capture and determinism hold). Tuned on an H100 with bench/scripts/gpu_fp8_kernels.py."""
@@ -224,7 +230,7 @@ def _pick_small_m(m: int, n: int, k: int, device: torch.device) -> Fp8SmallMConf
             cfg = c
             break
     tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     split = 1
     while split < 8 and tiles * split < SPLIT_WAVES * sms and k // (2 * split * cfg.block_k) >= 2:
         split *= 2
