@@ -219,7 +219,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     result: dict[str, object] = {"gpu": gpu, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                                  "reps": args.reps, "small_m_max": f8.SMALL_M_MAX,
-                                 "small_m_configs": [(m, asdict(c)) for m, c in f8.SMALL_M_CONFIGS],
+                                 "small_m_configs": [(m, asdict(c), w) for m, c, w in f8.SMALL_M_CONFIGS],
+                                 "scaled_mm_fast_accum": f8.SCALED_MM_FAST_ACCUM,
                                  "method": "median of CUDA-graph replays, each after a 256 MiB read (L2 flush)"}
     if args.sweep:
         result["sweep"] = run_sweep(args.reps, args.jobs)

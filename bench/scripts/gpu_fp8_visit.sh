@@ -4,6 +4,7 @@
 # each FP8 run with its bf16 baseline in the same visit. STEPS picks the steps (in order);
 # each step is skipped when less than its estimate is left of BUDGET seconds. Logs and JSON
 # under $OUT (one log, visit.log; bench JSON beside it).
+# KARGS: arguments of gpu_fp8_kernels.py (default --sweep).
 #   STEPS="tests kernels lat-none lat-fp8 off-none off-fp8" BUDGET=280 bash bench/scripts/gpu_fp8_visit.sh
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -31,7 +32,7 @@ for s in $STEPS; do
   case $s in
     tests) TAIL=4 step tests 30 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_fp8_matmul.py \
              tests/quant/test_gpu_quant.py ;;
-    kernels) TAIL=40 step kernels 60 python3 bench/scripts/gpu_fp8_kernels.py --sweep ;;
+    kernels) TAIL=40 step kernels 60 python3 bench/scripts/gpu_fp8_kernels.py ${KARGS---sweep} ;;
     lat-none) step lat-none 45 $B latency $M --batch-sizes 1,64 --input-len 128 --output-len 128 \
                 --output-json "$OUT/lat-none.json" ;;
     lat-fp8) step lat-fp8 45 $B latency $M --batch-sizes 1,64 --input-len 128 --output-len 128 \

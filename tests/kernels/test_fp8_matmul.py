@@ -23,8 +23,9 @@ DEVICE = "cuda" if CUDA else "cpu"
 FP8 = torch.float8_e4m3fn
 # ||out - ref|| / ||ref||. Kernel and reference multiply the same e4m3 values with fp32
 # accumulation and round once, so only summation order and the output rounding differ
-# (bf16 ~2^-9, fp16 ~2^-12 relative); on the GPU the FP8 tensor cores' accumulation adds a little.
-TOL = {torch.float32: 1e-3 if CUDA else 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# (bf16 ~2^-9, fp16 ~2^-12 relative). On the GPU, Hopper's FP8 tensor cores keep fewer
+# accumulator bits than fp32 between promotions, so fp32 outputs get a looser bound there.
+TOL = {torch.float32: 5e-3 if CUDA else 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3 if CUDA else 2e-3}
 
 
 def same_fp8(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -189,7 +190,7 @@ def test_gpu_small_m_bands_match_scaled_mm(m: int) -> None:
     and against the _scaled_mm path (bf16: the two GPU paths agree up to rounding)."""
     n, k = 4096, 11008
     wq, ws = make_w(n, k)
-    for max_m, cfg in f8.SMALL_M_CONFIGS:
+    for max_m, cfg, _ in f8.SMALL_M_CONFIGS:
         x = make_x(m, k, torch.float32, seed=max_m)
         assert rel_err(fp8_linear_small_m(x, wq, ws, config=cfg), fp8_linear_ref(x, wq, ws)) < TOL[torch.float32]
         xb = x.to(torch.bfloat16)

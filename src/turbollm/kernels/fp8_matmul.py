@@ -3,11 +3,13 @@ reads the FP8 weights directly (Triton kernels, launchers, torch references).
 
 Numerics (one definition, shared by the kernels, the references and the CPU simulation of
 quant/linear.py): for an activation row x [K],
-    s = max(amax(|x|) / 448, 1e-8)    (float32; an all-zero row gets the floor, not NaN)
+    s = max(amax(|x|) * fp32(1 / 448), 1e-8)    (float32; an all-zero row gets the floor, not NaN)
     q = e4m3(clamp(x * (1 / s), -448, 448))    (round to nearest even, saturating)
 and y[m, n] = (sum_k q[m, k] * wq[n, k]) * s[m] * ws[n] (+ bias[n]) with fp32 accumulation,
-rounded once to x's dtype. `1 / s` and the multiply are single IEEE fp32 operations in the
-kernels too (tl.div_rn), so kernel and reference produce the same fp8 bytes.
+rounded once to x's dtype. Each step is one IEEE fp32 operation in the kernels too (`1 / s`
+through tl.div_rn), so kernel and reference produce the same scales and fp8 values. (A
+multiply by 1/448, not a division by 448: torch divides by a scalar as a multiply by its
+reciprocal on CUDA and truly on CPU, so a division would make the reference device-dependent.)
 
 Two kernels:
 - `quantize_fp8_per_token`: one program per row; xq [M, K] float8_e4m3fn and scales [M, 1]
@@ -65,8 +67,8 @@ if triton is not None:
 
     @triton.jit
     def _scale_of(amax):
-        """Per-row scale from the row's amax (fp32, IEEE division as in the reference)."""
-        return tl.maximum(tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), 1e-8)  # FP8_SCALE_MIN
+        """Per-row scale from the row's amax: amax * fp32(1 / 448), floored at FP8_SCALE_MIN."""
+        return tl.maximum(amax * 0.002232142857142857, 1e-8)
 
     @triton.jit
     def _quant_kernel(
@@ -224,27 +226,28 @@ def _pick_small_m(m: int, n: int, k: int, device: torch.device) -> Fp8SmallMConf
     graph capture and determinism hold). Tuned on an H100 with bench/scripts/gpu_fp8_kernels.py."""
     if device.type != "cuda":  # interpreter: few programs
         return Fp8SmallMConfig(block_m=16, block_n=16, block_k=64, num_stages=1, quant_x=m <= 16)
-    cfg = SMALL_M_CONFIGS[0][1]
-    for max_m, c in SMALL_M_CONFIGS:
-        if m <= max_m:
-            cfg = c
-            break
+    _, cfg, waves = next((b for b in SMALL_M_CONFIGS if m <= b[0]), SMALL_M_CONFIGS[-1])
     tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     split = 1
-    while split < 8 and tiles * split < SPLIT_WAVES * sms and k // (2 * split * cfg.block_k) >= 2:
+    while split < 8 and tiles * split < waves * sms and k // (2 * split * cfg.block_k) >= 2:
         split *= 2
     return Fp8SmallMConfig(cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages,
                            cfg.quant_x)
 
 
-# (largest M, config) bands of the small-M path; split-K fills SPLIT_WAVES x SMs programs.
-SMALL_M_CONFIGS: tuple[tuple[int, Fp8SmallMConfig], ...] = (
-    (16, Fp8SmallMConfig(block_m=16, block_n=64, block_k=256, quant_x=True)),
-    (64, Fp8SmallMConfig(block_m=64, block_n=64, block_k=128, quant_x=False)),
-    (256, Fp8SmallMConfig(block_m=64, block_n=128, block_k=128, num_warps=8, num_stages=3, quant_x=False)),
+# (largest M, config, waves) bands of the small-M path; split-K brings the tiles up to
+# waves x SMs programs. From the H100 sweep of bench/scripts/gpu_fp8_kernels.py (2026-11-27,
+# Llama-2-7B shapes, total µs over qkv / o / gate_up / down, bench/results/
+# fp8-kernels-h100-2026-11-27.json): M = 1: in-kernel quantization, one wave (104.9 µs; the
+# separate quantization launch 106.3); M = 16: the quantization pre-pass over 16 rows costs
+# more than the launch it saves (134.8 vs 108.8 µs); M = 64: 120.4 µs against 133.4 for
+# quantize + _scaled_mm; M = 256: 196 µs against 147, so SMALL_M_MAX = 64.
+SMALL_M_CONFIGS: tuple[tuple[int, Fp8SmallMConfig, float], ...] = (
+    (1, Fp8SmallMConfig(block_m=16, block_n=64, block_k=256, num_stages=4, quant_x=True), 1.0),
+    (16, Fp8SmallMConfig(block_m=16, block_n=64, block_k=256, num_stages=4, quant_x=False), 2.0),
+    (64, Fp8SmallMConfig(block_m=64, block_n=64, block_k=256, num_stages=3, quant_x=False), 2.0),
 )
-SPLIT_WAVES = 2
 
 
 def fp8_linear_small_m(
@@ -293,10 +296,13 @@ def fp8_linear_small_m(
     return out
 
 
-SMALL_M_MAX = 16
+SMALL_M_MAX = 64
 """Largest M that `fp8_linear` sends to the small-M kernel; above it quantize + torch._scaled_mm."""
-SCALED_MM_FAST_ACCUM = False
-"""use_fast_accum of torch._scaled_mm (Hopper's FP8 accumulation without periodic promotion)."""
+SCALED_MM_FAST_ACCUM = True
+"""use_fast_accum of torch._scaled_mm (Hopper's FP8 accumulation without periodic promotion to
+fp32): ~12% faster at M = 4096 on an H100; error against the fp32-accumulated reference
+2.3e-3..3.7e-3 (relative norm, bf16 output) instead of 1.1e-3..1.8e-3, an order of magnitude
+below FP8 W8A8's own quantization error (test_reference_is_w8a8)."""
 
 
 def fp8_linear(
@@ -325,7 +331,7 @@ def fp8_linear(
 def quantize_fp8_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> (xq [..., K] float8_e4m3fn, scales [..., 1] float32): the module's numerics."""
     xf = x.float()
-    s = (xf.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(FP8_SCALE_MIN)  # [..., 1]
+    s = (xf.abs().amax(dim=-1, keepdim=True) * (1.0 / FP8_MAX)).clamp_min(FP8_SCALE_MIN)  # [..., 1]
     return (xf * (1.0 / s)).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
 
 
