@@ -30,7 +30,7 @@ OFF="--dataset random --num-prompts ${PROMPTS:-1000} --input-len 512 --output-le
 export PYTHONUNBUFFERED=1
 for s in $STEPS; do
   case $s in
-    tests) TAIL=4 step tests 30 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_fp8_matmul.py \
+    tests) TAIL=4 step tests 30 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_matmul.py \
              tests/quant/test_gpu_quant.py ;;
     kernels) TAIL=40 step kernels 60 python3 bench/scripts/gpu_fp8_kernels.py ${KARGS---sweep} ;;
     lat-none) step lat-none 45 $B latency $M --batch-sizes 1,64 --input-len 128 --output-len 128 \
