@@ -50,14 +50,12 @@ def _cands() -> list[tuple[int, C, float]]:
     for m in (1, 16):
         out += [(m, c, 2.0) for c in small]
         out += [(m, small[0], 1.0), (m, small[0], 4.0), (m, small[2], 1.0), (m, small[2], 4.0)]
-        out += [(m, replace(small[0], quant_x=False), 2.0)]
-    mid = [C(64, 64, 128, quant_x=False), C(64, 64, 256, num_stages=3, quant_x=False),
-           C(64, 128, 128, num_warps=8, num_stages=3, quant_x=False), C(32, 64, 256, quant_x=False),
-           C(64, 64, 128, quant_x=True)]
+    mid = [C(64, 64, 128), C(64, 64, 256, num_stages=3),
+           C(64, 128, 128, num_warps=8, num_stages=3), C(32, 64, 256),
+           ]
     out += [(64, c, w) for c in mid for w in (2.0,)] + [(64, mid[0], 4.0)]
-    big = [C(64, 128, 128, num_warps=8, num_stages=3, quant_x=False), C(128, 128, 128, num_warps=8, num_stages=3,
-                                                                         quant_x=False),
-           C(64, 256, 128, num_warps=8, num_stages=3, quant_x=False), C(128, 64, 128, num_stages=4, quant_x=False)]
+    big = [C(64, 128, 128, num_warps=8, num_stages=3), C(128, 128, 128, num_warps=8, num_stages=3),
+           C(64, 256, 128, num_warps=8, num_stages=3), C(128, 64, 128, num_stages=4)]
     out += [(256, c, 2.0) for c in big]
     return out
 

@@ -97,14 +97,14 @@ def test_grids_uses_the_kernel_numerics() -> None:
 # Small-M matmul (interpreter-sized configs on CPU)
 
 _CFGS = [
-    Fp8SmallMConfig(block_m=16, block_n=16, block_k=64, split_k=1, num_stages=1, quant_x=True),
-    Fp8SmallMConfig(block_m=16, block_n=32, block_k=32, split_k=3, num_stages=1, quant_x=True),
-    Fp8SmallMConfig(block_m=16, block_n=16, block_k=64, split_k=2, num_stages=1, quant_x=False),
+    Fp8SmallMConfig(block_m=16, block_n=16, block_k=64, split_k=1, num_stages=1),
+    Fp8SmallMConfig(block_m=16, block_n=32, block_k=32, split_k=3, num_stages=1),
+    Fp8SmallMConfig(block_m=32, block_n=16, block_k=64, split_k=2, num_stages=1),
 ]
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 48, 200), (3, 40, 256), (16, 32, 128), (17, 24, 96)])
-@pytest.mark.parametrize("cfg", _CFGS, ids=["quant_x", "quant_x-split3", "prequant-split2"])
+@pytest.mark.parametrize("cfg", _CFGS, ids=["split1", "split3", "bm32-split2"])
 def test_small_m_matches_reference(m: int, n: int, k: int, cfg: Fp8SmallMConfig) -> None:
     x = make_x(m, k, torch.bfloat16, seed=m + n + k)
     wq, ws = make_w(n, k)

@@ -19,9 +19,11 @@ Two kernels:
   FP8 activation tile (swap-AB: acc [BLOCK_N, BLOCK_M] = W x^T, BLOCK_M >= 16 rows of which
   the ones past M are masked). Both operands are FP8, so there is no per-weight conversion
   work at all: unlike the int8 / int4 GEMVs the kernel is bound by the weight stream alone
-  (1 byte a weight). QUANT_X quantizes x inside the kernel (a pre-pass over the program's
-  rows for their scales; K is a compile-time constant so that pass is unrolled), saving the
-  quantization launch at M = 1; otherwise x comes already quantized with its scales.
+  (1 byte a weight). x comes quantized by `quantize_fp8_per_token` (one launch before). An
+  in-kernel quantization (a pre-pass over the program's rows for their scales) saved that
+  launch at M = 1 (~1% of the layer's GEMM time in the H100 sweep) but failed its GPU test on
+  inputs with an outlier channel (outputs dominated by the outlier off by 7-16%, as if the
+  outlier had saturated; right under the interpreter), so it was removed (2026-11-27).
   SPLIT_K > 1 writes fp32 partials and the split-K reduce of kernels/_quant_matmul_kernels
   sums them in a fixed order (deterministic). Grids and allocations depend only on shapes,
   so launches can be captured in CUDA graphs.
@@ -93,11 +95,11 @@ if triton is not None:
     @triton.jit
     def _small_m_kernel(
         x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, out_ptr, part_ptr,
-        M, N, stride_xm, stride_om, k_per_split,
-        K: tl.constexpr, QUANT_X: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
-        ROUND_FP8: tl.constexpr, UPCAST: tl.constexpr,
+        M, N, K, stride_xm, stride_om, k_per_split,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr, UPCAST: tl.constexpr,
     ):
+        """x: float8 [M, K] with scales xs [M]; acc [BN, BM] = W x^T on the tensor cores."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -108,16 +110,7 @@ if triton is not None:
         n_mask = offs_n < N
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
         w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K  # [BN, 1]
-        if QUANT_X:  # the rows' scales over the whole of K (every split needs them)
-            amax = tl.zeros([BLOCK_M], tl.float32)
-            for k0 in tl.static_range(0, K, BLOCK_K):
-                ks = k0 + offs_k
-                xt = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & (ks < K)[None, :], other=0.0)
-                amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), axis=1))
-            xs = _scale_of(amax)  # [BM]
-            inv = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), xs)  # [BM]
-        else:
-            xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=1.0)  # [BM]
+        xs = tl.load(xs_ptr + offs_m, mask=m_mask, other=1.0)  # [BM]
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -125,11 +118,7 @@ if triton is not None:
             ks = k0 + offs_k  # [BK]
             k_mask = ks < k_hi
             w = tl.load(w_rows + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BN, BK] fp8
-            xt = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
-            if QUANT_X:
-                xq = _e4m3(xt.to(tl.float32) * inv[:, None], ROUND_FP8)  # [BM, BK] fp8
-            else:
-                xq = xt
+            xq = tl.load(x_rows + ks[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK] fp8
             if UPCAST:  # interpreter: see the module docstring
                 acc = tl.dot(w.to(tl.float32), tl.trans(xq.to(tl.float32)), acc, input_precision="ieee")
             else:
@@ -154,7 +143,6 @@ class Fp8SmallMConfig:
 
     block_m: activation rows per program (>= 16: the tensor-core tile's narrow side).
     block_n, block_k: weight tile; split_k: programs sharing an output tile along K.
-    quant_x: quantize x inside the kernel (else one `quantize_fp8_per_token` launch first).
     """
 
     block_m: int = 16
@@ -163,7 +151,6 @@ class Fp8SmallMConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 4
-    quant_x: bool = True
 
     def k_per_split(self, k: int) -> int:
         per = -(-k // self.split_k)
@@ -225,28 +212,24 @@ def _pick_small_m(m: int, n: int, k: int, device: torch.device) -> Fp8SmallMConf
     """Default launch (fixed heuristic: shapes and the SM count only, never a benchmark, so
     graph capture and determinism hold). Tuned on an H100 with bench/scripts/gpu_fp8_kernels.py."""
     if device.type != "cuda":  # interpreter: few programs
-        return Fp8SmallMConfig(block_m=16, block_n=16, block_k=64, num_stages=1, quant_x=m <= 16)
+        return Fp8SmallMConfig(block_m=16, block_n=16, block_k=64, num_stages=1)
     _, cfg, waves = next((b for b in SMALL_M_CONFIGS if m <= b[0]), SMALL_M_CONFIGS[-1])
     tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
     sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     split = 1
     while split < 8 and tiles * split < waves * sms and k // (2 * split * cfg.block_k) >= 2:
         split *= 2
-    return Fp8SmallMConfig(cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages,
-                           cfg.quant_x)
+    return Fp8SmallMConfig(cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages)
 
 
 # (largest M, config, waves) bands of the small-M path; split-K brings the tiles up to
 # waves x SMs programs. From the H100 sweep of bench/scripts/gpu_fp8_kernels.py (2026-11-27,
 # Llama-2-7B shapes, total µs over qkv / o / gate_up / down, bench/results/
-# fp8-kernels-h100-2026-11-27.json): M = 1: in-kernel quantization, one wave (104.9 µs; the
-# separate quantization launch 106.3); M = 16: the quantization pre-pass over 16 rows costs
-# more than the launch it saves (134.8 vs 108.8 µs); M = 64: 120.4 µs against 133.4 for
-# quantize + _scaled_mm; M = 256: 196 µs against 147, so SMALL_M_MAX = 64.
+# fp8-kernels-h100-2026-11-27.json): M = 1 and 16: 106.3 / 108.8 µs; M = 64: 120.4 µs
+# against 133.4 for quantize + _scaled_mm; M = 256: 196 µs against 147, so SMALL_M_MAX = 64.
 SMALL_M_CONFIGS: tuple[tuple[int, Fp8SmallMConfig, float], ...] = (
-    (1, Fp8SmallMConfig(block_m=16, block_n=64, block_k=256, num_stages=4, quant_x=True), 1.0),
-    (16, Fp8SmallMConfig(block_m=16, block_n=64, block_k=256, num_stages=4, quant_x=False), 2.0),
-    (64, Fp8SmallMConfig(block_m=64, block_n=64, block_k=256, num_stages=3, quant_x=False), 2.0),
+    (16, Fp8SmallMConfig(block_m=16, block_n=64, block_k=256, num_stages=4), 2.0),
+    (64, Fp8SmallMConfig(block_m=64, block_n=64, block_k=256, num_stages=3), 2.0),
 )
 
 
@@ -270,10 +253,7 @@ def fp8_linear_small_m(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     if m == 0 or n == 0:
         return out
-    if cfg.quant_x:
-        xa, xs = x, out  # xs unused
-    else:
-        xa, xs = quantize_fp8_per_token(x)  # [M, K] fp8, [M, 1]
+    xa, xs = quantize_fp8_per_token(x)  # [M, K] fp8, [M, 1]
     part = out
     if cfg.split_k > 1:
         part = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device)  # [S, M, N]
@@ -281,10 +261,10 @@ def fp8_linear_small_m(
     interp = x.device.type != "cuda"
     _small_m_kernel[grid](
         xa, xs, wq, w_scale, bias if bias is not None else w_scale, out, part,
-        m, n, xa.stride(0), out.stride(0), cfg.k_per_split(k),
-        K=k, QUANT_X=cfg.quant_x, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        m, n, k, xa.stride(0), out.stride(0), cfg.k_per_split(k),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None and cfg.split_k == 1,
-        ROUND_OUT=emulate_bf16_rounding(x.dtype), ROUND_FP8=emulate_fp8_rounding(FP8), UPCAST=interp,
+        ROUND_OUT=emulate_bf16_rounding(x.dtype), UPCAST=interp,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.split_k > 1:
