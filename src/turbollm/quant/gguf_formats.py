@@ -93,7 +93,8 @@ def gguf_plan_parts(linear_types: Mapping[str, str] | None, where: str) -> tuple
     not a GGUF file). ValueError naming the problem when the file's linears cannot all be kept.
     """
     if linear_types is None:
-        raise ValueError(f"quantization='gguf' keeps a GGUF file's Q4_0/Q4_1 weights; {where} is not a .gguf file")
+        raise ValueError(f"quantization='gguf' keeps a GGUF file's Q4_0/Q4_1 weights, but {where} has no "
+                         "GGUF weights (a safetensors checkpoint, a preset, or load_format='dummy')")
     if not linear_types:
         raise ValueError(f"{where}: the GGUF file has no decoder-linear weights to keep")
     others = {n: t for n, t in linear_types.items() if t not in KEPT_TYPES}
