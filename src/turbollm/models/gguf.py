@@ -190,14 +190,16 @@ def raw_leaf(type_name: str) -> str:
     return "ggml_" + type_name.lower()
 
 
+def _is_linear_weight(gguf_name: str) -> bool:
+    """Whether a GGUF tensor is a decoder linear's weight (blk.N.attn_q.weight, ...)."""
+    m = _BLOCK_RE.fullmatch(gguf_name)
+    return m is not None and m.group(2) in _DECODER_LINEARS and m.group(3) == "weight"
+
+
 def linear_tensor_types(reader: GGUFFile) -> dict[str, str]:
     """HF weight name -> GGML type name (e.g. 'Q4_1') of every decoder-linear weight."""
-    out = {}
-    for t in reader.tensors:
-        m = _BLOCK_RE.fullmatch(t.name)
-        if m is not None and m.group(2) in _DECODER_LINEARS and m.group(3) == "weight":
-            out[hf_name(t.name)] = t.tensor_type.name  # type: ignore[index]
-    return out
+    return {hf_name(t.name): t.tensor_type.name  # type: ignore[misc]
+            for t in reader.tensors if _is_linear_weight(t.name)}
 
 
 def iter_gguf_weights(
@@ -215,9 +217,7 @@ def iter_gguf_weights(
         name = hf_name(t.name)
         if name is None:  # rope_freqs: already folded into arch.rope_scaling
             continue
-        m = _BLOCK_RE.fullmatch(t.name)
-        raw = (t.tensor_type.name in raw_types and m is not None
-               and m.group(2) in _DECODER_LINEARS and m.group(3) == "weight")
+        raw = t.tensor_type.name in raw_types and _is_linear_weight(t.name)
         # [out, row bytes] uint8 blocks, or [out, in] / [n] float
         w = t.data if raw else dequantize(t.data, t.tensor_type).reshape(t.shape)
         if permuted and ".attn_q." in t.name:
