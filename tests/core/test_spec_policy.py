@@ -165,3 +165,79 @@ def test_ngram_empty_proposals_cost_nothing() -> None:
     option = pol._option([Candidate("a", 8, 100, 100)], [pol._gain_rates("a")], [0], [8])
     assert abs(option.seconds - 0.010 * (0.75 + 0.25 * (1 + 8 * fill))) < 1e-9
     assert pol.choose([Candidate("a", 8, 100, 100)])
+
+
+def test_speculation_widens_by_doubling_over_cold_drafts() -> None:
+    pol = _policy()
+    for n in (1, 8, 32, 64, 128, 256):  # weight-bound: every size costs the same
+        pol.observe_step(n, n, False, 0.010)
+        pol.observe_step(n, n, True, 0.010, 0.0, [(n, 0.0005 * max(1.0, n / 16))])
+    pol.explore_budget = 0.0
+    for _ in range(10):  # every request would accept everything
+        pol.observe_request("w", 4, 4, 4, 100)
+    pol.draft_valid["w"] = 100
+    cold = [Candidate(f"c{i}", 4, 150 + i, room=400) for i in range(30)]
+    for c in cold:
+        pol.acceptance[c.request_id] = pol.acceptance["w"]
+    ks = pol.choose([Candidate("w", 4, 101, room=400), *cold])
+    # The current one, and as many requests needing a catch-up as speculate already (one),
+    # least catch-up first: not the whole batch at once.
+    assert set(ks) == {"w", "c0"}
+    for i in range(1, 4):
+        pol.draft_valid[f"c{i}"] = 150 + i
+    ks = pol.choose([Candidate("w", 4, 101, room=400), *cold])
+    # Four current ones (w, c1-c3) admit four more: c0 and c4-c6.
+    assert set(ks) == {"w", "c1", "c2", "c3"} | {"c0", "c4", "c5", "c6"}
+
+
+def test_new_batch_size_gets_a_free_probe_and_noise_cannot_make_speculation_free() -> None:
+    pol = _policy()
+    pol.observe_step(1, 1, False, 0.010)
+    pol.observe_step(1, 3, True, 0.012, 0.002, [(40, 0.0015), (1, 0.0005)])
+    pol.observe_step(8, 8, False, 0.020)
+    pol.observe_request("x", 2, 2, 0, 0)  # nothing accepted
+    cands = [Candidate(f"r{i}", 4, 41, room=50) for i in range(8)]
+    assert len(pol.choose(cands)) == 1  # no speculative step measured at batch 8 yet
+    # A noisy speculative measurement below the plain step: a speculative step still costs
+    # at least a plain one, so useless drafts stay useless.
+    pol.observe_step(8, 10, True, 0.016, 0.002, [(41, 0.0015), (1, 0.0005)])
+    for _ in range(5):
+        pol.observe_request("r0", 2, 2, 0, 42)
+    pol.explore_budget = 0.0
+    assert pol.choose([Candidate("r0", 2, 43, room=50)] + cands[1:]) == {}
+
+
+def test_cost_table_never_predicts_a_size_dearer_than_a_larger_measured_one() -> None:
+    from turbollm.core.spec_policy import CostTable
+
+    t = CostTable()
+    t.observe(1, 0.010, 0)
+    t.observe(2, 0.030, 0)  # an outlier (a first, cold step)
+    t.observe(8, 0.012, 0)
+    assert t.predict(2) == 0.012 and t.predict(1) == 0.010
+    assert t.lower_bound(100) == 0.012 and t.predict(16) >= 0.012
+    one = CostTable()
+    one.observe(10, 0.010, 0)
+    assert one.predict(20) == 0.020  # one point, no slope known: proportional, never flat
+    assert one.predict(20, slope=0.0001) == 0.010 + 0.001
+
+
+def test_scheduler_mirrors_what_the_draft_cache_holds() -> None:
+    spec = SpeculativeConfig("draft", draft_model="layers:1", num_speculative_tokens=3,
+                             speculative_adaptive=False)
+    s = Scheduler(SchedulerConfig(64, 8), CacheConfig(block_size=4), 32, 1024, spec)
+    req = _prefill(s, "a")  # 7 tokens known, the draft has seen none
+    pol = s.spec_policy
+    assert pol is not None
+    cand = Candidate("a", 3, req.num_tokens)
+    assert pol.catch_up(cand) == 7
+    plan = s.schedule()
+    # One draft accepted: the draft cached positions 6..8 (last token, drafts 1-2), of
+    # which 0..7 stay valid; 9 tokens known, so one to catch up next time.
+    s.update(plan, StepResult(sampled_token_ids={"a": [101, 102]}, num_draft_tokens={"a": 3}))
+    assert pol.catch_up(Candidate("a", 3, req.num_tokens)) == 1
+    plan = s.schedule()
+    s.update(plan, StepResult(sampled_token_ids={"a": [1, 2, 3, 4]}, num_draft_tokens={"a": 3}))
+    assert pol.catch_up(Candidate("a", 3, req.num_tokens)) == 2  # all accepted + the bonus
+    s._preempt(s.running.pop())
+    assert pol.catch_up(Candidate("a", 3, req.num_tokens)) == req.num_tokens

@@ -18,9 +18,11 @@ step's result:
 The choice maximizes predicted tokens per second for the whole step. With a1 the rate at
 which a request's first draft is accepted and b the rate at which a draft following an
 accepted one is, its k-th draft is emitted with probability a1 b^(k-1) (the marginal gain), so
-for a threshold t every request takes the drafts whose gain is >= t (or only the requests
-whose draft cache is current); each option gives expected tokens / predicted seconds, and
-the best one wins unless a plain decode step is predicted faster. Predicted seconds are the
+for a threshold t every request takes the drafts whose gain is >= t; each option gives
+expected tokens / predicted seconds, and the best one wins unless a plain decode step is
+predicted faster. With a draft model, requests whose draft cache is not current join at
+most as many per step as already speculate (speculation widens by doubling, see
+`_with_catch_up_limit`). Predicted seconds are the
 target's at the expected verified tokens plus every draft forward, the first one running
 each speculating request's catch-up tokens; catch-up is paid once and serves the request's
 later steps, so the part beyond one token per request is spread over the steps it may still
@@ -51,8 +53,11 @@ _PRIOR = (0.5, 1.0)
 _POOLED_DECAY = 0.98
 """Weight of the pooled past per new observation (a window of ~50 verifications)."""
 _EMA = 0.3
-"""Weight of a new time measurement in its bucket's average."""
-_THRESHOLDS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
+"""Weight of a new time measurement in its bucket's average (1/count for a bucket's first
+few, so one noisy first measurement does not linger)."""
+_THRESHOLDS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01)
+"""Candidate cut-offs of a draft's emission chance; measured costs choose among them (an
+n-gram draft on a weight-bound step costs ~1-3% of the step, so low ones can pay)."""
 _EXPLORE_SHARE = 0.02
 """Re-testing a judgement against speculation may cost this share of plain-step time."""
 _PROBE_K = 2
@@ -109,6 +114,7 @@ class CostTable:
     def __init__(self) -> None:
         self.points: dict[int, tuple[float, float]] = {}
         """bucket -> (average size, average seconds)."""
+        self.counts: dict[int, int] = {}
         self.last_step: dict[int, int] = {}
 
     @staticmethod
@@ -117,11 +123,10 @@ class CostTable:
 
     def observe(self, n: int, seconds: float, step: int) -> None:
         b = self.bucket(n)
-        old = self.points.get(b)
-        if old is None:
-            self.points[b] = (float(n), seconds)
-        else:
-            self.points[b] = ((1 - _EMA) * old[0] + _EMA * n, (1 - _EMA) * old[1] + _EMA * seconds)
+        old = self.points.get(b, (0.0, 0.0))
+        self.counts[b] = count = self.counts.get(b, 0) + 1
+        w = max(_EMA, 1 / count)
+        self.points[b] = ((1 - w) * old[0] + w * n, (1 - w) * old[1] + w * seconds)
         self.last_step[b] = step
 
     def slope(self) -> float | None:
@@ -132,19 +137,30 @@ class CostTable:
         (x0, y0), (x1, y1) = pts[-2], pts[-1]
         return max(0.0, (y1 - y0) / max(x1 - x0, 1e-9))
 
+    def lower_bound(self, n: float) -> float:
+        """Seconds size n costs at least, by measurements only: the prediction within the
+        measured sizes, the largest size's seconds beyond them (0.0: nothing measured)."""
+        if not self.points:
+            return 0.0
+        x1, y1 = max(self.points.values())
+        return y1 if n >= x1 else self.predict(n) or 0.0
+
     def predict(self, n: float, slope: float | None = None) -> float | None:
-        """Seconds for size n, linear between measured points, flat below the smallest. Above
-        the largest: the slope of the two largest; with one point, `slope` if given (a related
-        table's measured slope), else proportional to size (no economy of scale assumed, so a
-        size never measured is not predicted cheap). None: nothing measured."""
+        """Seconds for size n, linear between measured points, flat below the smallest, and
+        never above a measured larger size (a size the policy then avoids is never measured
+        again, so a high outlier would otherwise stay). Above the largest: the slope of the
+        two largest; with one point, `slope` if given (a related table's measured slope),
+        else proportional to size (no economy of scale assumed, so a size never measured is
+        not predicted cheap). None: nothing measured."""
         if not self.points:
             return None
         pts = sorted(self.points.values())
         if n <= pts[0][0]:
-            return pts[0][1]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            return min(y for _, y in pts)
+        for i, ((x0, y0), (x1, y1)) in enumerate(zip(pts, pts[1:])):
             if n <= x1:
-                return y0 + (y1 - y0) * (n - x0) / max(x1 - x0, 1e-9)
+                y = y0 + (y1 - y0) * (n - x0) / max(x1 - x0, 1e-9)
+                return min(y, *(y2 for _, y2 in pts[i + 1:]))
         x1, y1 = pts[-1]
         own = self.slope()
         if own is not None:
@@ -331,16 +347,16 @@ class SpecPolicy:
             return {}  # measure (or refresh) the plain-decode cost at this batch size
         rates = [self._gain_rates(c.request_id) for c in cands]
         catch = [self.catch_up(c) for c in cands]
-        if not self.spec.points or (self.uses_draft_model and not self.draft.points):
-            return self._probe(cands, catch)  # nothing measured yet: the first probe is free
+        if (max((x for x, _ in self.spec.points.values()), default=0.0) <= b
+                or (self.uses_draft_model and not self.draft.points)):
+            # No speculative step at this batch size was measured yet: a free probe (bounded:
+            # it recurs only while the largest batch grows, or while an n-gram probe finds no
+            # match, which then costs nothing).
+            return self._probe(cands, catch)
         best: _Option | None = None
-        warm = [n <= 2 for n in catch]  # the draft is current (a verification adds <= 2)
         for t in _THRESHOLDS:
             ks = [min(c.max_k, _drafts_above(r[:2], t)) for c, r in zip(cands, rates, strict=True)]
-            options = [ks]
-            if self.uses_draft_model and not all(warm):
-                options.append([k if w else 0 for k, w in zip(ks, warm, strict=True)])
-            for opt in options:
+            for opt in self._with_catch_up_limit(ks, catch):
                 if any(opt):
                     o = self._option(cands, rates, catch, opt)
                     if best is None or o.tokens / o.seconds > best.tokens / best.seconds:
@@ -357,6 +373,25 @@ class SpecPolicy:
         self.explore_budget = 0.0
         return probe
 
+    def _with_catch_up_limit(self, ks: list[int], catch: list[int]) -> list[list[int]]:
+        """Options for one threshold's Ks. A request whose draft cache is current (catch-up
+        <= 2: what one verification leaves) keeps its K; requests that would first need a
+        catch-up join at most as many per step as already speculate with a current cache
+        (at least one), least catch-up first. A catch-up is paid at once and only repaid over
+        later steps, so speculation widens by doubling, each step judged on costs measured
+        at about its size, and a wrong judgement sinks at most what the last step invested.
+        Also the option of the current ones only. An n-gram has no catch-up: Ks as given."""
+        if not self.uses_draft_model:
+            return [ks]
+        warm = [k if n <= 2 else 0 for k, n in zip(ks, catch, strict=True)]
+        cold = sorted((n, i) for i, (k, n) in enumerate(zip(ks, catch, strict=True)) if k and n > 2)
+        if not cold:
+            return [ks]
+        grown = list(warm)
+        for _, i in cold[: max(1, sum(1 for k in warm if k))]:
+            grown[i] = ks[i]
+        return [grown, warm]
+
     def _probe(self, cands: list[Candidate], catch: list[int]) -> dict[str, int]:
         """The cheapest informative speculative step: the request with least catch-up."""
         i = min(range(len(cands)), key=lambda j: catch[j])
@@ -369,6 +404,9 @@ class SpecPolicy:
         verified = len(cands) + sum(r[2] * k for r, k in zip(rates, ks, strict=True))
         seconds = self.spec.predict(verified, self.plain.slope())
         assert seconds is not None
+        # A speculative step does at least a plain step's work on as many tokens (and runs
+        # eagerly where plain steps replay graphs): two noisy tables must not make it cheaper.
+        seconds = max(seconds, self.plain.lower_bound(verified))
         if self.uses_draft_model:
             seconds += self._draft_seconds(cands, rates, catch, ks)
         return _Option(ks, tokens, seconds)
