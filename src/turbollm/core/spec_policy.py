@@ -29,10 +29,13 @@ later steps, so the part beyond one token per request is spread over the steps i
 take (at most `refresh_steps`, the horizon over which the policy re-judges itself).
 
 Costs come from measurements only. The first speculative step is a probe: one request, the
-one whose draft has least to catch up, with at most two drafts. A policy that judged
+one whose draft has least to catch up, with at most two drafts (repeated while no probe has
+drafted anything: an n-gram without a match costs nothing). A policy that judged
 speculation not worth it re-tests it with the same kind of probe, but only once the
-predicted extra cost of the probe fits an exploration budget that grows by 2% of every plain
-step's time, so re-testing costs at most ~2% of plain decoding. Every `refresh_steps` a
+predicted extra cost of the probe fits an exploration budget that grows by 1% of every plain
+step's time and empties at each probe, so re-testing costs ~1% of plain decoding (the ≤ 5%
+that adaptive speculation may lose to plain decoding at worst leaves room for noise in the
+measurements it decides from). Every `refresh_steps` a
 plain step refreshes the baseline at the current batch size. Sizes beyond the largest
 measured one are extrapolated from the measured slope (the target's plain-step slope while
 only one speculative size is known; proportional to size with no slope at all), so a larger
@@ -58,7 +61,7 @@ few, so one noisy first measurement does not linger)."""
 _THRESHOLDS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.03, 0.02, 0.01)
 """Candidate cut-offs of a draft's emission chance; measured costs choose among them (an
 n-gram draft on a weight-bound step costs ~1-3% of the step, so low ones can pay)."""
-_EXPLORE_SHARE = 0.02
+_EXPLORE_SHARE = 0.01
 """Re-testing a judgement against speculation may cost this share of plain-step time."""
 _PROBE_K = 2
 """Drafts of a probe: two measure both acceptance rates and, with a draft model, both kinds
@@ -271,6 +274,8 @@ class SpecPolicy:
         self.step = 0
         self.explore_budget = 0.0
         """Seconds the policy may spend on its next probe (see the module docstring)."""
+        self.drafts_measured = False
+        """Whether a speculative step that verified drafts has been measured."""
         self.counters = SpecCounters()
 
     # ---- learning ------------------------------------------------------------------------
@@ -300,6 +305,7 @@ class SpecPolicy:
             self.plain.observe(num_reqs, step_seconds, self.step)
             self.explore_budget += _EXPLORE_SHARE * step_seconds
             return
+        self.drafts_measured |= num_tokens > num_reqs
         if not self.uses_draft_model:
             self.spec.observe(num_tokens, step_seconds, self.step)
             return
@@ -347,12 +353,9 @@ class SpecPolicy:
             return {}  # measure (or refresh) the plain-decode cost at this batch size
         rates = [self._gain_rates(c.request_id) for c in cands]
         catch = [self.catch_up(c) for c in cands]
-        if (max((x for x, _ in self.spec.points.values()), default=0.0) <= b
-                or (self.uses_draft_model and not self.draft.points)):
-            # No speculative step at this batch size was measured yet: a free probe (bounded:
-            # it recurs only while the largest batch grows, or while an n-gram probe finds no
-            # match, which then costs nothing).
-            return self._probe(cands, catch)
+        if not self.drafts_measured:
+            self.explore_budget = 0.0
+            return self._probe(cands, catch)  # a free probe (see the module docstring)
         best: _Option | None = None
         for t in _THRESHOLDS:
             ks = [min(c.max_k, _drafts_above(r[:2], t)) for c, r in zip(cands, rates, strict=True)]
