@@ -147,7 +147,9 @@ def test_probe_is_budgeted_and_only_for_the_cheapest_request() -> None:
     assert ks == {"r0": 2}  # the request with the shortest catch-up, two drafts
     # The probe's predicted extra cost was earned at 1% of the plain steps since the last.
     extra = pol._option(cands, [pol._gain_rates(c.request_id) for c in cands],
-                        [pol.catch_up(c) for c in cands], [2] + [0] * 31).seconds - 0.020
+                        [pol.catch_up(c) for c in cands], [2] + [0] * 31, amortize=False).seconds - 0.020
+    # ... with its whole catch-up (40 draft tokens), which a probe pays for nothing later.
+    assert extra > pol.draft.predict(40) > 0.001
     assert steps * 0.020 * 0.01 >= extra > (steps - 1) * 0.020 * 0.01
     assert pol.explore_budget == 0.0 and pol.choose(cands) == {}
 

@@ -370,7 +370,7 @@ class SpecPolicy:
         # speculating, so a judgement never re-tested would be final. Probe within budget.
         probe = self._probe(cands, catch)
         ks = [probe.get(c.request_id, 0) for c in cands]
-        extra = self._option(cands, rates, catch, ks).seconds - plain
+        extra = self._option(cands, rates, catch, ks, amortize=False).seconds - plain
         if extra > self.explore_budget:
             return {}
         self.explore_budget = 0.0
@@ -401,8 +401,9 @@ class SpecPolicy:
         return {cands[i].request_id: min(cands[i].max_k, _PROBE_K)}
 
     def _option(self, cands: list[Candidate], rates: list[tuple[float, float, float]],
-                catch: list[int], ks: list[int]) -> _Option:
-        """Expected tokens and predicted seconds of a step with these Ks."""
+                catch: list[int], ks: list[int], amortize: bool = True) -> _Option:
+        """Expected tokens and predicted seconds of a step with these Ks (with `amortize`
+        off, catch-up counted in full: a probe's pays for nothing later)."""
         tokens = sum(_expected_tokens(r[:2], k) for r, k in zip(rates, ks, strict=True))
         verified = len(cands) + sum(r[2] * k for r, k in zip(rates, ks, strict=True))
         seconds = self.spec.predict(verified, self.plain.slope())
@@ -411,11 +412,11 @@ class SpecPolicy:
         # eagerly where plain steps replay graphs): two noisy tables must not make it cheaper.
         seconds = max(seconds, self.plain.lower_bound(verified))
         if self.uses_draft_model:
-            seconds += self._draft_seconds(cands, rates, catch, ks)
+            seconds += self._draft_seconds(cands, rates, catch, ks, amortize)
         return _Option(ks, tokens, seconds)
 
     def _draft_seconds(self, cands: list[Candidate], rates: list[tuple[float, float, float]],
-                       catch: list[int], ks: list[int]) -> float:
+                       catch: list[int], ks: list[int], amortize: bool) -> float:
         """Draft forwards of a step: the first runs every speculating request's catch-up,
         the others one token per request still drafting. The first forward's cost beyond
         one token per request is spread over each request's remaining steps."""
@@ -423,7 +424,7 @@ class SpecPolicy:
         steady = self._draft(len(live))
         now = self._draft(sum(catch[i] for i in live))
         excess = sum(catch[i] - 1 for i in live)
-        if excess > 0:
+        if excess > 0 and amortize:
             share = 0.0
             for i in live:
                 steps = cands[i].room / _expected_tokens(rates[i][:2], ks[i])
