@@ -20,26 +20,27 @@ which a request's first draft is accepted and b the rate at which a draft follow
 accepted one is, its k-th draft is emitted with probability a1 b^(k-1) (the marginal gain), so
 for a threshold t every request takes the drafts whose gain is >= t; each option gives
 expected tokens / predicted seconds, and the best one wins unless a plain decode step is
-predicted faster. With a draft model, requests whose draft cache is not current join at
-most as many per step as already speculate (speculation widens by doubling, see
-`_with_catch_up_limit`). Predicted seconds are the
-target's at the expected verified tokens plus every draft forward, the first one running
-each speculating request's catch-up tokens; catch-up is paid once and serves the request's
-later steps, so the part beyond one token per request is spread over the steps it may still
-take (at most `refresh_steps`, the horizon over which the policy re-judges itself).
+predicted faster. Predicted seconds are the target's at the expected verified tokens (never
+less than a measured plain step of as many tokens) plus every draft forward, the first one
+running each speculating request's catch-up tokens. A catch-up is paid once and serves the
+request's later steps, so the part beyond one token per request is spread over the steps it
+may still take (at most `refresh_steps`, the horizon over which the policy re-judges
+itself); and since it is sunk if the judgement was wrong, requests whose draft cache is not
+current join at most as many per step as already speculate (speculation widens by
+doubling, see `_with_catch_up_limit`).
 
 Costs come from measurements only. The first speculative step is a probe: one request, the
 one whose draft has least to catch up, with at most two drafts (repeated while no probe has
 drafted anything: an n-gram without a match costs nothing). A policy that judged
 speculation not worth it re-tests it with the same kind of probe, but only once the
 predicted extra cost of the probe fits an exploration budget that grows by 1% of every plain
-step's time and empties at each probe, so re-testing costs ~1% of plain decoding (the ≤ 5%
-that adaptive speculation may lose to plain decoding at worst leaves room for noise in the
-measurements it decides from). Every `refresh_steps` a
-plain step refreshes the baseline at the current batch size. Sizes beyond the largest
-measured one are extrapolated from the measured slope (the target's plain-step slope while
-only one speculative size is known; proportional to size with no slope at all), so a larger
-step is never predicted cheaper than what was measured.
+step's time and empties at each probe, so re-testing costs ~1% of plain decoding (of the
+≤ 5% that adaptive speculation may lose to plain decoding at worst, the rest is room for
+noise in the measurements it decides from). Every `refresh_steps` a plain step refreshes
+the baseline at the current batch size. Sizes beyond the largest measured one are
+extrapolated from the measured slope (the target's plain-step slope while only one
+speculative size is known; proportional to size with no slope at all), so a larger step is
+never predicted cheaper than what was measured.
 """
 
 from __future__ import annotations
