@@ -122,7 +122,9 @@ if triton is not None:
             if UPCAST:  # interpreter: see the module docstring
                 acc = tl.dot(w.to(tl.float32), tl.trans(xq.to(tl.float32)), acc, input_precision="ieee")
             else:
-                acc = tl.dot(w, tl.trans(xq), acc)  # [BN, BM], fp32 accumulation
+                # Hopper's FP8 MMA accumulates with ~14 mantissa bits; Triton's sm90 default
+                # lets it run over all of K. Promote to the fp32 accumulator every 128.
+                acc = tl.dot(w, tl.trans(xq), acc, max_num_imprecise_acc=128)  # [BN, BM]
         ws = tl.load(ws_ptr + offs_n, mask=n_mask, other=0.0)  # [BN]
         acc = tl.trans(acc * ws[:, None]) * xs[:, None]  # [BM, BN]
         rows = offs_m.to(tl.int64)[:, None]
