@@ -11,6 +11,7 @@ import platform
 import time
 from typing import Any
 
+from turbollm.compress.calibration import calibration_windows
 from turbollm.compress.corpus import load_corpus
 from turbollm.compress.evaluate import (
     EvalModel,
@@ -20,6 +21,13 @@ from turbollm.compress.evaluate import (
     make_windows,
     perplexity,
     result_dict,
+)
+from turbollm.compress.kv_scales import (
+    DEFAULT_CALIB,
+    KVScales,
+    apply_kv_scales,
+    calibrate_kv_scales,
+    model_kv_scales,
 )
 
 
@@ -47,6 +55,32 @@ def _write(path: str | None, payload: dict[str, Any], quiet: bool = False) -> No
             json.dump(payload, f, indent=2)
         if not quiet:
             print(f"wrote {path}")
+
+
+KV_SCALE_CHOICES = ("auto", "unit", "calibrate")
+
+
+def kv_scale_variants(kv_scales: str) -> list[str]:
+    """--kv-scales unit,calibrate -> ['unit', 'calibrate'] (checked)."""
+    out = [s.strip() for s in str(kv_scales).split(",") if s.strip()]
+    bad = [s for s in out if s not in KV_SCALE_CHOICES]
+    if bad or not out:
+        raise ValueError(f"--kv-scales entries must be {', '.join(KV_SCALE_CHOICES)}; got {kv_scales!r}")
+    return out
+
+
+def set_kv_scales(em: EvalModel, how: str) -> None:
+    """Give an FP8-cache model its KV scales: 'auto' keeps what loading set (the checkpoint's
+    or 1.0), 'unit' sets 1.0, 'calibrate' measures them on the calibration part."""
+    if how == "auto":
+        return
+    layers = em.model.arch.num_hidden_layers  # type: ignore[union-attr]
+    if how == "unit":
+        scales = KVScales((1.0,) * layers, (1.0,) * layers)
+    else:
+        scales = calibrate_kv_scales(em.model, calibration_windows(em.tokenizer, *DEFAULT_CALIB))
+    apply_kv_scales(em.model, scales)
+    em.quantization += f" ({how} scales)"
 
 
 def quantization_variants(quantization: str | None, group_sizes: str) -> list[tuple[str, int]]:
@@ -80,13 +114,15 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     del base
     payload["quantized"] = []
     if args.kv_cache_dtype != "auto":  # the float model with a compressed KV cache
-        variants = [*variants, ("kv", 0)]
+        variants = [*variants, *(("kv:" + how, 0) for how in kv_scale_variants(args.kv_scales))]
     for method, group in variants:
         gc.collect()
         t0 = time.perf_counter()
         try:
-            if method == "kv":
+            if method.startswith("kv:"):
                 q = load_eval_model(name, None, kv_cache_dtype=args.kv_cache_dtype, **opts)
+                set_kv_scales(q, method.removeprefix("kv:"))
+                payload.setdefault("kv_scales", {})[q.quantization] = _scales_dict(q)
             else:
                 q = load_eval_model(name, method, group_size=group, **opts)
         except ValueError as e:  # e.g. a group size that does not divide a layer's width
@@ -116,6 +152,11 @@ def run_eval_compare(args: argparse.Namespace) -> int:
     a = load_eval_model(_model_name(args.model_a), None, **opts)
     b = load_eval_model(_model_name(args.model_b), method, group_size=group,
                         kv_cache_dtype=args.kv_cache_dtype, **opts)
+    if args.kv_cache_dtype == "fp8":
+        hows = kv_scale_variants(args.kv_scales)
+        if len(hows) > 1:
+            raise ValueError("eval compare takes one --kv-scales value")
+        set_kv_scales(b, hows[0])
     windows = _windows(args, a)
     res = compare(a, b, windows)
     print(f"A = {a.name} [{a.quantization}], B = {b.name} [{b.quantization}]")
@@ -125,6 +166,11 @@ def run_eval_compare(args: argparse.Namespace) -> int:
     _write(args.json, {"protocol": _protocol(args, a, windows), **result_dict(res),
                        "model_a": result_dict_model(a), "model_b": result_dict_model(b)})
     return 0
+
+
+def _scales_dict(em: EvalModel) -> dict[str, list[float]]:
+    scales = model_kv_scales(em.model)
+    return {"k_scale": list(scales.k), "v_scale": list(scales.v)}
 
 
 def result_dict_model(em: EvalModel) -> dict[str, Any]:

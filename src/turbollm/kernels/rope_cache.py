@@ -21,6 +21,9 @@ so the launch can be captured in a CUDA graph. Runs on CPU only under the interp
 
 from __future__ import annotations
 
+import math
+import struct
+
 import torch
 
 try:
@@ -38,13 +41,33 @@ HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_H = 16  # heads per program
 FP8_MAX = 448.0
-"""Largest finite float8_e4m3fn value: an FP8 cache stores k and v clamped to it (scale 1)."""
+"""Largest finite float8_e4m3fn value: an FP8 cache stores k / k_scale and v / v_scale clamped to it."""
+
+
+def check_kv_scales(kv_cache: torch.Tensor, k_scale: float, v_scale: float) -> None:
+    """ValueError unless both scales are finite and > 0, and 1.0 for a cache that is not FP8.
+
+    An FP8 cache holds e4m3(k / k_scale) and e4m3(v / v_scale) (per-layer dequantization
+    scales, as in vLLM); other caches hold k and v as they are."""
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0):
+            raise ValueError(f"{name} must be a finite float > 0, got {s!r}")
+    if kv_cache.dtype != torch.float8_e4m3fn and (k_scale != 1.0 or v_scale != 1.0):
+        raise ValueError(
+            f"k_scale / v_scale ({k_scale}, {v_scale}) apply to a float8_e4m3fn cache only; "
+            f"this cache is {kv_cache.dtype}"
+        )
+
+
+def inverse_scale(scale: float) -> float:
+    """1 / scale rounded to fp32: the kernel and the torch writer multiply by the same number."""
+    return struct.unpack("f", struct.pack("f", 1.0 / scale))[0]
 
 if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr,
+        qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, k_inv, v_inv,
         stride_tok, stride_cos, stride_sin, stride_plane, stride_slot,
         NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
         HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -88,9 +111,10 @@ if triton is not None:
                + kv_head[:, None] * HEAD_DIM + d[None, :])
         kvmask = mask & (~is_q)[:, None]
         c1, c2 = o1, o2
-        if CACHE_FP8:  # saturate like torch's cast, then round to e4m3 (scale 1)
-            c1 = tl.minimum(tl.maximum(o1.to(tl.float32), -448.0), 448.0)  # FP8_MAX
-            c2 = tl.minimum(tl.maximum(o2.to(tl.float32), -448.0), 448.0)
+        if CACHE_FP8:  # divide by the scale, saturate like torch's cast, then round to e4m3
+            inv = tl.where(is_v, v_inv, k_inv)[:, None]  # [BLOCK_H, 1] 1 / scale
+            c1 = tl.minimum(tl.maximum(o1.to(tl.float32) * inv, -448.0), 448.0)  # FP8_MAX
+            c2 = tl.minimum(tl.maximum(o2.to(tl.float32) * inv, -448.0), 448.0)
             if ROUND_FP8:
                 c1 = round_e4m3(c1)
                 c2 = round_e4m3(c2)
@@ -141,18 +165,22 @@ def rope_and_cache(
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Rotate q in place inside `qkv`; store rotated k and v at each token's cache slot."""
+    """Rotate q in place inside `qkv`; store rotated k and v at each token's cache slot
+    (an FP8 cache: k / k_scale and v / v_scale, see `check_kv_scales`)."""
     if triton is None:
         raise RuntimeError("rope_and_cache needs triton; use rope_and_cache_ref instead")
     _check(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
+    check_kv_scales(kv_cache, k_scale, v_scale)
     tokens = qkv.shape[0]
     if tokens == 0:
         return
     heads = num_heads + 2 * num_kv_heads
     grid = (tokens, triton.cdiv(heads, _BLOCK_H))
     _rope_cache_kernel[grid](
-        qkv, cos, sin, kv_cache, slot_mapping,
+        qkv, cos, sin, kv_cache, slot_mapping, inverse_scale(k_scale), inverse_scale(v_scale),
         qkv.stride(0), cos.stride(0), sin.stride(0), kv_cache.stride(0), kv_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim,
         HALF_PAD=max(16, _next_pow2(head_dim // 2)), BLOCK_H=_BLOCK_H,
@@ -165,10 +193,12 @@ def rope_and_cache(
 def rope_and_cache_ref(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
     """The kernel's semantics in torch (fp32 rotation, one rounding), same in-place effects.
 
-    An FP8 cache gets k and v clamped to +-448 and rounded once more (from q's dtype)."""
+    An FP8 cache gets k / k_scale and v / v_scale clamped to +-448 and rounded once more
+    (from q's dtype)."""
     _check(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim)
     tokens = qkv.shape[0]
     x = qkv.view(tokens, num_heads + 2 * num_kv_heads, head_dim)  # [T, H + 2 KV, D]
@@ -177,18 +207,25 @@ def rope_and_cache_ref(
     c, s = cos.float()[:, None, :], sin.float()[:, None, :]  # [T, 1, D / 2]
     rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv.dtype)  # [T, H + KV, D]
     x[:, :num_heads] = rotated[:, :num_heads]
-    store_kv(kv_cache, rotated[:, num_heads:], x[:, num_heads + num_kv_heads :], slot_mapping.long())
+    store_kv(kv_cache, rotated[:, num_heads:], x[:, num_heads + num_kv_heads :], slot_mapping.long(),
+             k_scale, v_scale)
 
 
-def store_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv(
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
+) -> None:
     """Store k, v ([T, KV * D] or [T, KV, D]) at their flat slots in the cache, in place, in
-    torch. An FP8 cache saturates at +-FP8_MAX and rounds once (scale 1); index_copy_ has
-    no FP8 kernels, so the bytes are copied."""
+    torch. An FP8 cache gets k * (1 / k_scale) and v * (1 / v_scale) in fp32 (`inverse_scale`),
+    saturated at +-FP8_MAX and rounded once; index_copy_ has no FP8 kernels, so the bytes
+    are copied."""
+    check_kv_scales(kv_cache, k_scale, v_scale)
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)  # [2, slots, KV, D]
     k, v = k.reshape(-1, kv_heads, head_dim), v.reshape(-1, kv_heads, head_dim)  # [T, KV, D] each
     if kv_cache.dtype == torch.float8_e4m3fn:
-        k, v = (t.clamp(-FP8_MAX, FP8_MAX).to(kv_cache.dtype).view(torch.uint8) for t in (k, v))
+        k, v = ((t.float() * inverse_scale(s)).clamp(-FP8_MAX, FP8_MAX).to(kv_cache.dtype).view(torch.uint8)
+                for t, s in ((k, k_scale), (v, v_scale)))
         flat = flat.view(torch.uint8)
     elif k.dtype != kv_cache.dtype:
         k, v = k.to(kv_cache.dtype), v.to(kv_cache.dtype)
