@@ -3,7 +3,8 @@
 An FP8 cache stores e4m3(k / k_scale) and e4m3(v / v_scale) per attention layer
 (layers/attention.py). Calibration pushes windows of the calibration part of the
 Shakespeare corpus (never the held-out part) through the float model with a float cache,
-reads back what each layer wrote (k after rotary, v) and takes the largest magnitude:
+reads back what each layer wrote (k after rotary, and after the Hadamard rotation where the
+layer applies it to an FP8 cache; v) and takes the largest magnitude:
 scale = amax * margin / FP8_MAX, so the largest calibration value lands at 448 / margin
 and a held-out value up to `margin` times larger still does not saturate. e4m3 is a float
 format: below the top, a scale only moves where the subnormal range (|x / scale| < 2^-6)
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from turbollm.compress.evaluate import BLOCK_SIZE, single_sequence_meta
-from turbollm.kernels.rope_cache import FP8_MAX
+from turbollm.kernels.rope_cache import FP8_MAX, rotate_heads
 from turbollm.layers.attention import attention_layers
 
 DEFAULT_MARGIN = 2.0
@@ -47,13 +48,15 @@ class KVScales:
 @torch.inference_mode()
 def kv_amax(model: nn.Module, windows: list[list[int]] | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Largest |k| and |v| each layer writes to its cache over the windows, per kv head:
-    (k_amax, v_amax), each [layers, KV] float32 on the CPU. The model's own dtype is the
-    cache's (the values an FP8 cache would be given)."""
+    (k_amax, v_amax), each [layers, KV] float32 on the CPU. The cache is the model's dtype;
+    k is measured as an FP8 cache would store it (times the Hadamard matrix where the layer
+    rotates q and k)."""
     arch = model.arch  # type: ignore[union-attr]
     dev = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     layers, kv_heads, head_dim = arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim
     amax = torch.zeros(2, layers, kv_heads)  # [k | v, layers, KV]
+    attns = attention_layers(model)
     for ids in windows:
         ids_t = torch.as_tensor(ids, device=dev)  # [n]
         n = ids_t.numel()
@@ -61,9 +64,11 @@ def kv_amax(model: nn.Module, windows: list[list[int]] | list[torch.Tensor]) -> 
         caches = [torch.zeros(2, nblocks, BLOCK_SIZE, kv_heads, head_dim, dtype=dtype, device=dev)
                   for _ in range(layers)]
         model(ids_t, torch.arange(n, device=dev), caches, single_sequence_meta(n, dev))
-        for i, c in enumerate(caches):
-            written = c.view(2, nblocks * BLOCK_SIZE, kv_heads, head_dim)[:, :n]  # [2, n, KV, D]
-            amax[:, i] = torch.maximum(amax[:, i], written.float().abs().amax(dim=(1, 3)).cpu())
+        for i, (c, attn) in enumerate(zip(caches, attns, strict=True)):
+            written = c.view(2, nblocks * BLOCK_SIZE, kv_heads, head_dim)[:, :n].float()  # [2, n, KV, D]
+            k = rotate_heads(written[0], head_dim) if attn.rotate_qk else written[0]  # as an FP8 cache stores it
+            amax[0, i] = torch.maximum(amax[0, i], k.abs().amax(dim=(0, 2)).cpu())
+            amax[1, i] = torch.maximum(amax[1, i], written[1].abs().amax(dim=(0, 2)).cpu())
     return amax[0], amax[1]
 
 

@@ -13,6 +13,9 @@ per-layer scales (`Attention.k_scale` / `v_scale`: from the checkpoint, calibrat
 by compress/kv_scales.py, or 1.0). Reading never dequantizes the cache: k_scale is folded
 into the softmax scale and v_scale into the output, in the kernels and in the torch code.
 The scales are host floats set once after loading (no device tensor, no sync per step).
+With an FP8 cache, q and k are also multiplied by a Hadamard matrix after rotary
+(`rotate_qk`, on by default where head_dim is a power of two): scores are unchanged and the
+e4m3 rounding of k costs about half as much (kernels/rope_cache.py says why).
 
 Batch layout contract (built by the worker): requests with one query token (decodes) come
 first, then requests with longer chunks (prompt chunks). Every request attends to all of
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbollm.kernels.rope_cache import store_kv
+from turbollm.kernels.rope_cache import rotate_heads, store_kv
 from turbollm.layers.rotary import apply_rope
 
 try:  # the Triton kernels need triton, which CPU-only torch builds lack
@@ -75,6 +78,9 @@ class Attention(nn.Module):
         """FP8 cache only: the cache holds e4m3(k / k_scale) (see the module docstring)."""
         self.v_scale = 1.0
         """FP8 cache only: the cache holds e4m3(v / v_scale)."""
+        self.rotate_qk = head_dim & (head_dim - 1) == 0
+        """FP8 cache only: q and k are multiplied by the Hadamard matrix after rotary (k_scale
+        then applies to the rotated k). Off for scales calibrated without it (vLLM's)."""
 
     def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
         """Set the FP8-cache scales (finite, > 0); ValueError naming a bad one."""
@@ -82,6 +88,12 @@ class Attention(nn.Module):
             if not (math.isfinite(s) and s > 0):
                 raise ValueError(f"{name} must be finite and > 0, got {s}")
         self.k_scale, self.v_scale = float(k_scale), float(v_scale)
+
+    def set_rotation(self, rotate: bool) -> None:
+        """Turn the FP8 cache's Hadamard rotation of q and k on or off (power-of-two head_dim)."""
+        if rotate and self.head_dim & (self.head_dim - 1):
+            raise ValueError(f"the Hadamard rotation needs a power-of-two head_dim, got {self.head_dim}")
+        self.rotate_qk = rotate
 
     def cache_scales(self, kv_cache: torch.Tensor) -> tuple[float, float]:
         """(k_scale, v_scale) for this cache: the layer's for an FP8 cache, else (1.0, 1.0)."""
@@ -104,15 +116,19 @@ class Attention(nn.Module):
         num_tokens = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         cos, sin = rope
+        rotate = self.rotate_qk and kv_cache.dtype == torch.float8_e4m3fn
         if qkv.is_cuda and rope_kernels is not None:
             rope_kernels.rope_and_cache(
                 qkv, cos.view(num_tokens, -1), sin.view(num_tokens, -1), kv_cache, meta.slot_mapping,
-                self.num_heads, self.num_kv_heads, self.head_dim, *self.cache_scales(kv_cache),
+                self.num_heads, self.num_kv_heads, self.head_dim, *self.cache_scales(kv_cache), rotate,
             )
             q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D] strided
             return self._forward_triton(q, kv_cache, meta).view(num_tokens, -1)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q, k = apply_rope(q, cos, sin, self.head_dim), apply_rope(k, cos, sin, self.head_dim)
+        if rotate:  # [T, H * D] and [T, KV * D], each head times the Hadamard matrix
+            q = rotate_heads(q, self.head_dim).to(q.dtype).view(num_tokens, q_size)
+            k = rotate_heads(k, self.head_dim).to(k.dtype).view(num_tokens, kv_size)
         return self.forward(q, k, v, kv_cache, meta)
 
     def forward(
