@@ -79,8 +79,10 @@ def scales_from_amax(k_amax: torch.Tensor, v_amax: torch.Tensor, margin: float =
 
     def per_layer(a: torch.Tensor) -> tuple[float, ...]:
         a = a.reshape(a.shape[0], -1).amax(dim=1)  # [layers]
-        # A layer that wrote only zeros keeps scale 1 (any scale stores zeros exactly).
-        return tuple(float(x) * margin / FP8_MAX if x > 0 else 1.0 for x in a.tolist())
+        # A layer that wrote only zeros keeps scale 1 (any scale stores zeros exactly). fp32
+        # values: a checkpoint stores them as float32 tensors, so they reload unchanged.
+        s = torch.where(a > 0, a * margin / FP8_MAX, torch.ones_like(a)).float()
+        return tuple(s.tolist())
 
     return KVScales(per_layer(k_amax), per_layer(v_amax))
 

@@ -235,6 +235,19 @@ def write_kv_cache(
     store_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
 
 
+def check_kv_cache_device(kv_dtype: torch.dtype, device: torch.device) -> None:
+    """ValueError when `device` cannot hold an FP8 cache: the kernels' e4m3 conversions need
+    compute capability >= 8.9 (Ada, Hopper). The CPU runs the torch path and always can."""
+    if kv_dtype != torch.float8_e4m3fn or device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise ValueError(
+            f"kv_cache_dtype 'fp8' needs a GPU with FP8 support (compute capability >= 8.9, e.g. Ada or "
+            f"Hopper); {torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use kv_cache_dtype 'auto'"
+        )
+
+
 def attention_layers(model: nn.Module) -> list[Attention]:
     """The model's Attention modules in layer order (one per KV cache)."""
     return [m for m in model.modules() if isinstance(m, Attention)]
