@@ -29,6 +29,7 @@ from turbollm.compress.kv_scales import (
     calibrate_kv_scales,
     model_kv_scales,
 )
+from turbollm.layers.attention import attention_layers
 
 
 def _model_name(name: str | None) -> str | None:
@@ -69,9 +70,23 @@ def kv_scale_variants(kv_scales: str) -> list[str]:
     return out
 
 
-def set_kv_scales(em: EvalModel, how: str) -> None:
+def kv_rotation_variants(kv_rotation: str) -> list[bool]:
+    """--kv-rotation on,off -> [True, False] (checked)."""
+    out = [s.strip() for s in str(kv_rotation).split(",") if s.strip()]
+    if not out or any(s not in ("on", "off") for s in out):
+        raise ValueError(f"--kv-rotation entries must be on or off; got {kv_rotation!r}")
+    return [s == "on" for s in out]
+
+
+def set_kv_scales(em: EvalModel, how: str, rotate: bool = True) -> None:
     """Give an FP8-cache model its KV scales: 'auto' keeps what loading set (the checkpoint's
-    or 1.0), 'unit' sets 1.0, 'calibrate' measures them on the calibration part."""
+    or 1.0), 'unit' sets 1.0, 'calibrate' measures them on the calibration part (after the
+    rotation is set, so k is measured as stored). rotate=False turns the Hadamard rotation
+    of q and k off ('auto' keeps what the checkpoint says)."""
+    if not rotate:
+        for attn in attention_layers(em.model):
+            attn.set_rotation(False)
+        em.quantization += ", no rotation"
     if how == "auto":
         return
     layers = em.model.arch.num_hidden_layers  # type: ignore[union-attr]
@@ -80,7 +95,7 @@ def set_kv_scales(em: EvalModel, how: str) -> None:
     else:
         scales = calibrate_kv_scales(em.model, calibration_windows(em.tokenizer, *DEFAULT_CALIB))
     apply_kv_scales(em.model, scales)
-    em.quantization += f" ({how} scales)"
+    em.quantization += f", {how} scales"
 
 
 def quantization_variants(quantization: str | None, group_sizes: str) -> list[tuple[str, int]]:
@@ -102,6 +117,9 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     """Baseline perplexity, and each quantized variant's beside it (same windows)."""
     name = _model_name(args.model)
     variants = quantization_variants(args.quantization, args.group_size)
+    if args.kv_cache_dtype != "auto":  # the float model with a compressed KV cache (flags checked first)
+        variants += [(f"kv:{how}:{int(rot)}", 0) for rot in kv_rotation_variants(args.kv_rotation)
+                     for how in kv_scale_variants(args.kv_scales)]
     opts = {"device": args.device, "dtype": args.dtype}
     t0 = time.perf_counter()
     base = load_eval_model(name, None, **opts)
@@ -113,15 +131,14 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
           f"({res.num_tokens} tokens, {res.num_windows} x {res.window}-token windows)", flush=True)
     del base
     payload["quantized"] = []
-    if args.kv_cache_dtype != "auto":  # the float model with a compressed KV cache
-        variants = [*variants, *(("kv:" + how, 0) for how in kv_scale_variants(args.kv_scales))]
     for method, group in variants:
         gc.collect()
         t0 = time.perf_counter()
         try:
             if method.startswith("kv:"):
                 q = load_eval_model(name, None, kv_cache_dtype=args.kv_cache_dtype, **opts)
-                set_kv_scales(q, method.removeprefix("kv:"))
+                _, how, rot = method.split(":")
+                set_kv_scales(q, how, rot == "1")
                 payload.setdefault("kv_scales", {})[q.quantization] = _scales_dict(q)
             else:
                 q = load_eval_model(name, method, group_size=group, **opts)
@@ -147,16 +164,16 @@ def run_eval_compare(args: argparse.Namespace) -> int:
     variants = quantization_variants(args.quantization, args.group_size)
     if len(variants) > 1:
         raise ValueError("eval compare takes one --quantization method and one --group-size")
+    hows, rots = kv_scale_variants(args.kv_scales), kv_rotation_variants(args.kv_rotation)
+    if len(hows) > 1 or len(rots) > 1:
+        raise ValueError("eval compare takes one --kv-scales and one --kv-rotation value")
     method, group = variants[0] if variants else (None, 128)
     opts = {"device": args.device, "dtype": args.dtype}
     a = load_eval_model(_model_name(args.model_a), None, **opts)
     b = load_eval_model(_model_name(args.model_b), method, group_size=group,
                         kv_cache_dtype=args.kv_cache_dtype, **opts)
     if args.kv_cache_dtype == "fp8":
-        hows = kv_scale_variants(args.kv_scales)
-        if len(hows) > 1:
-            raise ValueError("eval compare takes one --kv-scales value")
-        set_kv_scales(b, hows[0])
+        set_kv_scales(b, hows[0], rots[0])
     windows = _windows(args, a)
     res = compare(a, b, windows)
     print(f"A = {a.name} [{a.quantization}], B = {b.name} [{b.quantization}]")

@@ -24,6 +24,9 @@ def add_eval_args(p: argparse.ArgumentParser, pair: bool) -> None:
                    help="FP8 KV cache scales: auto (the checkpoint's, else 1.0) | unit (1.0) | calibrate "
                         "(per-layer amax on the Shakespeare calibration part)"
                         + ("" if pair else "; comma-separated: one run each"))
+    p.add_argument("--kv-rotation", default="on",
+                   help="FP8 KV cache: on (Hadamard-rotate q and k where the model's scales allow: the default) | off"
+                        + ("" if pair else "; comma-separated: one run each (x each --kv-scales)"))
     p.add_argument("--corpus", default="shakespeare",
                    help="shakespeare (held-out part), shakespeare-calib, or a .txt file")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
