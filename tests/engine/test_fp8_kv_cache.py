@@ -192,3 +192,31 @@ def test_fp8_cache_rejects_a_gpu_without_fp8(monkeypatch: pytest.MonkeyPatch) ->
         check_kv_cache_device(torch.float8_e4m3fn, torch.device("cuda"))
     check_kv_cache_device(torch.bfloat16, torch.device("cuda"))  # a bf16 cache is fine
     check_kv_cache_device(torch.float8_e4m3fn, torch.device("cpu"))  # the CPU runs the torch path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rotate", [True, False])
+def test_gpu_fp8_cache_scales_end_to_end(tiny_checkpoint, tmp_path, rotate: bool) -> None:  # type: ignore[no-untyped-def]
+    """On the GPU (fused rope + cache kernel, decode and prefill kernels, CUDA graphs) an FP8
+    cache with calibrated scales, with and without the rotation, stays close to the bf16
+    cache's prompt logprobs, and greedy decoding runs."""
+    path, _ = tiny_checkpoint("tiny-llama")
+    source = resolve_model(path)
+    model = build_model(source, torch.device("cpu"), torch.float32, prepack_cpu=False)
+    for a in attention_layers(model):
+        a.set_rotation(rotate)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 250) for _ in range(n)] for n in (40, 300, 7)]
+    apply_kv_scales(model, scales_from_amax(*kv_amax(model, prompts)))
+    out = tmp_path / "scaled"
+    save_quantized(model, None, str(out), source.arch.to_hf_config())
+    sp = SamplingParams(temperature=0.0, max_tokens=8, prompt_logprobs=0, ignore_eos=True)
+    ref = LLM(path, device="cuda").generate(prompts, sp, use_tqdm=False)
+    fp8 = LLM(str(out), device="cuda", kv_cache_dtype="fp8").generate(prompts, sp, use_tqdm=False)
+    for a, b in zip(ref, fp8, strict=True):
+        la = [e.logprob for e in a.prompt_logprobs[1:]]
+        lb = [e.logprob for e in b.prompt_logprobs[1:]]
+        diffs = [abs(x - y) for x, y in zip(la, lb, strict=True)]
+        assert sum(diffs) / len(diffs) < 0.06 and max(diffs) < 0.4
+        assert len(b.outputs[0].token_ids) == 8

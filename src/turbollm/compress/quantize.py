@@ -128,6 +128,8 @@ def run_quantize(args: argparse.Namespace) -> int:
         config = Int4Config(config.group_size, act_order=True, calibration="gptq")  # type: ignore[union-attr]
     t0 = time.perf_counter()
     model_name = None if args.model in (None, "embedded") else args.model
+    if args.kv_cache_scales and resolve_model(model_name).load_tokenizer() is None:  # fail before the work
+        raise ValueError("--kv-cache-scales calibrates on text: the model needs a tokenizer")
     model, source = quantize_model(model_name, config, args.method, args.device, args.dtype,
                                    (args.calib_windows, args.calib_window_len), args.act_order)
     tokenizer = source.load_tokenizer()
