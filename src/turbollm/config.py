@@ -118,7 +118,7 @@ class ParallelConfig:
             )
 
 
-QUANTIZATION_METHODS = ("none", "int8", "int4", "fp8")
+QUANTIZATION_METHODS = ("none", "int8", "int4", "fp8", "gguf")
 INT4_GROUP_SIZES = (32, 64, 128)
 
 
@@ -127,7 +127,7 @@ class QuantizationConfig:
     """Weight quantization (a quantized checkpoint brings its own; these quantize a float one at load)."""
 
     quantization: str | None = None
-    """none | int8 (weight-only) | int4 (weight-only, RTN) | fp8 (W8A8); default: as the checkpoint is."""
+    """none | int8 (weight-only) | int4 (weight-only, RTN) | fp8 (W8A8) | gguf (keep a GGUF file's Q4_0/Q4_1 linears as int4 instead of dequantizing them); default: as the checkpoint is (GGUF: dequantized)."""
     group_size: int = 128
     """int4: input columns per scale/zero group (32, 64 or 128; must divide every layer's width)."""
 

@@ -45,9 +45,12 @@ def test_matches_reference(tokens: int, heads: int, kv: int, dim: int, dtype: to
     tol = TOL[dtype]
     torch.testing.assert_close(q1.float(), q2.float(), atol=tol, rtol=tol)
     torch.testing.assert_close(c1.float(), c2.float(), atol=tol, rtol=tol)
-    # k and v parts of qkv are read, never written; untouched cache slots keep their values.
-    qsize = heads * dim
-    assert torch.equal(q1[:, qsize:], qkv[:, qsize:])
+    # k is rotated in place and equals what the cache holds; v is read, never written;
+    # untouched cache slots keep their values.
+    qsize, kvsize = heads * dim, kv * dim
+    assert torch.equal(q1[:, qsize + kvsize :], qkv[:, qsize + kvsize :])
+    if cache.dtype == qkv.dtype:
+        assert torch.equal(c1.view(2, -1, kv, dim)[0, slots], q1[:, qsize : qsize + kvsize].view(tokens, kv, dim))
     untouched = torch.ones(c1.shape[1] * c1.shape[2], dtype=torch.bool, device=c1.device)
     untouched[slots] = False
     flat1, flat0 = c1.view(2, -1, kv, dim), cache.view(2, -1, kv, dim)

@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    ({"quantization": "int3"}, "quantization must be one of none, int8, int4, fp8; got 'int3'"),
+    ({"quantization": "int3"}, "quantization must be one of none, int8, int4, fp8, gguf; got 'int3'"),
     ({"group_size": 100}, "group_size must be one of 32, 64, 128; got 100"),
 ])
 def test_bad_options_are_clear_errors(kwargs: dict, msg: str) -> None:

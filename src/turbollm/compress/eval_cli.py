@@ -99,16 +99,17 @@ def set_kv_scales(em: EvalModel, how: str, rotate: bool = True) -> None:
 
 
 def quantization_variants(quantization: str | None, group_sizes: str) -> list[tuple[str, int]]:
-    """--quantization int8,int4,fp8 --group-size 32,64,128 -> [(method, group size), ...]
-    (int4 once per group size, the others once); 'none' entries are dropped."""
+    """--quantization int8,int4,fp8,gguf --group-size 32,64,128 -> [(method, group size), ...]
+    (int4 once per group size, the others once); 'none' entries are dropped. gguf: a GGUF
+    file's Q4_0/Q4_1 linears kept in int4 (the baseline is the same file dequantized)."""
     groups = [int(g) for g in str(group_sizes).split(",") if g.strip()]
     out: list[tuple[str, int]] = []
     for m in (quantization or "").split(","):
         m = m.strip()
         if m in ("", "none"):
             continue
-        if m not in ("int8", "int4", "fp8"):
-            raise ValueError(f"--quantization entries must be none, int8, int4 or fp8; got {m!r}")
+        if m not in ("int8", "int4", "fp8", "gguf"):
+            raise ValueError(f"--quantization entries must be none, int8, int4, fp8 or gguf; got {m!r}")
         out += [(m, g) for g in groups] if m == "int4" else [(m, groups[0] if groups else 128)]
     return out
 

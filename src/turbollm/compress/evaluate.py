@@ -64,7 +64,9 @@ def load_eval_model(
     source = resolve_model(model, load_format)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    plan = resolve_quantization(quantization, group_size, source.quantization_config, dev, str(source.path))
+    plan = resolve_quantization(quantization, group_size, source.quantization_config, dev,
+                                str(source.path or "the preset model"),
+                                gguf_linear_types=source.gguf_linear_types())
     tok = source.load_tokenizer(tokenizer)
     if tok is None:
         raise ValueError(f"{model}: evaluation needs a tokenizer; pass one with --tokenizer")

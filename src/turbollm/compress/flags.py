@@ -15,7 +15,8 @@ def add_eval_args(p: argparse.ArgumentParser, pair: bool) -> None:
         p.add_argument("model", nargs="?", default=None, help="model (default: the embedded SmolLM2)")
     which = (" (applies to MODEL_B)" if pair else
              "; comma-separated for several (e.g. int8,int4,fp8); the unquantized baseline runs too")
-    p.add_argument("--quantization", default=None, help=f"none | int8 | int4 | fp8: quantize at load{which}")
+    p.add_argument("--quantization", default=None, help=f"none | int8 | int4 | fp8: quantize at load; gguf: keep a GGUF's Q4_0/Q4_1 "
+                   f"linears as int4{which}")
     p.add_argument("--group-size", default="128",
                    help="int4 group size: 32, 64 or 128" + ("" if pair else "; comma-separated: one run each"))
     p.add_argument("--kv-cache-dtype", default="auto",

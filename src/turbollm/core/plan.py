@@ -96,3 +96,6 @@ class StepResult:
     """Wall time of the whole step in the worker (ends with its host sync)."""
     draft_seconds: float = 0.0
     """Of step_seconds, the time spent proposing (the draft model's forwards)."""
+    draft_forwards: list[tuple[int, float]] = field(default_factory=list)
+    """(tokens, seconds) of each draft-model forward of the step, in order; the first runs
+    every speculating request's catch-up (the tokens its draft cache had not seen)."""

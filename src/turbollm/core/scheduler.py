@@ -242,7 +242,7 @@ class Scheduler:
             room = self.max_model_len - r.num_tokens - 1
             if r.max_tokens is not None:
                 room = min(room, r.max_tokens - r.num_output_tokens - 1)
-            cands.append(Candidate(r.request_id, max(0, min(k_max, room))))
+            cands.append(Candidate(r.request_id, max(0, min(k_max, room)), r.num_tokens, room))
         return self.spec_policy.choose(cands)
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
@@ -269,6 +269,8 @@ class Scheduler:
         request.num_output_placeholders = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
+        if self.spec_policy is not None:
+            self.spec_policy.draft_lost(request.request_id)
         self.waiting.appendleft(request)
         self._freed_ids.add(request.request_id)
 
@@ -283,8 +285,9 @@ class Scheduler:
         touched: list[Request] = []
         any_finished = False
         if self.spec_policy is not None:
-            max_k = self._rollback(plan, result) if plan.num_spec_tokens else 0
-            self._observe_step_cost(plan, result, max_k)
+            if plan.num_spec_tokens:
+                self._rollback(plan, result)
+            self._observe_step_cost(plan, result)
         for rid, token_ids in result.sampled_token_ids.items():
             request = self.requests.get(rid)
             if not token_ids or rid not in plan.num_scheduled_tokens or request is None:
@@ -309,13 +312,12 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return touched
 
-    def _rollback(self, plan: StepPlan, result: StepResult) -> int:
+    def _rollback(self, plan: StepPlan, result: StepResult) -> None:
         """Speculating requests keep the KV of their last token and accepted drafts only:
         num_computed_tokens moves back over the rest, and blocks past the known tokens are
-        freed. Feeds the SpecPolicy each request's acceptance; returns the most drafts."""
+        freed. Feeds the SpecPolicy each request's acceptance."""
         assert self.spec_policy is not None
         starts = {c.request_id: c.num_computed_tokens for c in plan.cached_requests}
-        max_k = 0
         for rid in plan.num_spec_tokens:
             request = self.requests.get(rid)
             sampled = result.sampled_token_ids.get(rid, [])
@@ -324,11 +326,13 @@ class Scheduler:
             request.num_computed_tokens = starts[rid] + len(sampled)
             self.kv.trim(request, request.num_tokens + len(sampled))
             drafted = result.num_draft_tokens.get(rid, 0)
-            max_k = max(max_k, drafted)
-            self.spec_policy.observe_request(rid, drafted, len(sampled) - 1)
-        return max_k
+            # A draft model has cached the last token and every draft but the last, of which
+            # the accepted ones stay valid.
+            draft_valid = min(starts[rid] + drafted, request.num_computed_tokens)
+            self.spec_policy.observe_request(rid, plan.num_spec_tokens[rid], drafted,
+                                             len(sampled) - 1, draft_valid)
 
-    def _observe_step_cost(self, plan: StepPlan, result: StepResult, max_k: int) -> None:
+    def _observe_step_cost(self, plan: StepPlan, result: StepResult) -> None:
         """Decode-only steps teach the SpecPolicy what steps cost (prompt chunks would skew it)."""
         if self.spec_policy is None or plan.new_requests:
             return
@@ -337,7 +341,8 @@ class Scheduler:
             return
         num_tokens = len(plan.num_scheduled_tokens) + sum(result.num_draft_tokens.values())
         self.spec_policy.observe_step(len(plan.num_scheduled_tokens), num_tokens, bool(spec),
-                                      max_k, result.step_seconds, result.draft_seconds)
+                                      result.step_seconds, result.draft_seconds,
+                                      result.draft_forwards)
 
     def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
         """The finished status the just-appended token implies, or None; sets stop_reason."""

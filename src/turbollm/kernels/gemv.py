@@ -1,5 +1,5 @@
-"""Matrix-vector product for batch-1 decode (y = x W^T, one row of x): Triton kernel, launcher,
-torch reference.
+"""Matrix-vector product for batch-1 decode (y = x W^T, one row of x): Triton kernel, launchers,
+torch references.
 
 At batch 1 a decode step is a stream of weight reads. On an H100, cuBLAS's M = 1 kernels for
 the MLP and LM-head shapes of a 7B model stream ~2.5-2.7 TB/s; this kernel reaches ~2.9-3.0
@@ -7,11 +7,22 @@ TB/s on them and ~4 TB/s-equivalent on 4096 x 4096 (L2-resident between replays)
 0.35 ms of a 5.5 ms Llama-2-7B step (bench/scripts/gpu_gemv.py, results in
 docs/performance.md). For two or more rows cuBLAS is faster; callers use it there.
 
-    program n: rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W, K in BLOCK_K tiles, fp32 accumulator
+    program (n, s): rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W, split s of K in BLOCK_K tiles,
+    fp32 accumulator
 
-A long K (>= 8192) is split over two programs per row tile; a second tiny kernel adds the
-two fp32 halves and rounds once. The grid depends only on shapes, so launches can be
+With more than one split of K (`gemv_config`), a second tiny kernel adds the fp32 partial
+sums and rounds once. The grid depends only on shapes, so launches can be
 captured in CUDA graphs. Runs on CPU only under the interpreter.
+
+The input row can be produced by a fused prologue instead of a separate kernel (at batch 1
+each of those is a launch and a round trip through memory for a few KiB):
+
+- `gemv_rmsnorm`: the residual add + RMSNorm of kernels/rmsnorm.py. Every program first sums
+  the squares of the whole row (it sits in L2), then normalizes each K tile as it goes, with
+  the same roundings as `fused_add_rmsnorm`; the programs of row tile 0 write the new
+  residual.
+- `gemv_silu_mul`: SwiGLU of kernels/activation.py (fp32 math, one rounding) on each K tile
+  of the merged gate/up row.
 """
 
 from __future__ import annotations
@@ -24,18 +35,27 @@ try:
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
 
+from turbollm.kernels._interpreter import emulate_bf16_rounding
+from turbollm.kernels.activation import silu_and_mul_ref
+from turbollm.kernels.rmsnorm import fused_add_rmsnorm_ref
+
+if triton is not None:
+    from turbollm.kernels._interpreter import round_bf16
+
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BLOCK_N = 16
-_BLOCK_K = 512
-_SPLIT_K_FROM = 8192  # K at which two programs share a row tile (down_proj's 11008)
+_SPLIT_K_FROM = 8192  # K from which a ragged one may be split over two programs (gemv_config)
+_PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2  # input prologues
 
 if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, N, K, k_per_split, stride_wn, stride_os,
-        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr, res_ptr, nw_ptr, new_res_ptr, w_ptr, b_ptr, out_ptr,
+        N, K, k_per_split, stride_wn, stride_os, eps,
+        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROUND: tl.constexpr, ROUND_OUT: tl.constexpr,  # interpreter only: see _interpreter.py
     ):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
@@ -44,52 +64,172 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         k_lo = split * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
+        in_dtype = x_ptr.dtype.element_ty
+        rstd = 0.0
+        if PROLOGUE == 1:  # RMSNorm: the whole row's sum of squares first
+            sq = tl.zeros([BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + offs_k
+                kmask = ks < K
+                s = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    s = s + tl.load(res_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                    if ROUND:
+                        s = round_bf16(s)
+                    s = s.to(in_dtype).to(tl.float32)  # torch adds in the input dtype
+                sq += s * s
+            rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
         acc = tl.zeros([BLOCK_N], tl.float32)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
         for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + offs_k  # [BLOCK_K]
             kmask = ks < k_hi
             w = tl.load(w_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BN, BK]
-            x = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_K]
+            if PROLOGUE == 0:
+                x = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_K]
+            elif PROLOGUE == 1:
+                s = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    s = s + tl.load(res_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                    if ROUND:
+                        s = round_bf16(s)
+                    s = s.to(in_dtype)
+                    tl.store(new_res_ptr + ks, s, mask=kmask & (pid_n == 0))
+                    s = s.to(tl.float32)
+                h = s * rstd
+                if ROUND:
+                    h = round_bf16(h)
+                h = h.to(in_dtype).to(tl.float32)  # h.to(x.dtype)
+                x = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32) * h
+                if ROUND:
+                    x = round_bf16(x)
+                x = x.to(in_dtype).to(tl.float32)  # weight * h, rounded like torch
+            else:  # SwiGLU on the merged [gate | up] row of width 2K
+                gate = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + K + ks, mask=kmask, other=0.0).to(tl.float32)
+                x = gate / (1.0 + tl.exp(-gate)) * up
+                if ROUND:
+                    x = round_bf16(x)
+                x = x.to(in_dtype).to(tl.float32)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rmask & (split == 0), other=0.0).to(tl.float32)
+        if ROUND_OUT:
+            acc = round_bf16(acc)
         tl.store(out_ptr + split * stride_os + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _sum2_kernel(part_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    def _sum_kernel(part_ptr, out_ptr, N, SPLITS: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
-        s = tl.load(part_ptr + offs, mask=mask, other=0.0) + tl.load(part_ptr + N + offs, mask=mask, other=0.0)
+        s = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        for i in tl.static_range(1, SPLITS):
+            s += tl.load(part_ptr + i * N + offs, mask=mask, other=0.0)
+        if ROUND:
+            s = round_bf16(s)
         tl.store(out_ptr + offs, s.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype, fp32 accumulation."""
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int) -> None:
+    """x [1, width] with width k (or 2k for SwiGLU) against weight [N, k]."""
     if triton is None:
-        raise RuntimeError("gemv needs triton; use gemv_ref instead")
-    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise RuntimeError("gemv needs triton; use the *_ref functions instead")
+    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [1, K] and [N, K]")
-    n, k = weight.shape
     if x.dtype not in _DTYPES or weight.dtype != x.dtype:
         raise ValueError(f"x {x.dtype} and weight {weight.dtype} must share a float dtype")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError("x and weight need a contiguous last dimension")
-    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1):
-        raise ValueError(f"bias shape {tuple(bias.shape)} is not a contiguous [{n}]")
-    split = 2 if k >= _SPLIT_K_FROM else 1
-    k_per_split = -(-(-(-k // split)) // _BLOCK_K) * _BLOCK_K
+    n = weight.shape[0]
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1 or bias.dtype != x.dtype):
+        raise ValueError(f"bias {tuple(bias.shape)} {bias.dtype} is not a contiguous [{n}] in {x.dtype}")
+    if x.device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(f"x is on {x.device}: Triton kernels need CUDA, or TRITON_INTERPRET=1 set before import")
+
+
+Config = tuple[int, int, int, int, int]
+"""(BLOCK_N, BLOCK_K, K splits, warps, stages): `config` arguments force it (tuning, tests)."""
+
+
+def gemv_config(n: int, k: int) -> Config:
+    """The tiling for an [N, K] weight: (BLOCK_N, BLOCK_K, K splits, warps, stages).
+
+    From bench/scripts/gpu_gemv_tune.py on an H100 (Llama-2-7B and Llama-3-8B shapes, each
+    through the launcher its projection uses, weights out of L2): 8 rows x 1024 columns a
+    program, one pass over K, wins on every shape (2.5-3.0 TB/s) except a long K that 1024
+    does not divide (Llama-2's 11008), where two K halves of 512-column tiles win.
+    """
+    if k >= _SPLIT_K_FROM and k % 1024:
+        return 8, 512, 2, 4, 3
+    return 8, 1024, 1, 8, 3
+
+
+def _launch(
+    prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+    new_residual: torch.Tensor | None = None, eps: float = 0.0,
+    config: Config | None = None,
+) -> torch.Tensor:
+    n, k = weight.shape
+    block_n, block_k, split, warps, stages = config or gemv_config(n, k)
+    k_per_split = -(-(-(-k // split)) // block_k) * block_k
+    split = -(-k // k_per_split)  # no split left without columns
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)  # [1, N]
     part = out if split == 1 else torch.empty(split, n, device=x.device, dtype=torch.float32)  # [S, N]
-    stages = 4 if n * k <= 4096 * 4096 else 3
-    _gemv_kernel[(triton.cdiv(n, _BLOCK_N), split)](
-        x, weight, bias if bias is not None else x, part, n, k, k_per_split, weight.stride(0),
-        part.stride(0) if split > 1 else 0,
-        HAS_BIAS=bias is not None, BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K, num_warps=8, num_stages=stages,
+    round_ = emulate_bf16_rounding(x.dtype)
+    _gemv_kernel[(triton.cdiv(n, block_n), split)](
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
+        new_residual if new_residual is not None else x, weight, bias if bias is not None else x, part,
+        n, k, k_per_split, weight.stride(0), part.stride(0) if split > 1 else 0, eps,
+        PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1,
+        num_warps=warps, num_stages=stages,
     )
     if split > 1:
-        _sum2_kernel[(triton.cdiv(n, 1024),)](part, out, n, BLOCK=1024, num_warps=4)
+        _sum_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=split, BLOCK=1024, ROUND=round_, num_warps=4)
     return out
+
+
+def gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: Config | None = None
+) -> torch.Tensor:
+    """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype, fp32 accumulation."""
+    _check(x, weight, bias, x.shape[-1])
+    return _launch(_PLAIN, x, weight, bias, config=config)
+
+
+def gemv_rmsnorm(
+    x: torch.Tensor,  # [1, K]
+    residual: torch.Tensor | None,  # [1, K] in x's dtype, or None
+    norm_weight: torch.Tensor,  # [K] in x's dtype
+    eps: float,
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    config: Config | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) @ weight^T (+ bias), x + residual): the pair that
+    `fused_add_rmsnorm` followed by `gemv` gives; residual None means x itself (returned as is)."""
+    k = x.shape[-1]
+    _check(x, weight, bias, k)
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.stride(-1) != 1 or residual.device != x.device):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}")
+    if norm_weight.shape != (k,) or norm_weight.dtype != x.dtype or norm_weight.stride(0) != 1:
+        raise ValueError(f"norm weight {tuple(norm_weight.shape)} {norm_weight.dtype} is not a contiguous [{k}] in {x.dtype}")
+    new_residual = x if residual is None else torch.empty_like(x)  # [1, K]
+    out = _launch(_RMSNORM, x, weight, bias, residual, norm_weight, new_residual, eps, config)
+    return out, new_residual
+
+
+def gemv_silu_mul(
+    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: Config | None = None
+) -> torch.Tensor:
+    """(silu(gate) * up) @ weight^T (+ bias) for gate_up = [gate | up] of shape [1, 2K]: the
+    product `silu_and_mul` followed by `gemv` gives."""
+    if gate_up.dim() != 2 or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} is not [1, 2 * K]")
+    _check(gate_up, weight, bias, gate_up.shape[-1] // 2)
+    return _launch(_SILU_MUL, gate_up, weight, bias, config=config)
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,3 +238,17 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def gemv_rmsnorm_ref(
+    x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for `gemv_rmsnorm`: the torch RMSNorm, then `gemv_ref`."""
+    h, new_residual = fused_add_rmsnorm_ref(x, residual, norm_weight, eps)
+    return gemv_ref(h, weight, bias), new_residual
+
+
+def gemv_silu_mul_ref(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference for `gemv_silu_mul`: `silu_and_mul_ref`, then `gemv_ref`."""
+    return gemv_ref(silu_and_mul_ref(gate_up), weight, bias)

@@ -45,6 +45,8 @@ _LOG2E = 1.4426950408889634
 _DECODE_BLOCK_N = 64  # keys per inner iteration of the decode kernel
 _MIN_PARTITION = 256  # fewest keys worth a split of their own
 _MAX_SPLITS = 64
+_DECODE_WARPS = 4
+_DECODE_STAGES: int | None = None  # None: Triton's default
 
 if triton is not None:
 
@@ -288,7 +290,7 @@ def paged_decode_attention(
         HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N,
         DIRECT=direct, HAS_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        num_warps=4,
+        num_warps=_DECODE_WARPS, **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
     )
     if not direct:
         _combine_kernel[(batch, heads)](

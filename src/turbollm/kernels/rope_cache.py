@@ -4,7 +4,7 @@ A decode step of a 7B model spends about as long in the ~14 small torch kernels 
 (chunk, mul, sub, cat for q and for k) and the two `index_copy_` cache writes as in
 attention itself. This kernel does all of it in one launch per layer, reading q, k and v once:
 
-    q  <- rope(q)              in place, inside the qkv projection's output
+    q, k <- rope(q), rope(k)   in place, inside the qkv projection's output
     cache[0][slot] <- rope(k)  at each token's flat slot
     cache[1][slot] <- v
 
@@ -134,10 +134,11 @@ if triton is not None:
         is_v = head >= NUM_HEADS + NUM_KV
         o1 = tl.where(is_v[:, None], x1, r1)
         o2 = tl.where(is_v[:, None], x2, r2)
-        # q heads: back into the projection output, rotated.
-        qmask = mask & is_q[:, None]
-        tl.store(src, o1, mask=qmask)
-        tl.store(src + half, o2, mask=qmask)
+        # q and k heads: back into the projection output, rotated (k for dense prefill
+        # attention, which reads it from there rather than from the cache).
+        qkmask = mask & (~is_v)[:, None]
+        tl.store(src, o1, mask=qkmask)
+        tl.store(src + half, o2, mask=qkmask)
         # k and v heads: into the cache at this token's slot (plane 0 = k, 1 = v).
         slot = tl.load(slot_ptr + tok)
         kv_head = tl.where(is_v, head - NUM_HEADS - NUM_KV, head - NUM_HEADS)
@@ -206,9 +207,9 @@ def rope_and_cache(
     v_scale: float = 1.0,
     rotate: bool = False,
 ) -> None:
-    """Rotate q in place inside `qkv`; store rotated k and v at each token's cache slot
+    """Rotate q and k in place inside `qkv`; store rotated k and v at each token's cache slot
     (an FP8 cache: k / k_scale and v / v_scale, see `check_kv_scales`). `rotate`: also
-    multiply q and k by the Hadamard matrix (module docstring)."""
+    multiply q and k by the Hadamard matrix (module docstring), in `qkv` and in the cache."""
     if triton is None:
         raise RuntimeError("rope_and_cache needs triton; use rope_and_cache_ref instead")
     _check(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim, rotate)
@@ -256,7 +257,7 @@ def rope_and_cache_ref(
     if rotate:
         rotated = rotate_heads(rotated, head_dim)
     rotated = rotated.to(qkv.dtype)
-    x[:, :num_heads] = rotated[:, :num_heads]
+    x[:, : num_heads + num_kv_heads] = rotated
     store_kv(kv_cache, rotated[:, num_heads:], x[:, num_heads + num_kv_heads :], slot_mapping.long(),
              k_scale, v_scale)
 

@@ -43,6 +43,13 @@ except ImportError:  # pragma: no cover
     prefill_kernels = None
     rope_kernels = None
 
+DENSE_PREFILL_MIN_TOKENS = 2048
+"""On a GPU, a step whose prompt chunks are all whole prompts (nothing cached before them)
+with one of at least this many tokens runs its prefill attention as torch's SDPA (flash)
+per prompt, on the k and v still in the projection output: on an H100 that is ~1.6x our
+paged kernel at 8k tokens (docs/performance.md). Shorter or chunked prompts take the
+paged kernel, which batches every request into one launch."""
+
 
 @dataclass
 class AttentionMetadata:
@@ -122,8 +129,10 @@ class Attention(nn.Module):
                 qkv, cos.view(num_tokens, -1), sin.view(num_tokens, -1), kv_cache, meta.slot_mapping,
                 self.num_heads, self.num_kv_heads, self.head_dim, *self.cache_scales(kv_cache), rotate,
             )
-            q = qkv[:, :q_size].view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D] strided
-            return self._forward_triton(q, kv_cache, meta).view(num_tokens, -1)
+            heads = qkv.view(num_tokens, -1, self.head_dim)  # [T, H + 2 KV, D]: q and k now rotated
+            q = heads[:, : self.num_heads]  # [T, H, D] strided
+            kv = heads[:, self.num_heads :].split(self.num_kv_heads, dim=1)  # k, v [T, KV, D] strided
+            return self._forward_triton(q, kv_cache, meta, kv).view(num_tokens, -1)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q, k = apply_rope(q, cos, sin, self.head_dim), apply_rope(k, cos, sin, self.head_dim)
         if rotate:  # [T, H * D] and [T, KV * D], each head times the Hadamard matrix
@@ -143,7 +152,8 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         write_kv_cache(kv_cache, k, v, meta.slot_mapping, *self.cache_scales(kv_cache))
         if q.is_cuda and paged_kernels is not None:
-            return self._forward_triton(q, kv_cache, meta).view(num_tokens, -1)
+            new_kv = (k.view(num_tokens, self.num_kv_heads, -1), v.view(num_tokens, self.num_kv_heads, -1))
+            return self._forward_triton(q, kv_cache, meta, new_kv).view(num_tokens, -1)
         out = torch.empty_like(q)  # [T, H, D]
         nd = meta.num_decodes
         if nd:
@@ -155,9 +165,13 @@ class Attention(nn.Module):
             start += qlen
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
-    def _forward_triton(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward_triton(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """GPU: the Triton paged kernels (kernels/paged_attention.py); q [T, H, D] (rows may be
-        strided) -> [T, H, D] contiguous. A step of only decodes or only chunks is one call."""
+        strided) -> [T, H, D] contiguous. A step of only decodes or only chunks is one call.
+        new_kv: this step's rotated k and v [T, KV, D], for the dense prefill path."""
         assert paged_kernels is not None
         nd = meta.num_decodes
         k_scale, v_scale = self.cache_scales(kv_cache)
@@ -168,7 +182,9 @@ class Attention(nn.Module):
                 max_seq_len=max(meta.seq_lens_cpu[:nd]), sliding_window=self.window,
                 k_scale=k_scale, v_scale=v_scale,
             )  # [nd, H, D]
-        if nd < meta.num_reqs:
+        if nd < meta.num_reqs and new_kv is not None and self._dense_prefill_pays(q, kv_cache, meta):
+            pre = self._dense_prefill(q[nd:], new_kv[0][nd:], new_kv[1][nd:], meta)  # [T - nd, H, D]
+        elif nd < meta.num_reqs:
             # Prompt chunks follow the decodes, whose tokens are the first nd rows of q.
             pre = prefill_kernels.paged_prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], meta.query_start_loc[nd:] - nd,
@@ -180,6 +196,27 @@ class Attention(nn.Module):
             assert out is not None
             return out
         return torch.cat((dec, pre))  # [T, H, D]
+
+    def _dense_prefill_pays(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """Whole prompts only, one of them long, a cache in q's dtype (the paged kernels read
+        an FP8 cache: both paths then see the same rounded k and v), no window cut."""
+        nd = meta.num_decodes
+        qlens, slens = meta.query_lens_cpu[nd:], meta.seq_lens_cpu[nd:]
+        return (kv_cache.dtype == q.dtype and max(qlens) >= DENSE_PREFILL_MIN_TOKENS and qlens == slens
+                and (self.window is None or max(slens) <= self.window))
+
+    def _dense_prefill(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Causal SDPA over each whole prompt: q [T, H, D], k/v [T, KV, D] -> [T, H, D]."""
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
+        start = 0
+        for qlen in meta.query_lens_cpu[meta.num_decodes :]:
+            qh, kh, vh = (t[start : start + qlen].transpose(0, 1)[None] for t in (q, k, v))  # [1, *, L, D]
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale, enable_gqa=True)
+            out[start : start + qlen] = o[0].transpose(0, 1)
+            start += qlen
+        return out
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per request, batched: q [nd, H, D] -> [nd, H, D]."""

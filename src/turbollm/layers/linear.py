@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbollm.distributed.parallel import ParallelContext
+from turbollm.layers.activation import SiluAndMul
 from turbollm.layers.cpu_gemm import packed_linear, prepack
 
 try:  # the Triton kernels need triton, which CPU-only torch builds lack
@@ -99,6 +100,12 @@ class QuantizableLinear(nn.Module):
         self.register_parameter(name, p)
         return p
 
+    def _fuses_gemv_prologue(self, x: torch.Tensor) -> bool:
+        """True when x @ W^T takes the Triton GEMV, which can also compute x itself (a norm
+        or SwiGLU prologue, kernels/gemv.py): one row on a GPU, a dense weight of x's dtype."""
+        return (x.is_cuda and x.shape[0] == 1 and x.stride(-1) == 1 and gemv_kernels is not None
+                and self.quant_method is None and self.packed is None and x.dtype == self.weight.dtype)
+
     def prepack_cpu(self) -> None:
         """Use a oneDNN-packed copy of the dense weight from now on (CPU, after loading).
 
@@ -167,6 +174,17 @@ class ColumnParallelLinear(QuantizableLinear):
             return packed_linear(x, self.packed, self.bias)  # [num_tokens, out / tp]
         return dense_linear(x, self.weight, self.bias)  # [num_tokens, out / tp]
 
+    def forward_normed(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(h), s) for (h, s) = norm(x, residual), an RMSNorm (layers/norm.py): at batch 1
+        on a GPU one kernel does the add, the norm and the GEMV (no launch, no round trip)."""
+        if (self._fuses_gemv_prologue(x) and norm.weight.dtype == x.dtype
+                and (residual is None or residual.stride(-1) == 1)):
+            return gemv_kernels.gemv_rmsnorm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+        h, residual = norm(x, residual)  # [num_tokens, in], [num_tokens, in]
+        return self(h), residual
+
 
 class RowParallelLinear(QuantizableLinear):
     """y = x W^T + b with W split by input columns; partial sums are all-reduced."""
@@ -209,3 +227,10 @@ class RowParallelLinear(QuantizableLinear):
         partial = dense_linear(x, self.weight) if self.packed is None else packed_linear(x, self.packed)
         y = self.ctx.all_reduce(partial)  # [num_tokens, out]
         return y if self.bias is None else y + self.bias
+
+    def forward_activated(self, gate_up: torch.Tensor, act: nn.Module) -> torch.Tensor:
+        """self(act(gate_up)): at batch 1 on a GPU a SiluAndMul runs inside the GEMV."""
+        if isinstance(act, SiluAndMul) and self._fuses_gemv_prologue(gate_up):
+            y = self.ctx.all_reduce(gemv_kernels.gemv_silu_mul(gate_up, self.weight))  # [1, out]
+            return y if self.bias is None else y + self.bias
+        return self(act(gate_up))  # [num_tokens, out]

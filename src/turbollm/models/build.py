@@ -28,6 +28,9 @@ class ModelQuantization(Protocol):
     """What building a quantized model needs from quant/ (see quant/plan.py)."""
 
     linear_method: LinearMethod
+    raw_gguf_types: frozenset[str]
+    """GGML types (e.g. 'Q4_1') whose decoder-linear weights `convert_weights` takes as ggml
+    blocks from a GGUF file (ModelSource.iter_weights); empty: everything dequantized."""
 
     def convert_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors -> tensors in the layout `linear_method` registered."""
@@ -88,7 +91,8 @@ def build_model(
     if source.kind == "dummy":
         model.init_dummy_weights(seed)  # type: ignore[operator]
     else:
-        weights: Iterable[tuple[str, torch.Tensor]] = source.iter_weights()
+        raw = quantization.raw_gguf_types if quantization is not None else frozenset()
+        weights: Iterable[tuple[str, torch.Tensor]] = source.iter_weights(raw)
         if quantization is not None:
             weights = quantization.convert_weights(weights)
         try:

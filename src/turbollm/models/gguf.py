@@ -12,13 +12,19 @@ Two llama.cpp conventions are undone here:
   (x_i, x_{i+d/2}). `unpermute_rotary` restores the HF row order. `qwen2` is not permuted.
 - Llama 3's rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors rather
   than metadata; `_llama3_scaling_from_factors` recovers the HF `rope_scaling` dict from it.
+
+Block form (opt-in, `raw_types`): decoder-linear weights whose GGML type the caller names are
+not dequantized; they are yielded as `<HF prefix>.ggml_<type>` (`raw_leaf`, e.g.
+`model.layers.0.self_attn.q_proj.ggml_q4_1`), uint8 [out, row bytes]: each row is that output
+row's ggml blocks, bytes as in the file, rows in HF order (the Q/K unpermute moves whole rows,
+so every block keeps its own scale). quant/gguf_formats.py turns them into int4 tensors.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import numpy as np
@@ -59,6 +65,8 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_DECODER_LINEARS = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
+"""GGUF block tensor kinds that are decoder linears (the layers quantization applies to)."""
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tensors that carry no HF parameter: consumed into ModelArch (rope_freqs) or ignored.
 _NON_PARAMETER_TENSORS = frozenset({"rope_freqs.weight"})
@@ -176,19 +184,50 @@ def generation_defaults_from_gguf(reader: GGUFFile, path: str) -> dict[str, obje
     return out
 
 
-def iter_gguf_weights(reader: GGUFFile, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 CPU tensor in torch shape) for each parameter tensor, in file order."""
+def raw_leaf(type_name: str) -> str:
+    """The leaf name under which a decoder linear's weight of GGML type `type_name` (e.g.
+    'Q4_1') is yielded in block form: 'ggml_q4_1'."""
+    return "ggml_" + type_name.lower()
+
+
+def _is_linear_weight(gguf_name: str) -> bool:
+    """Whether a GGUF tensor is a decoder linear's weight (blk.N.attn_q.weight, ...)."""
+    m = _BLOCK_RE.fullmatch(gguf_name)
+    return m is not None and m.group(2) in _DECODER_LINEARS and m.group(3) == "weight"
+
+
+def linear_tensor_types(reader: GGUFFile) -> dict[str, str]:
+    """HF weight name -> GGML type name (e.g. 'Q4_1') of every decoder-linear weight."""
+    return {hf_name(t.name): t.tensor_type.name  # type: ignore[misc]
+            for t in reader.tensors if _is_linear_weight(t.name)}
+
+
+def iter_gguf_weights(
+    reader: GGUFFile, arch: ModelArch, raw_types: Collection[str] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, CPU tensor in torch shape) for each parameter tensor, in file order.
+
+    Float32, dequantized, except decoder-linear weights whose GGML type name is in
+    `raw_types`: those come in block form (module docstring), uint8 [out, row bytes].
+    """
     permuted = _gguf_arch(reader) in _PERMUTED_ARCHS
+    if raw_types and reader.endian != "<":
+        raise ModelLoadError(f"{reader.path}: a big-endian GGUF file cannot keep its blocks (dequantize it)")
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:  # rope_freqs: already folded into arch.rope_scaling
             continue
-        w = dequantize(t.data, t.tensor_type).reshape(t.shape)  # [out, in] or [n]
+        raw = t.tensor_type.name in raw_types and _is_linear_weight(t.name)
+        # [out, row bytes] uint8 blocks, or [out, in] / [n] float
+        w = t.data if raw else dequantize(t.data, t.tensor_type).reshape(t.shape)
         if permuted and ".attn_q." in t.name:
             w = unpermute_rotary(w, arch.num_attention_heads)
         elif permuted and ".attn_k." in t.name:
             w = unpermute_rotary(w, arch.num_key_value_heads)
-        w = np.asarray(w, dtype=np.float32)
+        if raw:
+            name = f"{name.removesuffix('.weight')}.{raw_leaf(t.tensor_type.name)}"
+        else:
+            w = np.asarray(w, dtype=np.float32)
         if not (w.flags.writeable and w.flags.c_contiguous):
             w = np.array(w, copy=True, order="C")  # detach from the read-only memory map
         yield name, torch.from_numpy(w)

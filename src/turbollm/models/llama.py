@@ -59,11 +59,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, d, arch.sliding_window)
 
     def forward(
-        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)  # [T, (H + 2 KV) * D]
-        return self.o_proj(self.attn.forward_qkv(qkv, rope, kv_cache, meta))  # [T, hidden]
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+        norm: RMSNorm, kv_cache: torch.Tensor, meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over norm(x + residual) -> (output [T, hidden], x + residual)."""
+        qkv, residual = self.qkv_proj.forward_normed(x, residual, norm)  # [T, (H + 2 KV) * D]
+        return self.o_proj(self.attn.forward_qkv(qkv, rope, kv_cache, meta)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -74,8 +75,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(i, arch.hidden_size, arch.mlp_bias, ctx, qm)
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # [T, hidden]
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLP of norm(x + residual) -> (output [T, hidden], x + residual)."""
+        gate_up, residual = self.gate_up_proj.forward_normed(x, residual, norm)  # [T, 2 * inter / tp]
+        return self.down_proj.forward_activated(gate_up, self.act), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,10 +99,9 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(rope, h, kv_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        # Each norm is handed to the projection after it, which fuses it at batch 1.
+        h, residual = self.self_attn(rope, x, residual, self.input_layernorm, kv_cache, meta)
+        return self.mlp(h, residual, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):

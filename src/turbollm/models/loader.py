@@ -16,7 +16,7 @@ import glob
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from turbollm.models.gguf import (
     arch_from_gguf,
     generation_defaults_from_gguf,
     iter_gguf_weights,
+    linear_tensor_types,
     open_gguf,
 )
 
@@ -92,23 +93,37 @@ class ModelSource:
     _reader: GGUFFile | None = field(default=None, repr=False, compare=False)
     """The open (memory-mapped) GGUF reader, kept so iter_weights needn't parse the file again."""
 
-    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_weights(self, raw_gguf_types: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (HF parameter name, CPU tensor), one tensor at a time.
 
         Names are HF's (model.embed_tokens.weight, model.layers.N.self_attn.q_proj.weight, ...,
         lm_head.weight unless the GGUF ties it). Safetensors tensors keep their stored dtype;
-        GGUF tensors are dequantized to float32 and Q/K are in HF rotate-half order.
+        GGUF tensors are dequantized to float32 and Q/K are in HF rotate-half order, except
+        decoder-linear weights whose GGML type name is in `raw_gguf_types` (GGUF only): those
+        come as ggml blocks (`<prefix>.ggml_<type>`, see models/gguf.py).
         Rotary inv_freq buffers found in old checkpoints are skipped.
         """
+        if raw_gguf_types and self.kind != "gguf":
+            raise ValueError(f"{self.path}: only a GGUF file has GGML blocks to keep (this is kind {self.kind!r})")
         if self.kind == "hf":
             assert self.path is not None
             return _iter_safetensors(_safetensors_files(self.path))
         if self.kind == "gguf":
-            assert self.path is not None
-            if self._reader is None:
-                self._reader = open_gguf(self.path)
-            return iter_gguf_weights(self._reader, self.arch)
+            return iter_gguf_weights(self._gguf_reader(), self.arch, raw_gguf_types)
         raise RuntimeError("a dummy ModelSource has no weights; the model initializes them itself")
+
+    def gguf_linear_types(self) -> dict[str, str] | None:
+        """GGUF: HF weight name -> GGML type name (e.g. 'Q4_1') of each decoder linear; else None.
+
+        quant/ reads it to decide whether the file's quantization can be kept as it is.
+        """
+        return linear_tensor_types(self._gguf_reader()) if self.kind == "gguf" else None
+
+    def _gguf_reader(self) -> GGUFFile:
+        assert self.path is not None
+        if self._reader is None:
+            self._reader = open_gguf(self.path)
+        return self._reader
 
     def load_tokenizer(self, tokenizer: str | None = None) -> PreTrainedTokenizerBase | None:
         """The tokenizer from `tokenizer` (a directory or .gguf) if given, else from the source.

@@ -16,6 +16,7 @@ import torch
 
 # Packing and the contract's torch reference matmuls live with the kernels they specify.
 from turbollm.kernels.quant_matmul import int4_linear_ref, int8_linear_ref, pack_int4, unpack_int4
+from turbollm.kernels.fp8_matmul import quantize_fp8_per_token_ref
 
 INT4_GROUP_SIZES = (32, 64, 128)
 FP8_MAX = 448.0
@@ -90,9 +91,9 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-row activation quantization: (xq float8 [M, K], scale [M, 1] float32)."""
-    s = (x.float().abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp_min(_EPS)  # [M, 1]
-    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), s
+    """Dynamic per-row activation quantization: (xq float8 [M, K], scale [M, 1] float32);
+    the numerics of kernels/fp8_matmul.py (whose Triton kernel computes the same bytes)."""
+    return quantize_fp8_per_token_ref(x)
 
 
 def check_group_size(group_size: int, width: int) -> None:

@@ -11,9 +11,11 @@ else the torch fallback of quant/grids.py (dequantize, then one matmul). On CPU 
 fallback dequantizes once after loading: `dense_weight` gives W_hat, which the layer keeps
 oneDNN-prepacked (layers/cpu_gemm.py) beside the quantized tensors, so CPU runs have the
 quantized model's numerics at the dense model's speed, not its memory savings.
-FP8 runs torch._scaled_mm on GPUs with FP8 (compute capability >= 8.9); on CPU it is
-simulated: weights and per-token activations are rounded to e4m3 and the product is taken
-in float32, which gives FP8's accuracy, not its speed.
+FP8 on GPUs with FP8 (compute capability >= 8.9) runs kernels/fp8_matmul.fp8_linear: a
+small-M Triton kernel that reads the FP8 weights directly (decode), else one fused per-token
+quantization launch and torch._scaled_mm. On CPU it is simulated: weights and per-token
+activations are rounded to e4m3 and the product is taken in float32, which gives FP8's
+accuracy, not its speed.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ try:  # the qkernels helper's fused Triton matmuls (absent on CPU-only builds / 
     from turbollm.kernels import quant_matmul as _kernels  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover
     _kernels = None
+try:  # needs triton (absent on CPU-only torch builds)
+    from turbollm.kernels import fp8_matmul as _fp8
+except ImportError:  # pragma: no cover
+    _fp8 = None  # type: ignore[assignment]
 
 
 def _replace(layer: nn.Module, name: str, value: torch.Tensor, replicated: bool = False) -> None:
@@ -200,7 +206,10 @@ class Fp8LinearMethod:
 def fp8_scaled_mm(
     x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """GPU W8A8: x [M, K] quantized per token, torch._scaled_mm with row-wise scales -> [M, N]."""
+    """GPU W8A8: x [M, K] quantized per token -> [M, N] (kernels/fp8_matmul.fp8_linear, or
+    torch alone where triton is missing)."""
+    if _fp8 is not None and x.is_cuda:
+        return _fp8.fp8_linear(x.contiguous(), wq, w_scale.float(), bias)
     xq, x_scale = grids.quantize_fp8_per_token(x)  # [M, K], [M, 1]
     y = torch._scaled_mm(
         xq, wq.t(), scale_a=x_scale, scale_b=w_scale.float()[None, :],  # [M, 1], [1, N]

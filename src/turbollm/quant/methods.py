@@ -48,7 +48,7 @@ class Int4Config:
     act_order: bool = False
     """Stored columns are permuted (GPTQ activation order): the layers carry a `perm`."""
     calibration: str = "rtn"
-    """How the grid was chosen (rtn | awq | gptq | hf-awq | hf-gptq); informational."""
+    """How the grid was chosen (rtn | awq | gptq | hf-awq | hf-gptq | gguf); informational."""
     name: ClassVar[str] = "int4"
     bits: ClassVar[int] = 4
 

@@ -2,7 +2,8 @@
 
 A QuantPlan bundles the method config, the LinearMethod that every decoder linear receives
 and a converter from the checkpoint's tensors to that method's layout (identity for float
-checkpoints and our own quantized ones; AutoAWQ / GPTQ repacking for HF 4-bit ones).
+checkpoints and our own quantized ones; AutoAWQ / GPTQ repacking for HF 4-bit ones; ggml
+Q4_0 / Q4_1 blocks for a GGUF file kept in its quantized form, quant/gguf_formats.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from turbollm.errors import ModelLoadError
 from turbollm.layers.linear import LinearMethod
-from turbollm.quant import hf_formats
+from turbollm.quant import gguf_formats, hf_formats
 from turbollm.quant.methods import (
     CHECKPOINT_TAG,
     QuantConfig,
@@ -25,6 +26,9 @@ from turbollm.quant.methods import (
 )
 
 WeightStream = Iterable[tuple[str, torch.Tensor]]
+
+KEEP_GGUF = "gguf"
+"""The `quantization` value that keeps a GGUF file's Q4_0/Q4_1 linears as they are (int4 g32)."""
 
 
 def _identity(weights: WeightStream) -> Iterator[tuple[str, torch.Tensor]]:
@@ -39,6 +43,10 @@ class QuantPlan:
     prequantized: bool
     """True: the checkpoint holds quantized tensors; False: quantize float weights at load."""
     converter: Callable[[WeightStream], Iterator[tuple[str, torch.Tensor]]] = field(default=_identity)
+    raw_gguf_types: frozenset[str] = frozenset()
+    """GGML types whose decoder-linear weights the loader hands over as blocks (models/gguf.py)."""
+    label: str | None = None
+    """What `describe` says, when the method and group size alone would not tell (gguf)."""
 
     @property
     def linear_method(self) -> LinearMethod:
@@ -48,6 +56,8 @@ class QuantPlan:
         return self.converter(weights)
 
     def describe(self) -> str:
+        if self.label is not None:
+            return self.label
         return f"{self.config.name}" + (f" g{self.config.group_size}" if hasattr(self.config, "group_size") else "")
 
 
@@ -84,14 +94,24 @@ def resolve_quantization(
     checkpoint_config: dict[str, Any] | None,
     device: torch.device,
     where: str = "checkpoint",
+    gguf_linear_types: dict[str, str] | None = None,
 ) -> QuantPlan | None:
     """The plan for the user's option and the checkpoint, or None for a dense model.
 
     quantization None (or 'none' for a float checkpoint) keeps a float checkpoint dense and
     a quantized one as it is; a method name quantizes a float checkpoint at load. Asking
-    for a different method than a quantized checkpoint has is a ValueError.
+    for a different method than a quantized checkpoint has is a ValueError. 'gguf' keeps a
+    GGUF file's Q4_0/Q4_1 linears in int4 (gguf_linear_types: the file's decoder-linear
+    types, ModelSource.gguf_linear_types()); a GGUF file is dequantized at load by default.
     """
-    if checkpoint_config is not None:
+    if quantization == KEEP_GGUF:
+        if checkpoint_config is not None:
+            raise ValueError(f"quantization='gguf' keeps a GGUF file's Q4_0/Q4_1 weights; {where} is "
+                             "a quantized safetensors checkpoint (leave quantization unset)")
+        config, kept, label = gguf_formats.gguf_plan_parts(gguf_linear_types, where)
+        plan = QuantPlan(config, prequantized=True, converter=gguf_formats.convert_gguf,
+                         raw_gguf_types=kept, label=label)
+    elif checkpoint_config is not None:
         plan = plan_from_checkpoint(checkpoint_config, where)
         if quantization is not None and quantization != plan.config.name:
             raise ValueError(

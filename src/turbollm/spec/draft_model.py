@@ -17,6 +17,7 @@ other value loads a model like --model does, which must have the target's vocabu
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import replace
 
 import torch
@@ -138,6 +139,7 @@ class DraftModelProposer:
         self.kv_caches: list[torch.Tensor] = []
         self._valid: dict[str, tuple[object, int]] = {}
         """request_id -> (worker state identity, positions with valid draft KV)."""
+        self.forward_times: list[tuple[int, float]] = []
 
     def kv_bytes_per_block(self) -> int:
         a = self.arch
@@ -162,6 +164,7 @@ class DraftModelProposer:
     def propose(self, requests: list[ProposalRequest]) -> list[Proposal]:
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        self.forward_times = []
         # Forward 1 catches each request's draft cache up to its last known token.
         chunks = []
         for r in requests:
@@ -188,7 +191,9 @@ class DraftModelProposer:
               input_ids: list[int], where: list[int], drafts: list[list[int]],
               probs: list[list[torch.Tensor]]) -> None:
         """One draft forward; appends a draft token (and its q for sampled requests) to each
-        request it ran (`where` maps rows to request indices)."""
+        request it ran (`where` maps rows to request indices). Records its tokens and wall
+        time (up to its host sync) in forward_times."""
+        t0 = time.perf_counter()
         meta, positions = make_metadata(chunks, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         hidden = self.model(ids, positions, self.kv_caches, meta)  # [T, hidden]
@@ -199,6 +204,7 @@ class DraftModelProposer:
         q = sampling_probs(logits, states)  # [num_reqs, vocab]; one-hot for greedy rows
         noise = self.sampler._exponentials(q, states, salt=SALT_DRAFT)
         tokens = (q / noise).argmax(dim=-1).tolist()  # this forward's host sync
+        self.forward_times.append((len(input_ids), time.perf_counter() - t0))
         for row, (r, i) in enumerate(zip(reqs, where, strict=True)):
             drafts[i].append(tokens[row])
             if not r.sampling.params.greedy:

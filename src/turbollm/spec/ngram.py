@@ -35,6 +35,7 @@ class NgramProposer:
     def __init__(self, ctx: ProposerContext) -> None:
         self.n_min = ctx.config.ngram_min
         self.n_max = ctx.config.ngram_max
+        self.forward_times: list[tuple[int, float]] = []
 
     def kv_bytes_per_block(self) -> int:
         return 0

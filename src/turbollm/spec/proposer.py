@@ -4,7 +4,8 @@ A proposer is built once per model runner. Each speculative step it gets one
 ProposalRequest per speculating request and returns one Proposal each, with at most K tokens.
 Proposers with device state (a draft model's KV cache) learn through `rollback` how many
 positions of a request stay valid after verification, and through `drop` that a request's
-worker state is gone (finished, aborted or preempted).
+worker state is gone (finished, aborted or preempted); they report each forward's tokens and
+seconds in `forward_times`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class Proposal:
 
 class Proposer(Protocol):
     """What every speculative method implements."""
+
+    forward_times: list[tuple[int, float]]
+    """(tokens, seconds) of each model forward the last `propose` ran (empty: no model);
+    the scheduler's SpecPolicy learns draft costs from them."""
 
     def kv_bytes_per_block(self) -> int:
         """Bytes of proposer KV cache per target block (0: none)."""

@@ -64,7 +64,8 @@ class ModelRunner:
     def _build_model(self, source: ModelSource) -> torch.nn.Module:
         q = self.config.quantization
         plan = resolve_quantization(q.quantization, q.group_size, source.quantization_config,
-                                    self.device, where=str(source.path))
+                                    self.device, where=str(source.path or "the preset model"),
+                                    gguf_linear_types=source.gguf_linear_types())
         return build_model(source, self.device, self.dtype, self.config.model.seed, plan, self.ctx)
 
     # ---- KV cache ------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class SpecDecoder:
         inp = build_step_inputs(StepPlan(num_scheduled_tokens=scheduled), r.states, r.block_size,
                                 r.device)
         hidden = r._forward(inp)  # [T, hidden]
-        result = StepResult(draft_seconds=draft_seconds)
+        result = StepResult(draft_seconds=draft_seconds,
+                            draft_forwards=list(self.proposer.forward_times))
         self._sample_plain(hidden, inp, set(starts), result)
         self._verify(hidden, inp, scheduled, spec, proposals, starts, result)
         result.step_seconds = time.perf_counter() - t0
