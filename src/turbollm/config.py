@@ -60,7 +60,7 @@ class CacheConfig:
     num_blocks: int | None = None
     """Exact number of KV blocks, overriding the memory budget (tests, experiments)."""
     kv_cache_dtype: str = "auto"
-    """auto (the model's dtype) | fp8 (e4m3, scale 1: half the bytes of bf16, twice the tokens)."""
+    """auto (the model's dtype) | fp8 (e4m3, half the bytes of bf16: twice the tokens; per-layer k/v scales from the checkpoint, else 1.0)."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

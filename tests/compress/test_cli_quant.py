@@ -88,3 +88,47 @@ def test_install_calibrated_grids_round_trip_and_check_group_size(tiny_checkpoin
             assert torch.equal(m.quant_method.dense_weight(m), w_hats[name])
     with pytest.raises(ValueError, match="2 groups over 64 input columns, not the 64-column groups"):
         install_calibrated(dense(), Int4Config(64), results)
+
+
+def test_quantize_method_none_needs_kv_cache_scales(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert main(["quantize", "tiny-llama", "--method", "none", "--out", str(tmp_path)]) == 2
+    assert "--method none writes only FP8 KV-cache scales: add --kv-cache-scales" in capsys.readouterr().err
+
+
+def test_kv_cache_scales_need_a_tokenizer(capsys: pytest.CaptureFixture[str], tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path, _ = tiny_checkpoint("tiny-llama")
+    assert main(["quantize", path, "--method", "none", "--kv-cache-scales", "--out", str(tmp_path / "o")]) == 2
+    assert "--kv-cache-scales calibrates on text: the model needs a tokenizer" in capsys.readouterr().err
+
+
+def test_eval_kv_flags_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "ppl", "--kv-cache-dtype", "fp8", "--kv-scales", "amax"]) == 2
+    assert "--kv-scales entries must be auto, unit, calibrate; got 'amax'" in capsys.readouterr().err
+    assert main(["eval", "ppl", "--kv-cache-dtype", "fp8", "--kv-rotation", "maybe"]) == 2
+    assert "--kv-rotation entries must be on or off" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quantize_kv_cache_scales_embedded(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """`turbollm quantize --kv-cache-scales` calibrates on the calibration part and writes the
+    scales; LLM(DIR, kv_cache_dtype='fp8') loads them (rotation on, as calibrated)."""
+    from safetensors import safe_open
+
+    from turbollm.compress import quantize as quantize_mod
+    from turbollm.engine.llm import LLM
+    from turbollm.layers.attention import attention_layers
+    from turbollm.sampling_params import SamplingParams
+
+    monkeypatch.setattr(quantize_mod, "DEFAULT_CALIB", (2, 64))  # keep the CPU test short
+    out = tmp_path / "q8kv"
+    assert main(["quantize", "--method", "rtn", "--bits", "8", "--kv-cache-scales", "--out", str(out)]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        k0 = f.get_tensor("model.layers.0.self_attn.k_scale")
+        assert f.get_tensor("model.layers.0.self_attn.k_rotation").item() == 1.0
+    assert k0.numel() == 1 and 0 < k0.item() < 1  # amax * 2 / 448 for k of magnitude ~10-30
+    llm = LLM(str(out), device="cpu", kv_cache_dtype="fp8")
+    attns = attention_layers(llm.engine.executor.runner.model)  # type: ignore[attr-defined]
+    assert attns[0].k_scale == k0.item() and all(a.rotate_qk for a in attns)
+    text = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=4),
+                        use_tqdm=False)[0].outputs[0].text
+    assert "Paris" in text

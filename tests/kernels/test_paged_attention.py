@@ -50,6 +50,7 @@ def check_decode(
     seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int,
     dtype: torch.dtype = torch.float32, window: int | None = None, num_splits: int | None = None,
     index_dtype: torch.dtype = torch.int32, max_seq_len: int | None = None, fp8_cache: bool = False,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype, index_dtype)
     if fp8_cache:
@@ -59,8 +60,9 @@ def check_decode(
     lens = torch.tensor(seq_lens, dtype=index_dtype, device=DEVICE)  # [B]
     scale = head_dim**-0.5
     args = (q, kv_cache, tables, lens, scale, max_seq_len or max(seq_lens), window, num_splits)
-    out = paged_decode_attention(*args)
-    ref = paged_decode_attention_ref(*args)
+    ks, vs = kv_scales
+    out = paged_decode_attention(*args, k_scale=ks, v_scale=vs)
+    ref = paged_decode_attention_ref(*args, k_scale=ks, v_scale=vs)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
@@ -92,6 +94,59 @@ def test_decode_fp8_cache(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_prefill_fp8_cache(dtype: torch.dtype) -> None:
     check_prefill([5, 40], [5, 77], 8, 2, 32, 16, dtype=dtype, fp8_cache=True)
+
+
+# Scales that matter: k_scale 0.4 sharpens / flattens the softmax visibly, v_scale 2.5 the output.
+FP8_SCALES = [(0.4, 2.5), (1.7, 0.3)]
+
+
+@pytest.mark.parametrize("kv_scales", FP8_SCALES)
+@pytest.mark.parametrize("num_splits,window", [(1, None), (3, None), (2, 20)])
+def test_decode_fp8_cache_scales(kv_scales: tuple[float, float], num_splits: int, window: int | None) -> None:
+    """The kernel folds k_scale into the softmax scale and v_scale into the (split) outputs;
+    the reference dequantizes the cache (cache * scale)."""
+    check_decode([1, 17, 64, 97], 8, 2, 32, 16, num_splits=num_splits, window=window, fp8_cache=True,
+                 kv_scales=kv_scales)
+
+
+@pytest.mark.parametrize("kv_scales", FP8_SCALES)
+@pytest.mark.parametrize("heads,kv_heads,window", [(8, 2, None), (4, 4, 12)])
+def test_prefill_fp8_cache_scales(kv_scales: tuple[float, float], heads: int, kv_heads: int,
+                                  window: int | None) -> None:
+    check_prefill([5, 40, 1], [5, 77, 33], heads, kv_heads, 32, 16, window=window, fp8_cache=True,
+                  kv_scales=kv_scales)
+
+
+def test_fp8_scales_change_the_output() -> None:
+    """Guards the scale tests: the scales are not ignored (nor applied twice) by the reference."""
+    kv_cache, tables = make_cache([40], 2, 32, 16, torch.float32)
+    kv_cache = kv_cache.to(torch.float8_e4m3fn)
+    q = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    lens = torch.tensor([40], device=DEVICE)
+    plain = paged_decode_attention(q, kv_cache, tables, lens, 0.2, 40)
+    v_only = paged_decode_attention(q, kv_cache, tables, lens, 0.2, 40, v_scale=2.0)
+    torch.testing.assert_close(v_only, 2.0 * plain, atol=1e-5, rtol=1e-5)
+    k_only = paged_decode_attention(q, kv_cache, tables, lens, 0.2, 40, k_scale=2.0)
+    torch.testing.assert_close(k_only, paged_decode_attention(q, kv_cache, tables, lens, 0.4, 40),
+                               atol=1e-5, rtol=1e-5)
+    assert (k_only - plain).abs().max().item() > 1e-2
+
+
+def test_kv_scales_rejected() -> None:
+    kv_cache, tables = make_cache([20], 2, 32, 16, torch.float32)
+    q = torch.randn(1, 4, 32, device=DEVICE)
+    lens = torch.tensor([20], device=DEVICE)
+    starts = torch.tensor([0, 1], device=DEVICE)
+    with pytest.raises(ValueError, match="float8_e4m3fn cache only"):
+        paged_decode_attention(q, kv_cache, tables, lens, 0.2, 20, k_scale=0.5)
+    with pytest.raises(ValueError, match="float8_e4m3fn cache only"):
+        paged_prefill_attention(q, kv_cache, tables, starts, lens, 0.2, 1, v_scale=0.5)
+    fp8 = kv_cache.to(torch.float8_e4m3fn)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="k_scale must be a finite float > 0"):
+            paged_decode_attention(q, fp8, tables, lens, 0.2, 20, k_scale=bad)
+        with pytest.raises(ValueError, match="v_scale must be a finite float > 0"):
+            paged_prefill_attention(q, fp8, tables, starts, lens, 0.2, 1, v_scale=bad)
 
 
 def test_decode_auto_splits_long_context() -> None:
@@ -130,6 +185,7 @@ def check_prefill(
     query_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, head_dim: int,
     block_size: int, dtype: torch.dtype = torch.float32, window: int | None = None,
     config: PrefillConfig | None = None, scale: float | None = None, fp8_cache: bool = False,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype)
     if fp8_cache:
@@ -140,8 +196,10 @@ def check_prefill(
     lens = torch.tensor(seq_lens, device=DEVICE)  # [R]
     scale = head_dim**-0.5 if scale is None else scale
     args = (q, kv_cache, tables, starts, lens, scale, max(query_lens), window)
-    out = paged_prefill_attention(*args) if config is None else _launch_prefill(*args, config)
-    ref = paged_prefill_attention_ref(*args)
+    ks, vs = kv_scales
+    out = (paged_prefill_attention(*args, k_scale=ks, v_scale=vs) if config is None
+           else _launch_prefill(*args, config, k_scale=ks, v_scale=vs))
+    ref = paged_prefill_attention_ref(*args, k_scale=ks, v_scale=vs)
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -354,3 +412,17 @@ def test_gpu_fp8_cache_real_shapes() -> None:
     """The FP8-cache paths of both kernels on real shapes (bf16 q, e4m3 cache)."""
     check_decode([1, 300, 2048, 777], 32, 8, 128, 16, dtype=torch.bfloat16, fp8_cache=True)
     check_prefill([512, 37], [1024, 600], 32, 8, 128, 16, dtype=torch.bfloat16, fp8_cache=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv_scales", [(0.04, 0.01), (0.4, 2.5)])
+def test_gpu_fp8_cache_scales_real_shapes(kv_scales: tuple[float, float]) -> None:
+    """Per-layer FP8 scales on real shapes: every decode split count, the long prefill tiling."""
+    for splits in (None, 1, 4):
+        check_decode([1, 300, 2048, 777], 32, 8, 128, 16, dtype=torch.bfloat16, fp8_cache=True,
+                     num_splits=splits, kv_scales=kv_scales)
+    check_prefill([512, 37], [1024, 600], 32, 8, 128, 16, dtype=torch.bfloat16, fp8_cache=True,
+                  kv_scales=kv_scales)
+    check_prefill([2500, 8], [2500, 700], 32, 8, 128, 16, dtype=torch.bfloat16, fp8_cache=True,
+                  kv_scales=kv_scales, window=512)

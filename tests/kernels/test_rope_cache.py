@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from turbollm.kernels.rope_cache import rope_and_cache, rope_and_cache_ref
+from turbollm.kernels.rope_cache import hadamard, rope_and_cache, rope_and_cache_ref
 from turbollm.layers.attention import write_kv_cache
 from turbollm.layers.rotary import RotaryEmbedding
 
@@ -104,3 +104,138 @@ def test_fp8_cache_matches_reference(dtype: torch.dtype) -> None:
     a, b = c1.float(), c2.float()
     assert torch.equal(a, b)  # both round to nearest even, from the same values
     assert a.abs().max().item() == 448.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("k_scale,v_scale,size", [(0.03, 0.005, 0.01), (4.0, 0.7, 30.0)])
+def test_fp8_cache_scales_match_reference(dtype: torch.dtype, k_scale: float, v_scale: float,
+                                          size: float) -> None:
+    """With per-layer scales the cache holds e4m3(rope(k) / k_scale) and e4m3(v / v_scale):
+    kernel and reference agree bit for bit, and dequantizing gives v back within e4m3's
+    relative precision (size 0.01: values that scale 1 would leave subnormal)."""
+    tokens, heads, kv, dim = 6, 4, 2, 32
+    qkv, cos, sin, cache, slots, *_ = make(tokens, heads, kv, dim, dtype, seed=3)
+    qkv = (qkv.float() * size).to(dtype)
+    cache8 = cache.to(torch.float8_e4m3fn)
+    q1, c1 = qkv.clone(), cache8.clone()
+    rope_and_cache(q1, cos, sin, c1, slots, heads, kv, dim, k_scale, v_scale)
+    q2, c2 = qkv.clone(), cache8.clone()
+    rope_and_cache_ref(q2, cos, sin, c2, slots, heads, kv, dim, k_scale, v_scale)
+    assert torch.equal(c1.float(), c2.float())
+    torch.testing.assert_close(q1.float(), q2.float(), atol=TOL[dtype], rtol=TOL[dtype])
+    # Dequantized v = stored * v_scale is v within e4m3's relative error (2^-4) where v is normal.
+    v = qkv[:, (heads + kv) * dim :].float().view(tokens, kv, dim)
+    got = c1.view(2, -1, kv, dim)[1, slots].float() * v_scale
+    normal = (v / v_scale).abs() >= 2**-6
+    assert normal.float().mean() > 0.9
+    rel = ((got - v).abs() / v.abs())[normal]
+    assert rel.max().item() <= 2**-4 + 1e-6
+    # The scales were applied: scale 1 stores different bytes.
+    c3 = cache8.clone()
+    rope_and_cache(qkv.clone(), cos, sin, c3, slots, heads, kv, dim)
+    assert not torch.equal(c1.float(), c3.float())
+
+
+def test_kv_scales_checked() -> None:
+    qkv, cos, sin, cache, slots, *_ = make(3, 4, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="float8_e4m3fn cache only"):
+        rope_and_cache(qkv, cos, sin, cache, slots, 4, 2, 32, 0.5, 1.0)
+    with pytest.raises(ValueError, match="float8_e4m3fn cache only"):
+        write_kv_cache(cache, qkv[:, :64], qkv[:, :64], slots, 1.0, 2.0)
+    cache8 = cache.to(torch.float8_e4m3fn)
+    for bad in (0.0, -0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="k_scale must be a finite float > 0"):
+            rope_and_cache(qkv, cos, sin, cache8, slots, 4, 2, 32, bad, 1.0)
+        with pytest.raises(ValueError, match="v_scale must be a finite float > 0"):
+            write_kv_cache(cache8, qkv[:, :64], qkv[:, :64], slots, 1.0, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 4097])
+def test_gpu_fp8_scales_real_shapes(tokens: int) -> None:
+    qkv, cos, sin, cache, slots, *_ = make(tokens, 32, 8, 128, torch.bfloat16)
+    cache8 = cache.to(torch.float8_e4m3fn)
+    q1, c1 = qkv.clone(), cache8.clone()
+    rope_and_cache(q1, cos, sin, c1, slots, 32, 8, 128, 0.02, 0.004)
+    q2, c2 = qkv.clone(), cache8.clone()
+    rope_and_cache_ref(q2, cos, sin, c2, slots, 32, 8, 128, 0.02, 0.004)
+    torch.testing.assert_close(q1.float(), q2.float(), atol=1e-2, rtol=1e-2)
+    # One e4m3 step apart at most (the GPU's fp32 rotation may differ from torch's in the last bit).
+    a, b = c1.float(), c2.float()
+    assert ((a - b).abs() <= b.abs() / 8 + 2**-9).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tokens,heads,kv,dim", [(5, 8, 2, 64), (3, 4, 4, 32), (2, 4, 1, 16)])
+def test_rotate_matches_reference_and_keeps_scores(tokens: int, heads: int, kv: int, dim: int,
+                                                   dtype: torch.dtype) -> None:
+    """rotate=True stores (rope(k) H) and leaves (rope(q) H) in qkv: the kernel matches the
+    reference; every score q . k equals the unrotated one; v is stored unrotated."""
+    qkv, cos, sin, cache, slots, *_ = make(tokens, heads, kv, dim, dtype, seed=4)
+    q1, c1 = qkv.clone(), cache.clone()
+    rope_and_cache(q1, cos, sin, c1, slots, heads, kv, dim, rotate=True)
+    q2, c2 = qkv.clone(), cache.clone()
+    rope_and_cache_ref(q2, cos, sin, c2, slots, heads, kv, dim, rotate=True)
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(q1.float(), q2.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(c1.float(), c2.float(), atol=tol, rtol=tol)
+    q0, c0 = qkv.clone(), cache.clone()
+    rope_and_cache_ref(q0, cos, sin, c0, slots, heads, kv, dim)  # no rotation
+    qsize, group = heads * dim, heads // kv
+
+    def scores(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:  # [T, H, T]
+        k = c.view(2, -1, kv, dim)[0, slots].float().repeat_interleave(group, dim=1)  # [T, H, D]
+        return torch.einsum("thd,shd->ths", q[:, :qsize].float().view(tokens, heads, dim), k)
+
+    s0, s1 = scores(q0, c0), scores(q1, c1)
+    torch.testing.assert_close(s1, s0, atol=50 * tol, rtol=50 * tol)
+    assert not torch.allclose(c1.view(2, -1, kv, dim)[0, slots].float(), c0.view(2, -1, kv, dim)[0, slots].float())
+    assert torch.equal(c1.view(2, -1, kv, dim)[1, slots], c0.view(2, -1, kv, dim)[1, slots])
+
+
+def test_rotate_fp8_cache_matches_reference() -> None:
+    """The FP8 path with rotation and scales: kernel and reference agree to one e4m3 step (the
+    fp32 Hadamard sums may round differently), nearly all values exactly."""
+    qkv, cos, sin, cache, slots, *_ = make(6, 8, 2, 64, torch.float32, seed=5)
+    cache8 = cache.to(torch.float8_e4m3fn)
+    q1, c1 = qkv.clone(), cache8.clone()
+    rope_and_cache(q1, cos, sin, c1, slots, 8, 2, 64, 0.02, 0.01, rotate=True)
+    q2, c2 = qkv.clone(), cache8.clone()
+    rope_and_cache_ref(q2, cos, sin, c2, slots, 8, 2, 64, 0.02, 0.01, rotate=True)
+    torch.testing.assert_close(q1, q2, atol=1e-5, rtol=1e-5)
+    a, b = c1.float(), c2.float()
+    assert ((a - b).abs() <= b.abs() / 8 + 2**-9).all()
+    assert (a == b).float().mean().item() > 0.99
+
+
+def test_rotate_needs_power_of_two_head_dim() -> None:
+    qkv, cos, sin, cache, slots, *_ = make(2, 2, 1, 48, torch.float32)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        rope_and_cache(qkv, cos, sin, cache, slots, 2, 1, 48, rotate=True)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        rope_and_cache_ref(qkv, cos, sin, cache, slots, 2, 1, 48, rotate=True)
+
+
+def test_hadamard_is_orthonormal() -> None:
+    for n in (1, 2, 16, 64, 128):
+        h = hadamard(n)
+        torch.testing.assert_close(h @ h.T, torch.eye(n), atol=1e-6, rtol=0)
+        assert torch.equal(h.abs(), torch.full((n, n), n**-0.5))
+    with pytest.raises(ValueError, match="power-of-two"):
+        hadamard(48)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tokens", [1, 4097])
+def test_gpu_fp8_rotate_real_shapes(tokens: int) -> None:
+    qkv, cos, sin, cache, slots, *_ = make(tokens, 32, 8, 128, torch.bfloat16)
+    cache8 = cache.to(torch.float8_e4m3fn)
+    q1, c1 = qkv.clone(), cache8.clone()
+    rope_and_cache(q1, cos, sin, c1, slots, 32, 8, 128, 0.02, 0.004, rotate=True)
+    q2, c2 = qkv.clone(), cache8.clone()
+    rope_and_cache_ref(q2, cos, sin, c2, slots, 32, 8, 128, 0.02, 0.004, rotate=True)
+    torch.testing.assert_close(q1.float(), q2.float(), atol=2e-2, rtol=2e-2)
+    a, b = c1.float(), c2.float()
+    assert ((a - b).abs() <= b.abs() / 8 + 2**-9).all()

@@ -11,6 +11,7 @@ import platform
 import time
 from typing import Any
 
+from turbollm.compress.calibration import calibration_windows
 from turbollm.compress.corpus import load_corpus
 from turbollm.compress.evaluate import (
     EvalModel,
@@ -21,6 +22,14 @@ from turbollm.compress.evaluate import (
     perplexity,
     result_dict,
 )
+from turbollm.compress.kv_scales import (
+    DEFAULT_CALIB,
+    KVScales,
+    apply_kv_scales,
+    calibrate_kv_scales,
+    model_kv_scales,
+)
+from turbollm.layers.attention import attention_layers
 
 
 def _model_name(name: str | None) -> str | None:
@@ -49,6 +58,46 @@ def _write(path: str | None, payload: dict[str, Any], quiet: bool = False) -> No
             print(f"wrote {path}")
 
 
+KV_SCALE_CHOICES = ("auto", "unit", "calibrate")
+
+
+def kv_scale_variants(kv_scales: str) -> list[str]:
+    """--kv-scales unit,calibrate -> ['unit', 'calibrate'] (checked)."""
+    out = [s.strip() for s in str(kv_scales).split(",") if s.strip()]
+    bad = [s for s in out if s not in KV_SCALE_CHOICES]
+    if bad or not out:
+        raise ValueError(f"--kv-scales entries must be {', '.join(KV_SCALE_CHOICES)}; got {kv_scales!r}")
+    return out
+
+
+def kv_rotation_variants(kv_rotation: str) -> list[bool]:
+    """--kv-rotation on,off -> [True, False] (checked)."""
+    out = [s.strip() for s in str(kv_rotation).split(",") if s.strip()]
+    if not out or any(s not in ("on", "off") for s in out):
+        raise ValueError(f"--kv-rotation entries must be on or off; got {kv_rotation!r}")
+    return [s == "on" for s in out]
+
+
+def set_kv_scales(em: EvalModel, how: str, rotate: bool = True) -> None:
+    """Give an FP8-cache model its KV scales: 'auto' keeps what loading set (the checkpoint's
+    or 1.0), 'unit' sets 1.0, 'calibrate' measures them on the calibration part (after the
+    rotation is set, so k is measured as stored). rotate=False turns the Hadamard rotation
+    of q and k off ('auto' keeps what the checkpoint says)."""
+    if not rotate:
+        for attn in attention_layers(em.model):
+            attn.set_rotation(False)
+        em.quantization += ", no rotation"
+    if how == "auto":
+        return
+    layers = em.model.arch.num_hidden_layers  # type: ignore[union-attr]
+    if how == "unit":
+        scales = KVScales((1.0,) * layers, (1.0,) * layers)
+    else:
+        scales = calibrate_kv_scales(em.model, calibration_windows(em.tokenizer, *DEFAULT_CALIB))
+    apply_kv_scales(em.model, scales)
+    em.quantization += f", {how} scales"
+
+
 def quantization_variants(quantization: str | None, group_sizes: str) -> list[tuple[str, int]]:
     """--quantization int8,int4,fp8,gguf --group-size 32,64,128 -> [(method, group size), ...]
     (int4 once per group size, the others once); 'none' entries are dropped. gguf: a GGUF
@@ -69,6 +118,9 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     """Baseline perplexity, and each quantized variant's beside it (same windows)."""
     name = _model_name(args.model)
     variants = quantization_variants(args.quantization, args.group_size)
+    if args.kv_cache_dtype != "auto":  # the float model with a compressed KV cache (flags checked first)
+        variants += [(f"kv:{how}:{int(rot)}", 0) for rot in kv_rotation_variants(args.kv_rotation)
+                     for how in kv_scale_variants(args.kv_scales)]
     opts = {"device": args.device, "dtype": args.dtype}
     t0 = time.perf_counter()
     base = load_eval_model(name, None, **opts)
@@ -80,14 +132,15 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
           f"({res.num_tokens} tokens, {res.num_windows} x {res.window}-token windows)", flush=True)
     del base
     payload["quantized"] = []
-    if args.kv_cache_dtype != "auto":  # the float model with a compressed KV cache
-        variants = [*variants, ("kv", 0)]
     for method, group in variants:
         gc.collect()
         t0 = time.perf_counter()
         try:
-            if method == "kv":
+            if method.startswith("kv:"):
                 q = load_eval_model(name, None, kv_cache_dtype=args.kv_cache_dtype, **opts)
+                _, how, rot = method.split(":")
+                set_kv_scales(q, how, rot == "1")
+                payload.setdefault("kv_scales", {})[q.quantization] = _scales_dict(q)
             else:
                 q = load_eval_model(name, method, group_size=group, **opts)
         except ValueError as e:  # e.g. a group size that does not divide a layer's width
@@ -112,11 +165,16 @@ def run_eval_compare(args: argparse.Namespace) -> int:
     variants = quantization_variants(args.quantization, args.group_size)
     if len(variants) > 1:
         raise ValueError("eval compare takes one --quantization method and one --group-size")
+    hows, rots = kv_scale_variants(args.kv_scales), kv_rotation_variants(args.kv_rotation)
+    if len(hows) > 1 or len(rots) > 1:
+        raise ValueError("eval compare takes one --kv-scales and one --kv-rotation value")
     method, group = variants[0] if variants else (None, 128)
     opts = {"device": args.device, "dtype": args.dtype}
     a = load_eval_model(_model_name(args.model_a), None, **opts)
     b = load_eval_model(_model_name(args.model_b), method, group_size=group,
                         kv_cache_dtype=args.kv_cache_dtype, **opts)
+    if args.kv_cache_dtype == "fp8":
+        set_kv_scales(b, hows[0], rots[0])
     windows = _windows(args, a)
     res = compare(a, b, windows)
     print(f"A = {a.name} [{a.quantization}], B = {b.name} [{b.quantization}]")
@@ -126,6 +184,11 @@ def run_eval_compare(args: argparse.Namespace) -> int:
     _write(args.json, {"protocol": _protocol(args, a, windows), **result_dict(res),
                        "model_a": result_dict_model(a), "model_b": result_dict_model(b)})
     return 0
+
+
+def _scales_dict(em: EvalModel) -> dict[str, list[float]]:
+    scales = model_kv_scales(em.model)
+    return {"k_scale": list(scales.k), "v_scale": list(scales.v)}
 
 
 def result_dict_model(em: EvalModel) -> dict[str, Any]:

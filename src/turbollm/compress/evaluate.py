@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbollm.layers.attention import AttentionMetadata
+from turbollm.layers.attention import AttentionMetadata, check_kv_cache_device
 from turbollm.models.build import build_model, resolve_device, resolve_dtype
 from turbollm.models.loader import resolve_model
 from turbollm.quant.plan import resolve_quantization
@@ -75,6 +75,7 @@ def load_eval_model(
     kv = None
     if kv_cache_dtype == "fp8":
         kv, label = torch.float8_e4m3fn, ("" if label == "none" else label + " + ") + "fp8 KV cache"
+        check_kv_cache_device(kv, dev)
     elif kv_cache_dtype != "auto":
         raise ValueError(f"kv_cache_dtype must be auto or fp8, got {kv_cache_dtype!r}")
     return EvalModel(built, tok, model or "embedded SmolLM2-135M-Instruct", label, dev, dt, kv)

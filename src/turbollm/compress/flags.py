@@ -21,6 +21,13 @@ def add_eval_args(p: argparse.ArgumentParser, pair: bool) -> None:
                    help="int4 group size: 32, 64 or 128" + ("" if pair else "; comma-separated: one run each"))
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto | fp8: also evaluate (ppl) / give model B (compare) an FP8 (e4m3) KV cache")
+    p.add_argument("--kv-scales", default="auto",
+                   help="FP8 KV cache scales: auto (the checkpoint's, else 1.0) | unit (1.0) | calibrate "
+                        "(per-layer amax on the Shakespeare calibration part)"
+                        + ("" if pair else "; comma-separated: one run each"))
+    p.add_argument("--kv-rotation", default="on",
+                   help="FP8 KV cache: on (Hadamard-rotate q and k where the model's scales allow: the default) | off"
+                        + ("" if pair else "; comma-separated: one run each (x each --kv-scales)"))
     p.add_argument("--corpus", default="shakespeare",
                    help="shakespeare (held-out part), shakespeare-calib, or a .txt file")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
@@ -35,7 +42,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     """Flags of `turbollm quantize`."""
     p.add_argument("model", nargs="?", default=None,
                    help="float model to quantize (default: the embedded SmolLM2, dequantized)")
-    p.add_argument("--method", required=True, help="rtn | awq | gptq | fp8")
+    p.add_argument("--method", required=True,
+                   help="rtn | awq | gptq | fp8 | none (weights unchanged; with --kv-cache-scales)")
     p.add_argument("--bits", type=int, default=4, help="4 (rtn, awq, gptq) or 8 (rtn: int8, fp8)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in activation order")
@@ -43,5 +51,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-windows", type=int, default=64,
                    help="awq/gptq: calibration windows from the Shakespeare calibration part")
     p.add_argument("--calib-window-len", type=int, default=512, help="awq/gptq: tokens per calibration window")
+    p.add_argument("--kv-cache-scales", action="store_true",
+                   help="also calibrate per-layer FP8 KV-cache scales (k_scale, v_scale; 16 windows of 512 "
+                        "tokens of the Shakespeare calibration part) and write them into the checkpoint "
+                        "(used with kv_cache_dtype fp8)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU) | float32 | bfloat16 | float16")

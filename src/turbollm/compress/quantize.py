@@ -3,7 +3,11 @@
 rtn / fp8 quantize every decoder linear at load, exactly as `LLM(quantization=...)` does,
 then save. awq / gptq build the dense model, hand it with calibration windows (the
 Shakespeare calibration part, never the evaluation files) to compress.awq / compress.gptq,
-and install the int4 grids they return. The checkpoint is written by quant/checkpoint.py.
+and install the int4 grids they return. `--method none` keeps the weights as they are.
+`--kv-cache-scales` then calibrates per-layer FP8 KV-cache scales on the (quantized) model
+(compress/kv_scales.py) and writes them beside the weights, so that
+`LLM(model=DIR, kv_cache_dtype="fp8")` uses them. The checkpoint is written by
+quant/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from turbollm.compress.calibration import calibration_windows as kv_calibration_windows
 from turbollm.compress.corpus import load_corpus
 from turbollm.compress.evaluate import make_windows
+from turbollm.compress.kv_scales import DEFAULT_CALIB, KVScales, apply_kv_scales, calibrate_kv_scales
 from turbollm.quant import grids
 from turbollm.layers.linear import QuantizableLinear
 from turbollm.models.build import build_model, resolve_device, resolve_dtype
@@ -73,15 +79,17 @@ def _generation_config(source: ModelSource) -> dict[str, Any]:
 
 
 def quantize_model(
-    model_name: str | None, config: QuantConfig, method: str, device: str = "auto", dtype: str = "auto",
+    model_name: str | None, config: QuantConfig | None, method: str, device: str = "auto", dtype: str = "auto",
     calib: tuple[int, int] = (64, 512), act_order: bool = False,
 ) -> tuple[nn.Module, ModelSource]:
-    """The quantized model (not prepacked) and its source."""
+    """The quantized model (not prepacked; config None: dense) and its source."""
     source = resolve_model(model_name)
     if source.quantization_config is not None:
         raise ValueError(f"{source.path} is already quantized; quantize a float checkpoint")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if config is None:
+        return build_model(source, dev, dt, prepack_cpu=False), source
     check_device_support(config, dev)
     if method not in _CALIBRATED:
         return build_model(source, dev, dt, quantization=QuantPlan(config, prequantized=False),
@@ -97,19 +105,42 @@ def quantize_model(
     return model, source
 
 
+def add_kv_cache_scales(model: nn.Module, tokenizer: Any) -> KVScales:
+    """Calibrate per-layer FP8 KV-cache scales on the calibration part and install them."""
+    if tokenizer is None:
+        raise ValueError("--kv-cache-scales calibrates on text: the model needs a tokenizer")
+    scales = calibrate_kv_scales(model, kv_calibration_windows(tokenizer, *DEFAULT_CALIB))
+    apply_kv_scales(model, scales)
+    return scales
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     """CLI driver: quantize, save, print what was written."""
-    config = method_for_cli(args.method, args.bits, args.group_size)
+    if args.method == "none":
+        if not args.kv_cache_scales:
+            raise ValueError("--method none writes only FP8 KV-cache scales: add --kv-cache-scales")
+        config = None
+    else:
+        config = method_for_cli(args.method, args.bits, args.group_size)
     if args.act_order:
         if args.method != "gptq":
             raise ValueError("--act-order applies to --method gptq only")
         config = Int4Config(config.group_size, act_order=True, calibration="gptq")  # type: ignore[union-attr]
     t0 = time.perf_counter()
     model_name = None if args.model in (None, "embedded") else args.model
+    if args.kv_cache_scales and resolve_model(model_name).load_tokenizer() is None:  # fail before the work
+        raise ValueError("--kv-cache-scales calibrates on text: the model needs a tokenizer")
     model, source = quantize_model(model_name, config, args.method, args.device, args.dtype,
                                    (args.calib_windows, args.calib_window_len), args.act_order)
+    tokenizer = source.load_tokenizer()
+    kv_note = ""
+    if args.kv_cache_scales:
+        scales = add_kv_cache_scales(model, tokenizer)
+        kv_note = (f"; FP8 KV-cache scales k {min(scales.k):.3g}..{max(scales.k):.3g}, "
+                   f"v {min(scales.v):.3g}..{max(scales.v):.3g}")
     files = save_quantized(model, config, args.out, source.arch.to_hf_config(),
-                           _generation_config(source), source.load_tokenizer())
-    print(f"quantized {source.path} with {args.method} ({config.to_dict()}) in "
+                           _generation_config(source), tokenizer)
+    what = config.to_dict() if config is not None else "weights unchanged"
+    print(f"quantized {source.path} with {args.method} ({what}){kv_note} in "
           f"{time.perf_counter() - t0:.1f}s; wrote {args.out}: {', '.join(sorted(files))}")
     return 0

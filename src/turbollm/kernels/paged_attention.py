@@ -12,6 +12,10 @@ h // (H // KV). With a sliding window W, a query at position p sees keys in (p -
   writes a partial output + log2-sum-exp; `_combine_kernel` merges the splits. The grid
   depends only on static arguments (B, KV, max_seq_len, num_splits), never on device
   values, so the launch can be captured in a CUDA graph.
+- FP8 cache (float8_e4m3fn): it holds k / k_scale and v / v_scale (per-layer scales, see
+  kernels/rope_cache.check_kv_scales). The kernels never dequantize it: k_scale is folded
+  into the softmax scale and v_scale multiplies the normalized output; the references
+  dequantize (cache * scale) and attend, which is the semantics.
 - The prefill kernel (variable-length chunks over a cached prefix) lives in
   kernels/prefill_attention.py and shares this module's checks and references.
 
@@ -33,6 +37,8 @@ try:
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
 
+from turbollm.kernels.rope_cache import check_kv_scales
+
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _LOG2E = 1.4426950408889634
@@ -49,7 +55,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["window", "max_blocks", "num_splits"])
     def _decode_split_kernel(
         q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-        qk_scale, window, max_blocks, num_splits,
+        qk_scale, v_scale, window, max_blocks, num_splits,
         stride_qb, stride_qh,  # q [B, H, D] (last stride 1)
         stride_kv, stride_blk, stride_slot, stride_head,  # kv_cache (last stride 1)
         stride_btb,  # block_tables [B, max_blocks] (last stride 1)
@@ -116,7 +122,7 @@ if triton is not None:
 
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
-        out = acc / l_safe[:, None]  # [G_PAD, D_PAD]; zero for an empty range
+        out = acc * (v_scale / l_safe)[:, None]  # [G_PAD, D_PAD]; zero for an empty range
         if DIRECT:
             o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
             tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
@@ -238,12 +244,16 @@ def paged_decode_attention(
     max_seq_len: int,
     sliding_window: int | None = None,
     num_splits: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Attention of one new token per request over its paged cache -> [B, H, D] in q's dtype."""
+    """Attention of one new token per request over its paged cache -> [B, H, D] in q's dtype
+    (an FP8 cache holds k / k_scale and v / v_scale)."""
     if q.dim() != 3:
         raise ValueError(f"q shape {tuple(q.shape)} is not [B, H, D]")
     batch, heads, head_dim = q.shape
     _check_common(q, kv_cache, block_tables, seq_lens, batch, max_seq_len, sliding_window, "max_seq_len")
+    check_kv_scales(kv_cache, k_scale, v_scale)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _, _, block_size, kv_heads, _ = kv_cache.shape
@@ -270,7 +280,7 @@ def paged_decode_attention(
         pstrides, lstrides = part_out.stride()[:3], part_lse.stride()[:2]
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part_out, part_lse,
-        scale * _LOG2E, sliding_window or 0, block_tables.shape[1], num_splits,
+        scale * k_scale * _LOG2E, v_scale, sliding_window or 0, block_tables.shape[1], num_splits,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
@@ -296,13 +306,15 @@ def paged_decode_attention(
 # References: plain loops and gathers, fp32 math, the semantics the kernels must match.
 
 
-def _gather_ref(kv_cache: torch.Tensor, table_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v [length, KV, D] in fp32 for one request."""
+def _gather_ref(
+    kv_cache: torch.Tensor, table_row: torch.Tensor, length: int, k_scale: float = 1.0, v_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v [length, KV, D] in fp32 for one request, dequantized (cache * scale)."""
     block_size = kv_cache.shape[2]
     pos = torch.arange(length, device=kv_cache.device)  # [L]
     blocks = table_row.long()[pos // block_size]  # [L]
     slots = pos % block_size  # [L]
-    return kv_cache[0, blocks, slots].float(), kv_cache[1, blocks, slots].float()
+    return kv_cache[0, blocks, slots].float() * k_scale, kv_cache[1, blocks, slots].float() * v_scale
 
 
 def _attend_ref(
@@ -329,14 +341,14 @@ def _attend_ref(
 def paged_decode_attention_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     scale: float, max_seq_len: int | None = None, sliding_window: int | None = None,
-    num_splits: int | None = None,
+    num_splits: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Reference for `paged_decode_attention` (max_seq_len and num_splits are ignored)."""
     out = torch.zeros_like(q)  # [B, H, D]
     for r, n in enumerate(seq_lens.tolist()):
         if n == 0:
             continue
-        k, v = _gather_ref(kv_cache, block_tables[r], n)
+        k, v = _gather_ref(kv_cache, block_tables[r], n, k_scale, v_scale)
         qpos = torch.tensor([n - 1], device=q.device)
         out[r] = _attend_ref(q[r : r + 1].float(), k, v, qpos, scale, sliding_window)[0].to(q.dtype)
     return out

@@ -32,6 +32,7 @@ from turbollm.kernels.paged_attention import (
     _next_pow2,
     _upcast,
 )
+from turbollm.kernels.rope_cache import check_kv_scales
 
 if triton is not None:
 
@@ -95,7 +96,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["window", "group"])
     def _prefill_kernel(
         q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
-        qk_scale, window, group,
+        qk_scale, v_scale, window, group,
         stride_qt, stride_qh,  # q [T, H, D] (last stride 1)
         stride_kv, stride_blk, stride_slot, stride_head,  # kv_cache (last stride 1)
         stride_btr,  # block_tables [R, max_blocks]
@@ -168,7 +169,7 @@ if triton is not None:
             BLOCK_SIZE, BLOCK_N, HEAD_DIM, EVEN_D, True, HAS_WINDOW, LOOP_STAGES, DOT_PREC, UPCAST,
         )
 
-        out = acc / l_i[:, None]  # every valid row saw at least its own key: l_i > 0
+        out = acc * (v_scale / l_i)[:, None]  # every valid row saw at least its own key: l_i > 0
         o_offs = q_rows[:, None] * stride_ot + row_head[:, None] * stride_oh + offs_d[None, :]
         tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -237,11 +238,14 @@ def paged_prefill_attention(
     scale: float,
     max_query_len: int,
     sliding_window: int | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of variable-length query chunks over their paged caches -> [T, H, D].
 
     Query i of request r sits at position seq_lens[r] - qlen_r + i and sees every cached key
     up to it (inside the window). Contract: every qlen_r <= max_query_len and <= seq_lens[r].
+    An FP8 cache holds k / k_scale and v / v_scale (kernels/paged_attention.py).
     """
     if q.dim() != 3:
         raise ValueError(f"q shape {tuple(q.shape)} is not [T, H, D]")
@@ -257,15 +261,17 @@ def paged_prefill_attention(
     group = q.shape[1] // kv_cache.shape[3]
     config = choose_prefill_config(q.dtype, q.shape[2], group, max_query_len, on_gpu=q.is_cuda)
     return _launch_prefill(q, kv_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len,
-                           sliding_window, config)
+                           sliding_window, config, k_scale=k_scale, v_scale=v_scale)
 
 
 def _launch_prefill(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, max_query_len: int, sliding_window: int | None,
-    config: PrefillConfig,
+    config: PrefillConfig, *, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`paged_prefill_attention` with an explicit tiling (checked inputs; benchmarks call it)."""
+    check_kv_scales(kv_cache, k_scale, v_scale)
+    scale = scale * k_scale  # k = cache * k_scale, folded into the softmax scale
     _, heads, head_dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = heads // kv_heads
@@ -283,7 +289,7 @@ def _launch_prefill(
     head_dim_pad = max(16, _next_pow2(head_dim))
     _prefill_kernel[grid](
         q, kv_cache, block_tables, query_start_loc, seq_lens, out,
-        scale * _LOG2E, sliding_window or 0, group,
+        scale * _LOG2E, v_scale, sliding_window or 0, group,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0),
@@ -301,7 +307,7 @@ def _launch_prefill(
 def paged_prefill_attention_ref(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, max_query_len: int | None = None,
-    sliding_window: int | None = None,
+    sliding_window: int | None = None, k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Reference for `paged_prefill_attention` (max_query_len is ignored)."""
     out = torch.zeros_like(q)  # [T, H, D]
@@ -310,7 +316,7 @@ def paged_prefill_attention_ref(
         a, b = starts[r], starts[r + 1]
         if b == a:
             continue
-        k, v = _gather_ref(kv_cache, block_tables[r], n)
+        k, v = _gather_ref(kv_cache, block_tables[r], n, k_scale, v_scale)
         qpos = torch.arange(n - (b - a), n, device=q.device)  # [qlen]
         out[a:b] = _attend_ref(q[a:b].float(), k, v, qpos, scale, sliding_window).to(q.dtype)
     return out

@@ -8,6 +8,15 @@ block_table[t // block_size] at slot t % block_size; `slot_mapping` gives the fl
 On a GPU both phases run the Triton kernels of kernels/paged_attention.py; on the CPU (and
 as their executable specification) the torch code below runs.
 
+FP8 cache (float8_e4m3fn): each layer stores e4m3(k / k_scale) and e4m3(v / v_scale) with
+per-layer scales (`Attention.k_scale` / `v_scale`: from the checkpoint, calibrated offline
+by compress/kv_scales.py, or 1.0). Reading never dequantizes the cache: k_scale is folded
+into the softmax scale and v_scale into the output, in the kernels and in the torch code.
+The scales are host floats set once after loading (no device tensor, no sync per step).
+With an FP8 cache, q and k are also multiplied by a Hadamard matrix after rotary
+(`rotate_qk`, on by default where head_dim is a power of two): scores are unchanged and the
+e4m3 rounding of k costs about half as much (kernels/rope_cache.py says why).
+
 Batch layout contract (built by the worker): requests with one query token (decodes) come
 first, then requests with longer chunks (prompt chunks). Every request attends to all of
 its cached tokens plus its own new tokens, causally.
@@ -15,13 +24,14 @@ its cached tokens plus its own new tokens, causally.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbollm.kernels.rope_cache import store_kv
+from turbollm.kernels.rope_cache import rotate_heads, store_kv
 from turbollm.layers.rotary import apply_rope
 
 try:  # the Triton kernels need triton, which CPU-only torch builds lack
@@ -71,6 +81,32 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
         self.window = sliding_window
         """A query at position p sees keys in (p - window, p] (Mistral); None: all earlier keys."""
+        self.k_scale = 1.0
+        """FP8 cache only: the cache holds e4m3(k / k_scale) (see the module docstring)."""
+        self.v_scale = 1.0
+        """FP8 cache only: the cache holds e4m3(v / v_scale)."""
+        self.rotate_qk = head_dim & (head_dim - 1) == 0
+        """FP8 cache only: q and k are multiplied by the Hadamard matrix after rotary (k_scale
+        then applies to the rotated k). Off for scales calibrated without it (vLLM's)."""
+
+    def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        """Set the FP8-cache scales (finite, > 0); ValueError naming a bad one."""
+        for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not (math.isfinite(s) and s > 0):
+                raise ValueError(f"{name} must be finite and > 0, got {s}")
+        self.k_scale, self.v_scale = float(k_scale), float(v_scale)
+
+    def set_rotation(self, rotate: bool) -> None:
+        """Turn the FP8 cache's Hadamard rotation of q and k on or off (power-of-two head_dim)."""
+        if rotate and self.head_dim & (self.head_dim - 1):
+            raise ValueError(f"the Hadamard rotation needs a power-of-two head_dim, got {self.head_dim}")
+        self.rotate_qk = rotate
+
+    def cache_scales(self, kv_cache: torch.Tensor) -> tuple[float, float]:
+        """(k_scale, v_scale) for this cache: the layer's for an FP8 cache, else (1.0, 1.0)."""
+        if kv_cache.dtype == torch.float8_e4m3fn:
+            return self.k_scale, self.v_scale
+        return 1.0, 1.0
 
     def forward_qkv(
         self,
@@ -87,10 +123,11 @@ class Attention(nn.Module):
         num_tokens = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         cos, sin = rope
+        rotate = self.rotate_qk and kv_cache.dtype == torch.float8_e4m3fn
         if qkv.is_cuda and rope_kernels is not None:
             rope_kernels.rope_and_cache(
                 qkv, cos.view(num_tokens, -1), sin.view(num_tokens, -1), kv_cache, meta.slot_mapping,
-                self.num_heads, self.num_kv_heads, self.head_dim,
+                self.num_heads, self.num_kv_heads, self.head_dim, *self.cache_scales(kv_cache), rotate,
             )
             heads = qkv.view(num_tokens, -1, self.head_dim)  # [T, H + 2 KV, D]: q and k now rotated
             q = heads[:, : self.num_heads]  # [T, H, D] strided
@@ -98,6 +135,9 @@ class Attention(nn.Module):
             return self._forward_triton(q, kv_cache, meta, kv).view(num_tokens, -1)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q, k = apply_rope(q, cos, sin, self.head_dim), apply_rope(k, cos, sin, self.head_dim)
+        if rotate:  # [T, H * D] and [T, KV * D], each head times the Hadamard matrix
+            q = rotate_heads(q, self.head_dim).to(q.dtype).view(num_tokens, q_size)
+            k = rotate_heads(k, self.head_dim).to(k.dtype).view(num_tokens, kv_size)
         return self.forward(q, k, v, kv_cache, meta)
 
     def forward(
@@ -110,7 +150,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
-        write_kv_cache(kv_cache, k, v, meta.slot_mapping)
+        write_kv_cache(kv_cache, k, v, meta.slot_mapping, *self.cache_scales(kv_cache))
         if q.is_cuda and paged_kernels is not None:
             new_kv = (k.view(num_tokens, self.num_kv_heads, -1), v.view(num_tokens, self.num_kv_heads, -1))
             return self._forward_triton(q, kv_cache, meta, new_kv).view(num_tokens, -1)
@@ -134,11 +174,13 @@ class Attention(nn.Module):
         new_kv: this step's rotated k and v [T, KV, D], for the dense prefill path."""
         assert paged_kernels is not None
         nd = meta.num_decodes
+        k_scale, v_scale = self.cache_scales(kv_cache)
         dec = pre = None
         if nd:
             dec = paged_kernels.paged_decode_attention(
                 q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
                 max_seq_len=max(meta.seq_lens_cpu[:nd]), sliding_window=self.window,
+                k_scale=k_scale, v_scale=v_scale,
             )  # [nd, H, D]
         if nd < meta.num_reqs and new_kv is not None and self._dense_prefill_pays(q, kv_cache, meta):
             pre = self._dense_prefill(q[nd:], new_kv[0][nd:], new_kv[1][nd:], meta)  # [T - nd, H, D]
@@ -147,7 +189,7 @@ class Attention(nn.Module):
             pre = prefill_kernels.paged_prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], meta.query_start_loc[nd:] - nd,
                 meta.seq_lens[nd:], self.scale, max_query_len=max(meta.query_lens_cpu[nd:]),
-                sliding_window=self.window,
+                sliding_window=self.window, k_scale=k_scale, v_scale=v_scale,
             )  # [T - nd, H, D]
         if dec is None or pre is None:
             out = dec if pre is None else pre
@@ -179,6 +221,7 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """One query per request, batched: q [nd, H, D] -> [nd, H, D]."""
         nd = q.shape[0]
+        k_scale, v_scale = self.cache_scales(kv_cache)
         max_len = max(meta.seq_lens_cpu[:nd])
         k, v = gather_kv(kv_cache, meta.block_tables[:nd], max_len, q.dtype)  # [nd, L, KV, D] each
         pos = torch.arange(max_len, device=q.device)
@@ -192,20 +235,22 @@ class Attention(nn.Module):
             k.transpose(1, 2),  # [nd, KV, L, D]
             v.transpose(1, 2),
             attn_mask=visible[:, None, None, :],  # [nd, 1, 1, L]
-            enable_gqa=True,
+            enable_gqa=True, scale=self.scale * k_scale,
         )  # [nd, H, 1, D]
-        return out[:, :, 0]
+        return out[:, :, 0] if v_scale == 1.0 else out[:, :, 0] * v_scale
 
     def _prefill(
         self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, i: int
     ) -> torch.Tensor:
         """A chunk of one request: q [qlen, H, D] -> [qlen, H, D], causal over its cache."""
         qlen, seq_len = q.shape[0], meta.seq_lens_cpu[i]
+        k_scale, v_scale = self.cache_scales(kv_cache)
+        scale = self.scale * k_scale  # k = cache * k_scale: folded into the softmax scale
         k, v = gather_kv(kv_cache, meta.block_tables[i : i + 1], seq_len, q.dtype)  # [1, S, KV, D]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, qlen, D]
         kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [1, KV, S, D]
         if qlen == seq_len and (self.window is None or seq_len <= self.window):
-            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True, scale=scale)
         else:
             # Query j sits at position seq_len - qlen + j and sees keys up to it.
             qpos = torch.arange(seq_len - qlen, seq_len, device=q.device)[:, None]  # [qlen, 1]
@@ -213,15 +258,36 @@ class Attention(nn.Module):
             mask = kpos <= qpos  # [qlen, S]
             if self.window is not None:
                 mask &= kpos > qpos - self.window
-            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
-        return out[0].transpose(0, 1)  # [qlen, H, D]
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True, scale=scale)
+        out = out[0].transpose(0, 1)  # [qlen, H, D]
+        return out if v_scale == 1.0 else out * v_scale  # v = cache * v_scale
 
 
 def write_kv_cache(
-    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> None:
-    """Store k, v ([T, KV * D]) at their flat slots in the cache (any cache dtype), in place."""
-    store_kv(kv_cache, k, v, slot_mapping)
+    """Store k, v ([T, KV * D]) at their flat slots in the cache (any cache dtype), in place;
+    an FP8 cache gets k / k_scale and v / v_scale."""
+    store_kv(kv_cache, k, v, slot_mapping, k_scale, v_scale)
+
+
+def check_kv_cache_device(kv_dtype: torch.dtype, device: torch.device) -> None:
+    """ValueError when `device` cannot hold an FP8 cache: the kernels' e4m3 conversions need
+    compute capability >= 8.9 (Ada, Hopper). The CPU runs the torch path and always can."""
+    if kv_dtype != torch.float8_e4m3fn or device.type != "cuda":
+        return
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 9):
+        raise ValueError(
+            f"kv_cache_dtype 'fp8' needs a GPU with FP8 support (compute capability >= 8.9, e.g. Ada or "
+            f"Hopper); {torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}: use kv_cache_dtype 'auto'"
+        )
+
+
+def attention_layers(model: nn.Module) -> list[Attention]:
+    """The model's Attention modules in layer order (one per KV cache)."""
+    return [m for m in model.modules() if isinstance(m, Attention)]
 
 
 def gather_kv(

@@ -24,6 +24,16 @@ from turbollm.layers.norm import RMSNorm
 from turbollm.layers.rotary import RotaryEmbedding
 from turbollm.models.arch import ModelArch
 
+# FP8 KV-cache scale tensors (one scalar per layer; vLLM / llm-compressor names, ours first):
+# checkpoint name suffix under model.layers.N.self_attn -> which scale.
+_KV_SCALE_NAMES = {
+    "k_scale": "k", "v_scale": "v", "attn.k_scale": "k", "attn.v_scale": "v",
+    "k_proj.output_scale": "k", "v_proj.output_scale": "v",
+}
+_KV_ROTATION = "k_rotation"
+"""Ours: 1.0 = the scales are for Hadamard-rotated q / k (layers/attention.py), 0.0 = not.
+Scales without it (vLLM's) are for unrotated k, so the rotation is turned off."""
+
 # HF checkpoint name -> (our merged parameter, shard index within it).
 _MERGED = {
     "q_proj": ("qkv_proj", 0),
@@ -148,11 +158,18 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.logits(hidden)  # [n, vocab]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named checkpoint tensors into place; every parameter must be covered."""
+        """Copy HF-named checkpoint tensors into place; every parameter must be covered.
+
+        FP8 KV-cache scales (`model.layers.N.self_attn.k_scale` / `v_scale`, also vLLM's
+        `.attn.k_scale` and `k_proj.output_scale` forms) set the layers' scales; they apply
+        only when the engine runs an FP8 cache."""
         params = dict(self.named_parameters())
         loaded: dict[str, set[int | None]] = {}
+        kv: dict[int, dict[str, float]] = {}  # layer -> {"k": .., "v": .., "rot": ..}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name:
+                continue
+            if self._collect_kv_scale(name, tensor, kv):
                 continue
             if self.arch.tie_word_embeddings and name == "lm_head.weight":
                 continue  # same storage as the embedding; some checkpoints still ship it
@@ -172,6 +189,41 @@ class LlamaForCausalLM(nn.Module):
         ]
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}")
+        self._install_kv_scales(kv)
+
+    def _collect_kv_scale(self, name: str, tensor: torch.Tensor, kv: dict[int, dict[str, float]]) -> bool:
+        """Record an FP8 KV-cache scale (or our rotation flag) tensor; False for other names."""
+        parts = name.split(".")
+        if len(parts) < 5 or parts[:2] != ["model", "layers"] or parts[3] != "self_attn":
+            return False
+        suffix = ".".join(parts[4:])
+        key = _KV_SCALE_NAMES.get(suffix) or ("rot" if suffix == _KV_ROTATION else None)
+        if key is None:
+            return False
+        if tensor.numel() != 1:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}: only one scale per layer is supported")
+        layer = int(parts[2])
+        if not 0 <= layer < len(self.model.layers):
+            raise ValueError(f"{name}: the model has {len(self.model.layers)} layers")
+        kv.setdefault(layer, {})[key] = float(tensor.float().item())
+        return True
+
+    def _install_kv_scales(self, kv: dict[int, dict[str, float]]) -> None:
+        """Set each layer's FP8 KV-cache scales (a missing k or v scale is 1.0, as in vLLM)."""
+        if not kv:
+            return
+        layers = self.model.layers
+        scaled = sorted(i for i, d in kv.items() if "k" in d or "v" in d)
+        if len(scaled) != len(layers):
+            raise ValueError(f"the checkpoint has KV-cache scales for {len(scaled)} of {len(layers)} layers")
+        for i, layer in enumerate(layers):
+            attn = layer.self_attn.attn
+            d = kv[i]
+            try:
+                attn.set_kv_scales(d.get("k", 1.0), d.get("v", 1.0))
+                attn.set_rotation(bool(d.get("rot", 0.0)))
+            except ValueError as e:
+                raise ValueError(f"model.layers.{i}.self_attn: {e}") from None
 
     def hf_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
         """This model's weights under HF names (the inverse of load_weights; one rank only).
@@ -179,10 +231,18 @@ class LlamaForCausalLM(nn.Module):
         Lets a transformers twin run on exactly these weights, e.g. dummy ones, as a baseline.
         Quantized linears yield their stored tensors (qweight, scales, ...) under the same
         prefixes; a tensor every merged part shares (`replicated`) is yielded for each part.
+        FP8 KV-cache scales, when set, come as scalar `model.layers.N.self_attn.k_scale` /
+        `v_scale` (vLLM's names) plus our `k_rotation` flag.
         """
         if self.model.embed_tokens.ctx.tp_size != 1:
             raise ValueError("hf_state_dict needs the whole model: tensor-parallel size 1")
         split = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+        attns = [layer.self_attn.attn for layer in self.model.layers]
+        if any((a.k_scale, a.v_scale) != (1.0, 1.0) for a in attns):  # FP8 KV-cache scales were set
+            for i, a in enumerate(attns):
+                for leaf, value in (("k_scale", a.k_scale), ("v_scale", a.v_scale),
+                                    (_KV_ROTATION, float(a.rotate_qk))):
+                    yield f"model.layers.{i}.self_attn.{leaf}", torch.tensor(value, dtype=torch.float32)
         modules = dict(self.named_modules())
         for name, param in self.named_parameters():
             owner, _, leaf = name.rpartition(".")

@@ -27,18 +27,20 @@ def quantization_config_dict(config: QuantConfig) -> dict[str, Any]:
 
 
 def save_quantized(
-    model: nn.Module, config: QuantConfig, out_dir: str, hf_config: dict[str, Any],
+    model: nn.Module, config: QuantConfig | None, out_dir: str, hf_config: dict[str, Any],
     generation: dict[str, Any] | None = None, tokenizer: Any = None,
 ) -> list[str]:
-    """Write the checkpoint; returns the files written. `model` must have `hf_state_dict`."""
+    """Write the checkpoint; returns the files written. `model` must have `hf_state_dict`.
+    config None: a dense checkpoint (no quantization_config; e.g. only FP8 KV-cache scales)."""
     os.makedirs(out_dir, exist_ok=True)
     # clone: split views of merged parameters share storage, which safetensors refuses.
     tensors = {name: t.detach().to("cpu").contiguous().clone()
                for name, t in model.hf_state_dict()}  # type: ignore[operator]
     dtype = next((t.dtype for n, t in tensors.items() if n.endswith("norm.weight")), torch.float32)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    cfg = {**hf_config, "quantization_config": quantization_config_dict(config),
-           "torch_dtype": str(dtype).removeprefix("torch.")}
+    cfg = {**hf_config, "torch_dtype": str(dtype).removeprefix("torch.")}
+    if config is not None:
+        cfg["quantization_config"] = quantization_config_dict(config)
     written = ["model.safetensors", "config.json"]
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)

@@ -16,7 +16,7 @@ import torch
 from turbollm.config import EngineConfig
 from turbollm.core.plan import StepPlan, StepResult, TokenLogprobs
 from turbollm.distributed.parallel import SINGLE, ParallelContext
-from turbollm.layers.attention import AttentionMetadata
+from turbollm.layers.attention import AttentionMetadata, check_kv_cache_device
 from turbollm.models.build import build_model, resolve_device, resolve_dtype
 from turbollm.models.loader import ModelSource
 from turbollm.quant.plan import resolve_quantization
@@ -46,6 +46,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
         self.kv_dtype = torch.float8_e4m3fn if config.cache.kv_cache_dtype == "fp8" else self.dtype
+        check_kv_cache_device(self.kv_dtype, self.device)
         self.ctx = ctx
         # Unseeded requests draw from torch's default generators: seed them for repeatable runs.
         torch.manual_seed(config.model.seed)
