@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None  # type: ignore[assignment]
 
 from turbollm.kernels._interpreter import emulate_bf16_rounding, emulate_fp8_rounding
+from turbollm.kernels.quant_matmul import check_x
 
 FP8_MAX = 448.0
 """Largest finite float8_e4m3fn value."""
@@ -166,19 +167,9 @@ def _check_runtime(x: torch.Tensor) -> None:
         raise ValueError(f"x is on {x.device}: Triton kernels need CUDA, or TRITON_INTERPRET=1 set before import")
 
 
-def _check_x(x: torch.Tensor) -> tuple[int, int]:
-    if x.dim() != 2:
-        raise ValueError(f"x shape {tuple(x.shape)} is not [M, K]")
-    if x.dtype not in _DTYPES:
-        raise ValueError(f"x dtype {x.dtype} is not one of {_DTYPES}")
-    if x.numel() and x.stride(-1) != 1:
-        raise ValueError(f"x needs a contiguous last dimension, got strides {x.stride()}")
-    return x.shape[0], x.shape[1]
-
-
 def _check_weights(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None) -> tuple[int, int, int]:
-    m, k = _check_x(x)
+    m, k = check_x(x)
     if wq.dim() != 2 or wq.shape[1] != k or wq.dtype != FP8 or not wq.is_contiguous():
         raise ValueError(f"wq must be a contiguous float8_e4m3fn [N, {k}], got {wq.dtype} {tuple(wq.shape)}")
     n = wq.shape[0]
@@ -194,7 +185,7 @@ def _check_weights(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (xq [M, K] float8_e4m3fn contiguous, scales [M, 1] float32), one launch."""
-    m, k = _check_x(x)
+    m, k = check_x(x)
     _check_runtime(x)
     xq = torch.empty(m, k, dtype=FP8, device=x.device)  # [M, K]
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)  # [M, 1]

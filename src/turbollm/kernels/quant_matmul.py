@@ -66,7 +66,9 @@ def _check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], dtypes: tu
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
 
 
-def _check_x(x: torch.Tensor) -> tuple[int, int]:
+def check_x(x: torch.Tensor) -> tuple[int, int]:
+    """(M, K) of an activation matrix x [M, K] in a float dtype with a contiguous last dim
+    (also the FP8 kernels' check); ValueError naming the problem otherwise."""
     if x.dim() != 2:
         raise ValueError(f"x shape {tuple(x.shape)} is not [M, K]")
     if x.dtype not in _DTYPES:
@@ -83,7 +85,7 @@ def _check_bias(bias: torch.Tensor | None, n: int, device: torch.device) -> None
 
 def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 bias: torch.Tensor | None) -> tuple[int, int, int]:
-    m, k = _check_x(x)
+    m, k = check_x(x)
     if qweight.dim() != 2:
         raise ValueError(f"qweight shape {tuple(qweight.shape)} is not [N, K]")
     n = qweight.shape[0]
@@ -95,7 +97,7 @@ def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def _check_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None) -> tuple[int, int, int]:
-    m, k = _check_x(x)
+    m, k = check_x(x)
     if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
     if k % group_size:
