@@ -130,8 +130,12 @@ class QuantizationConfig:
     """none | int8 (weight-only) | int4 (weight-only, RTN) | fp8 (W8A8) | gguf (keep a GGUF file's Q4_0/Q4_1 linears as int4 instead of dequantizing them); default: as the checkpoint is (GGUF: dequantized)."""
     group_size: int = 128
     """int4: input columns per scale/zero group (32, 64 or 128; must divide every layer's width)."""
+    quantization_ignore: str | None = None
+    """Decoder linears kept dense when quantizing at load: comma-separated glob patterns over module names (model.layers.29.*, *.down_proj; q/k/v and gate/up are merged: *.qkv_proj, *.gate_up_proj)."""
 
     def __post_init__(self) -> None:
+        if self.quantization_ignore is not None and self.quantization in (None, "none"):
+            raise ValueError("quantization_ignore needs a quantization method to leave those linears out of")
         if self.quantization is not None:
             _check_choice("quantization", self.quantization, QUANTIZATION_METHODS)
         if self.group_size not in INT4_GROUP_SIZES:

@@ -58,15 +58,16 @@ class EvalModel:
 def load_eval_model(
     model: str | None, quantization: str | None = None, group_size: int = 128, device: str = "auto",
     dtype: str = "auto", load_format: str = "auto", tokenizer: str | None = None,
-    kv_cache_dtype: str = "auto",
+    kv_cache_dtype: str = "auto", quantization_ignore: str | None = None,
 ) -> EvalModel:
-    """Build a model as the engine would (optionally quantized at load) for evaluation."""
+    """Build a model as the engine would (optionally quantized at load, `quantization_ignore`
+    linears kept dense) for evaluation."""
     source = resolve_model(model, load_format)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     plan = resolve_quantization(quantization, group_size, source.quantization_config, dev,
                                 str(source.path or "the preset model"),
-                                gguf_linear_types=source.gguf_linear_types())
+                                gguf_linear_types=source.gguf_linear_types(), ignore=quantization_ignore)
     tok = source.load_tokenizer(tokenizer)
     if tok is None:
         raise ValueError(f"{model}: evaluation needs a tokenizer; pass one with --tokenizer")

@@ -19,6 +19,9 @@ def add_eval_args(p: argparse.ArgumentParser, pair: bool) -> None:
                    f"linears as int4{which}")
     p.add_argument("--group-size", default="128",
                    help="int4 group size: 32, 64 or 128" + ("" if pair else "; comma-separated: one run each"))
+    p.add_argument("--quantization-ignore", default=None,
+                   help="decoder linears kept dense when quantizing: comma-separated glob patterns over module "
+                        "names (model.layers.29.*, *.down_proj)")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto | fp8: also evaluate (ppl) / give model B (compare) an FP8 (e4m3) KV cache")
     p.add_argument("--kv-scales", default="auto",

@@ -106,6 +106,20 @@ class QuantizableLinear(nn.Module):
         return (x.is_cuda and x.shape[0] == 1 and x.stride(-1) == 1 and gemv_kernels is not None
                 and self.quant_method is None and self.packed is None and x.dtype == self.weight.dtype)
 
+    weight_shape: tuple[int, int]
+    """Shape of this rank's dense weight [out, in]."""
+
+    def make_dense(self) -> None:
+        """Drop the LinearMethod's tensors and give this layer a dense weight to load instead
+        (a module a quantized model keeps in full precision, QuantPlan.keep_dense). Call before
+        the weights are loaded."""
+        for name in [n for n in self._parameters if n != "bias"]:
+            delattr(self, name)
+        self.quant_method = None
+        self.weight = _param(self.weight_shape, self.weight_loader)  # [out, in]
+        if self.num_parts > 1:
+            self.weight.shard_ids = tuple(range(self.num_parts))  # type: ignore[attr-defined]
+
     def prepack_cpu(self) -> None:
         """Use a oneDNN-packed copy of the dense weight from now on (CPU, after loading).
 
@@ -140,6 +154,7 @@ class ColumnParallelLinear(QuantizableLinear):
         self.local_sizes = [ctx.shard(s, "output size") for s in output_sizes]
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(self.local_sizes))]
         out = sum(self.local_sizes)
+        self.weight_shape = (out, input_size)
         if quant_method is None:
             self.weight = _param((out, input_size), self.weight_loader)  # [out / tp, in]
         else:
@@ -198,6 +213,7 @@ class RowParallelLinear(QuantizableLinear):
         self.quant_method = quant_method
         self.num_parts = 1
         self.local_in = ctx.shard(input_size, "input size")
+        self.weight_shape = (output_size, self.local_in)
         if quant_method is None:
             self.weight = _param((output_size, self.local_in), self.weight_loader)  # [out, in / tp]
         else:

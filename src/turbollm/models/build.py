@@ -10,6 +10,7 @@ checkpoint is streamed tensor by tensor).
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
@@ -31,6 +32,8 @@ class ModelQuantization(Protocol):
     raw_gguf_types: frozenset[str]
     """GGML types (e.g. 'Q4_1') whose decoder-linear weights `convert_weights` takes as ggml
     blocks from a GGUF file (ModelSource.iter_weights); empty: everything dequantized."""
+    keep_dense: tuple[str, ...]
+    """Glob patterns of decoder-linear module names built dense instead (keep_dense_linears)."""
 
     def convert_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors -> tensors in the layout `linear_method` registered."""
@@ -88,6 +91,8 @@ def build_model(
     qm = quantization.linear_method if quantization is not None else None
     with default_dtype(dtype), torch.device(device):
         model = cls(source.arch, ctx, qm) if qm is not None else cls(source.arch, ctx)
+        if quantization is not None and quantization.keep_dense:
+            keep_dense_linears(model, quantization.keep_dense)
     if source.kind == "dummy":
         model.init_dummy_weights(seed)  # type: ignore[operator]
     else:
@@ -103,6 +108,23 @@ def build_model(
     if device.type == "cpu" and prepack_cpu:
         prepack_cpu_linears(model)
     return model.eval()
+
+
+def keep_dense_linears(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Turn the quantized linears whose module names match a glob pattern back into dense
+    ones (before loading); returns their names. ValueError for a pattern matching none."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantizableLinear) and m.quant_method is not None}
+    kept = []
+    for pattern in patterns:
+        hits = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            example = next(iter(linears), "model.layers.0.self_attn.qkv_proj")
+            raise ValueError(f"quantization_ignore pattern {pattern!r} matches no quantized linear "
+                             f"(names look like {example!r}; q/k/v and gate/up are merged)")
+        kept += hits
+    for name in dict.fromkeys(kept):
+        linears[name].make_dense()
+    return list(dict.fromkeys(kept))
 
 
 @torch.no_grad()

@@ -18,12 +18,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from turbollm.layers.linear import QuantizableLinear
 from turbollm.quant.methods import CHECKPOINT_TAG, QuantConfig
 
 
-def quantization_config_dict(config: QuantConfig) -> dict[str, Any]:
-    """The `quantization_config` entry written to config.json."""
-    return {"quant_method": CHECKPOINT_TAG, **config.to_dict()}
+def quantization_config_dict(config: QuantConfig, keep_dense: list[str] | None = None) -> dict[str, Any]:
+    """The `quantization_config` entry written to config.json; keep_dense: the decoder
+    linears saved dense (quantization_ignore), by module name."""
+    extra = {"keep_dense": keep_dense} if keep_dense else {}
+    return {"quant_method": CHECKPOINT_TAG, **config.to_dict(), **extra}
 
 
 def save_quantized(
@@ -40,7 +43,8 @@ def save_quantized(
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     cfg = {**hf_config, "torch_dtype": str(dtype).removeprefix("torch.")}
     if config is not None:
-        cfg["quantization_config"] = quantization_config_dict(config)
+        dense = [n for n, m in model.named_modules() if isinstance(m, QuantizableLinear) and m.quant_method is None]
+        cfg["quantization_config"] = quantization_config_dict(config, dense)
     written = ["model.safetensors", "config.json"]
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)

@@ -47,6 +47,8 @@ class QuantPlan:
     """GGML types whose decoder-linear weights the loader hands over as blocks (models/gguf.py)."""
     label: str | None = None
     """What `describe` says, when the method and group size alone would not tell (gguf)."""
+    keep_dense: tuple[str, ...] = ()
+    """Glob patterns of decoder-linear module names that stay dense (quantize-at-load only)."""
 
     @property
     def linear_method(self) -> LinearMethod:
@@ -58,7 +60,8 @@ class QuantPlan:
     def describe(self) -> str:
         if self.label is not None:
             return self.label
-        return f"{self.config.name}" + (f" g{self.config.group_size}" if hasattr(self.config, "group_size") else "")
+        text = f"{self.config.name}" + (f" g{self.config.group_size}" if hasattr(self.config, "group_size") else "")
+        return text + (f" (dense: {','.join(self.keep_dense)})" if self.keep_dense else "")
 
 
 def _hf_plan(config: QuantConfig, converter: Callable[[WeightStream], Iterator[tuple[str, torch.Tensor]]]) -> QuantPlan:
@@ -66,7 +69,8 @@ def _hf_plan(config: QuantConfig, converter: Callable[[WeightStream], Iterator[t
 
 
 _CHECKPOINT_FORMATS: dict[str, Callable[[dict[str, Any]], QuantPlan]] = {
-    CHECKPOINT_TAG: lambda d: QuantPlan(config_from_checkpoint_dict(d), prequantized=True),
+    CHECKPOINT_TAG: lambda d: QuantPlan(config_from_checkpoint_dict(d), prequantized=True,
+                                        keep_dense=tuple(d.get("keep_dense", ()))),
     "awq": lambda d: _hf_plan(*hf_formats.awq_plan_parts(d)),
     "gptq": lambda d: _hf_plan(*hf_formats.gptq_plan_parts(d)),
 }
@@ -95,6 +99,7 @@ def resolve_quantization(
     device: torch.device,
     where: str = "checkpoint",
     gguf_linear_types: dict[str, str] | None = None,
+    ignore: str | None = None,
 ) -> QuantPlan | None:
     """The plan for the user's option and the checkpoint, or None for a dense model.
 
@@ -103,7 +108,15 @@ def resolve_quantization(
     for a different method than a quantized checkpoint has is a ValueError. 'gguf' keeps a
     GGUF file's Q4_0/Q4_1 linears in int4 (gguf_linear_types: the file's decoder-linear
     types, ModelSource.gguf_linear_types()); a GGUF file is dequantized at load by default.
+    `ignore` (comma-separated glob patterns over module names) keeps those decoder linears
+    dense when quantizing at load; a quantized checkpoint or kept GGUF file decides for itself.
     """
+    keep_dense = tuple(p.strip() for p in (ignore or "").split(",") if p.strip())
+    if keep_dense and (quantization in (None, "none", KEEP_GGUF) or checkpoint_config is not None):
+        raise ValueError(
+            f"quantization_ignore={ignore!r} applies when quantizing a float checkpoint at load "
+            f"(int8, int4, fp8); {where} with quantization={quantization!r} has no such layers to leave out"
+        )
     if quantization == KEEP_GGUF:
         if checkpoint_config is not None:
             raise ValueError(f"quantization='gguf' keeps a GGUF file's Q4_0/Q4_1 weights; {where} is "
@@ -121,6 +134,6 @@ def resolve_quantization(
     elif quantization in (None, "none"):
         return None
     else:
-        plan = QuantPlan(make_config(quantization, group_size), prequantized=False)
+        plan = QuantPlan(make_config(quantization, group_size), prequantized=False, keep_dense=keep_dense)
     check_device_support(plan.config, device)
     return plan
