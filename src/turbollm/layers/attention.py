@@ -24,6 +24,7 @@ its cached tokens plus its own new tokens, causally.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -68,6 +69,14 @@ class AttentionMetadata:
     @property
     def num_reqs(self) -> int:
         return len(self.query_lens_cpu)
+
+    @functools.cached_property
+    def longest_whole_prompt(self) -> int:
+        """Tokens of the longest prompt chunk when every chunk is a whole prompt (nothing
+        cached before it), else 0: once per step, not once per layer."""
+        nd = self.num_decodes
+        qlens, slens = self.query_lens_cpu[nd:], self.seq_lens_cpu[nd:]
+        return max(qlens) if qlens and qlens == slens else 0
 
 
 class Attention(nn.Module):
@@ -200,10 +209,9 @@ class Attention(nn.Module):
     def _dense_prefill_pays(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
         """Whole prompts only, one of them long, a cache in q's dtype (the paged kernels read
         an FP8 cache: both paths then see the same rounded k and v), no window cut."""
-        nd = meta.num_decodes
-        qlens, slens = meta.query_lens_cpu[nd:], meta.seq_lens_cpu[nd:]
-        return (kv_cache.dtype == q.dtype and max(qlens) >= DENSE_PREFILL_MIN_TOKENS and qlens == slens
-                and (self.window is None or max(slens) <= self.window))
+        longest = meta.longest_whole_prompt
+        return (kv_cache.dtype == q.dtype and longest >= DENSE_PREFILL_MIN_TOKENS
+                and (self.window is None or longest <= self.window))
 
     def _dense_prefill(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
