@@ -7,7 +7,6 @@ Usage: python bench/scripts/gpu_b1_probe.py
 """
 import json
 import os
-import statistics
 import time
 from collections import defaultdict
 
@@ -15,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from turbollm import LLM, SamplingParams
+from turbollm.bench.kernels import time_ms
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
@@ -28,18 +28,7 @@ def note(key: str, value: str) -> None:
 
 
 def timeit(fn, n: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
+    return time_ms(fn, iters=n, warmup=3)
 
 
 def dense_prefill_probe() -> None:

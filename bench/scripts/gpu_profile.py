@@ -15,6 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from turbollm import LLM, SamplingParams
+from turbollm.bench.kernels import time_ms
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
@@ -127,18 +128,7 @@ def prefill_attention() -> None:
     flops = 2 * T * T * H * D  # causal: half of 4 * T^2 * H * D
 
     def timeit(fn, n=10):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(n):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            ts.append(s.elapsed_time(e))
-        return statistics.median(ts)
+        return time_ms(fn, iters=n, warmup=3)
 
     scale = D**-0.5
     ours = timeit(lambda: paged_prefill_attention(q, cache, table, qsl, sl, scale, T))

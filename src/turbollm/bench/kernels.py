@@ -24,7 +24,7 @@ from turbollm.kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref
 from turbollm.layers.attention import Attention, AttentionMetadata
 
 
-def _time_ms(fn: Callable[[], object], iters: int, warmup: int, inner: int = 1) -> float:
+def time_ms(fn: Callable[[], object], iters: int, warmup: int, inner: int = 1) -> float:
     """Median milliseconds per fn call over iters CUDA-event-timed rounds of `inner` calls."""
     for _ in range(warmup):
         fn()
@@ -42,7 +42,7 @@ def _time_ms(fn: Callable[[], object], iters: int, warmup: int, inner: int = 1) 
 
 
 def _graph_time_ms(fn: Callable[[], object], iters: int, warmup: int, inner: int = 10) -> float:
-    """Like _time_ms, but fn is captured `inner` times into one CUDA graph and replayed, so
+    """Like time_ms, but fn is captured `inner` times into one CUDA graph and replayed, so
     host launch overhead (larger than a small kernel) stays out of the number, as in the
     engine's graph-captured decode."""
     stream = torch.cuda.Stream()
@@ -55,14 +55,14 @@ def _graph_time_ms(fn: Callable[[], object], iters: int, warmup: int, inner: int
     with torch.cuda.graph(graph):
         for _ in range(inner):
             fn()
-    return _time_ms(graph.replay, iters, warmup) / inner
+    return time_ms(graph.replay, iters, warmup) / inner
 
 
 def copy_bandwidth_gbs(num_bytes: int = 1 << 30, iters: int = 50) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read + written."""
     src = torch.randn(num_bytes // 4, device="cuda")
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src), iters, warmup=5)
+    ms = time_ms(lambda: dst.copy_(src), iters, warmup=5)
     return 2 * num_bytes / (ms * 1e-3) / 1e9
 
 
@@ -97,7 +97,7 @@ def bench_decode_attention(
         query_lens_cpu=[1] * batch, seq_lens_cpu=[context] * batch,
         num_decodes=batch,
     )
-    torch_ms = _time_ms(lambda: layer._decode(q, kv_cache, meta), max(10, iters // 10), warmup=3, inner=5)
+    torch_ms = time_ms(lambda: layer._decode(q, kv_cache, meta), max(10, iters // 10), warmup=3, inner=5)
 
     elem = kv_cache.element_size()
     num_bytes = batch * context * kv_heads * head_dim * 2 * elem + 2 * q.numel() * elem
