@@ -23,6 +23,7 @@ from gguf.quants import dequantize, quantize
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from gguf_writing import arch_writer, finish, llama_cpp_permute
 from turbollm.errors import ModelLoadError, ModelNotFoundError
 from turbollm.models.arch import PRESETS, ModelArch, get_preset
 from turbollm.models.loader import EMBEDDED_GGUF, ModelSource, embedded_model_path, resolve_model
@@ -265,25 +266,10 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{layer}.{_TO_GGUF[module]}.{kind}"
 
 
-def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf.py LlamaModel.permute: rotate-half rows → interleaved pairs."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _write_gguf(path: Path, arch: ModelArch, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Write `state` as llama.cpp would; return what a correct reader must give back."""
     gguf_arch = "qwen2" if arch.architecture == "Qwen2ForCausalLM" else "llama"
-    w = GGUFWriter(str(path), gguf_arch)
-    w.add_block_count(arch.num_hidden_layers)
-    w.add_context_length(arch.max_position_embeddings)
-    w.add_embedding_length(arch.hidden_size)
-    w.add_feed_forward_length(arch.intermediate_size)
-    w.add_head_count(arch.num_attention_heads)
-    w.add_head_count_kv(arch.num_key_value_heads)
-    w.add_rope_dimension_count(arch.head_dim)
-    w.add_rope_freq_base(arch.rope_theta)
-    w.add_layer_norm_rms_eps(arch.rms_norm_eps)
-    w.add_vocab_size(arch.vocab_size)
+    w = arch_writer(path, arch, gguf_arch)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_eot_token_id(5)
@@ -297,9 +283,9 @@ def _write_gguf(path: Path, arch: ModelArch, state: dict[str, torch.Tensor]) -> 
         # value is the round-trip of the HF-layout tensor.
         expected[name] = torch.from_numpy(dequantize(quantize(a, qtype), qtype).reshape(a.shape))
         if gguf_arch == "llama" and ".q_proj." in name:
-            a = _llama_cpp_permute(a, arch.num_attention_heads)
+            a = llama_cpp_permute(a, arch.num_attention_heads)
         elif gguf_arch == "llama" and ".k_proj." in name:
-            a = _llama_cpp_permute(a, arch.num_key_value_heads)
+            a = llama_cpp_permute(a, arch.num_key_value_heads)
         if qtype in (Q.F32, Q.F16):
             w.add_tensor(_gguf_name(name), a.astype(np.float32 if qtype == Q.F32 else np.float16))
         else:
@@ -309,10 +295,7 @@ def _write_gguf(path: Path, arch: ModelArch, state: dict[str, torch.Tensor]) -> 
         plain = 1.0 / arch.rope_theta ** (torch.arange(0, arch.head_dim, 2).double() / arch.head_dim)
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
         w.add_tensor("rope_freqs.weight", (plain / scaled.double()).numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return expected
 
 
@@ -397,9 +380,6 @@ def test_bad_gguf_files(tmp_path: Path) -> None:
     odd = tmp_path / "odd.gguf"
     w = GGUFWriter(str(odd), "llama")
     w.add_tensor("token_embd.weight", np.zeros((4, 64), dtype=np.int32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     with pytest.raises(ModelLoadError, match=r"'token_embd\.weight' has unsupported GGUF type I32"):
         resolve_model(str(odd))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter
 from gguf.quants import dequantize, quantize
 
+from gguf_writing import arch_writer, finish, llama_cpp_permute
 from tests_support import run_prefill
 from turbollm.config import EngineConfig
 from turbollm.models.arch import PRESETS
@@ -134,15 +134,7 @@ def _write_tiny_gguf(path: Path, linear_types: dict[str, Q], seed: int = 0) -> N
     weights, decoder linears in the given types (by HF module name), the rest F32."""
     arch = PRESETS["tiny-llama"]
     rng = np.random.default_rng(seed)
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(arch.num_hidden_layers)
-    w.add_context_length(arch.max_position_embeddings)
-    w.add_embedding_length(arch.hidden_size)
-    w.add_feed_forward_length(arch.intermediate_size)
-    w.add_head_count(arch.num_attention_heads)
-    w.add_head_count_kv(arch.num_key_value_heads)
-    w.add_rope_dimension_count(arch.head_dim)
-    w.add_layer_norm_rms_eps(arch.rms_norm_eps)
+    w = arch_writer(path, arch)
     h, f, kv = arch.hidden_size, arch.intermediate_size, arch.num_key_value_heads * arch.head_dim
 
     def normal(*shape: int) -> np.ndarray:
@@ -156,7 +148,7 @@ def _write_tiny_gguf(path: Path, linear_types: dict[str, Q], seed: int = 0) -> N
             a = normal(*shape)
             heads = {"q_proj": arch.num_attention_heads, "k_proj": arch.num_key_value_heads}.get(module)
             if heads:  # convert_hf_to_gguf.py's permute: rotate-half rows -> interleaved pairs
-                a = a.reshape(heads, 2, shape[0] // heads // 2, h).swapaxes(1, 2).reshape(shape)
+                a = llama_cpp_permute(a, heads)
             qt = linear_types[module]
             name = f"blk.{i}.{_TO_GGUF[module]}.weight"
             if qt == Q.F32:
@@ -167,10 +159,7 @@ def _write_tiny_gguf(path: Path, linear_types: dict[str, Q], seed: int = 0) -> N
         w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + normal(h))
     w.add_tensor("output_norm.weight", 1 + normal(h))
     w.add_tensor("output.weight", normal(arch.vocab_size, h))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
 
 
 def _plan(src: ModelSource, quantization: str | None = "gguf", where: str | None = None) -> QuantPlan | None:
