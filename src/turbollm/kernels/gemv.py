@@ -172,7 +172,8 @@ def _launch(
 ) -> torch.Tensor:
     n, k = weight.shape
     block_n, block_k, split, warps, stages = config or gemv_config(n, k)
-    k_per_split = -(-(-(-k // split)) // block_k) * block_k
+    per_split = -(-k // split)  # columns, rounded up to whole tiles below
+    k_per_split = -(-per_split // block_k) * block_k
     split = -(-k // k_per_split)  # no split left without columns
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)  # [1, N]
     part = out if split == 1 else torch.empty(split, n, device=x.device, dtype=torch.float32)  # [S, N]
