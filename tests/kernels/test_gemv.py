@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from turbollm.kernels.gemv import (
+    QuantWeight,
     gemv,
     gemv_ref,
     gemv_rmsnorm,
@@ -13,6 +14,7 @@ from turbollm.kernels.gemv import (
     gemv_silu_mul,
     gemv_silu_mul_ref,
 )
+from turbollm.kernels.quant_matmul import int4_linear_ref, int8_linear_ref, pack_int4
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -129,3 +131,89 @@ def test_gpu_silu_mul_prologue_real_shapes() -> None:
     gu = torch.randn(1, 2 * 11008, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16) * 0.02
     torch.testing.assert_close(gemv_silu_mul(gu, w).float(), gemv_silu_mul_ref(gu, w).float(), atol=2e-2, rtol=2e-2)
+
+
+def _int8_weight(n: int, k: int, g: torch.Generator) -> QuantWeight:
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    return QuantWeight(q.to(DEVICE), (torch.rand(n, generator=g) / 50).to(DEVICE))
+
+
+def _int4_weight(n: int, k: int, group: int, g: torch.Generator) -> QuantWeight:
+    q = torch.randint(0, 16, (n, k), generator=g)
+    s = torch.rand(n, k // group, generator=g) / 10
+    z = torch.randint(0, 16, (n, k // group), generator=g).float() + 0.25  # zeros need not be integers
+    return QuantWeight(pack_int4(q).to(DEVICE), s.to(DEVICE), z.to(DEVICE), group)
+
+
+QUANT_CASES = [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
+QUANT_CONFIGS = [None, (8, 32, 2, 4, 1, 1), (16, 128, 1, 4, 2, 0, 1), (4, 64, 3, 2, 1, 0)]
+
+
+def _quant_weight(kind: str, group: int, n: int, k: int, g: torch.Generator) -> QuantWeight:
+    return _int8_weight(n, k, g) if kind == "int8" else _int4_weight(n, k, group, g)
+
+
+@pytest.mark.parametrize("kind,group", QUANT_CASES)
+@pytest.mark.parametrize("config", QUANT_CONFIGS)
+def test_quantized_weights_match_reference(kind: str, group: int, config: tuple[int, ...] | None) -> None:
+    """int8 / int4 weights with every prologue, default and forced tilings (splits of K,
+    tiles narrower than a group, groups straddling splits)."""
+    g = torch.Generator().manual_seed(group + len(config or ()))
+    n, k = 37, 384
+    w = _quant_weight(kind, group, n, k, g)
+    x, r = (torch.randn(1, k, generator=g).to(DEVICE) for _ in range(2))
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
+    b = torch.randn(n, generator=g).to(DEVICE)
+    tol = {"atol": 2e-3, "rtol": 1e-4}
+    torch.testing.assert_close(gemv(x, w, b, config=config), gemv_ref(x, w, b), **tol)
+    out, new_r = gemv_rmsnorm(x, r, nw, 1e-6, w, config=config)
+    ref, ref_r = gemv_rmsnorm_ref(x, r, nw, 1e-6, w)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(new_r, ref_r, atol=0, rtol=0)
+    gu = torch.randn(1, 2 * k, generator=g).to(DEVICE)
+    torch.testing.assert_close(gemv_silu_mul(gu, w, b, config=config), gemv_silu_mul_ref(gu, w, b), **tol)
+
+
+@pytest.mark.parametrize("kind,group", QUANT_CASES)
+def test_quantized_bf16_matches_quant_matmul_reference(kind: str, group: int) -> None:
+    """bf16 activations: the same answer as kernels/quant_matmul.py's references."""
+    g = torch.Generator().manual_seed(7 + group)
+    n, k = 24, 256
+    w = _quant_weight(kind, group, n, k, g)
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+    if kind == "int8":
+        ref = int8_linear_ref(x, w.qweight, w.scales)
+    else:
+        ref = int4_linear_ref(x, w.qweight, w.scales, w.zeros, group)
+    torch.testing.assert_close(gemv(x, w).float(), ref.float(), **_tol(torch.bfloat16))
+
+
+def test_bad_quantized_weights() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 64).to(DEVICE)
+    w8 = _int8_weight(8, 64, g)
+    with pytest.raises(ValueError, match="qweight shape"):
+        gemv(torch.randn(1, 32).to(DEVICE), w8)
+    with pytest.raises(ValueError, match="scales shape"):
+        gemv(x, QuantWeight(w8.qweight, w8.scales[:4]))
+    w4 = _int4_weight(8, 64, 32, g)
+    with pytest.raises(ValueError, match="group_size"):
+        gemv(x, QuantWeight(w4.qweight, w4.scales, w4.zeros, 48))
+    with pytest.raises(ValueError, match="zeros shape"):
+        gemv(x, QuantWeight(w4.qweight, w4.scales, w4.zeros[:, :1], 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)])
+@pytest.mark.parametrize("kind,group", [("int8", 0), ("int4", 128), ("int4", 32)])
+def test_gpu_quantized_real_shapes(n: int, k: int, kind: str, group: int) -> None:
+    g = torch.Generator().manual_seed(n + k)
+    w = _quant_weight(kind, group, n, k, g)
+    w = QuantWeight(w.qweight, (w.scales / k**0.5).bfloat16(),
+                    None if w.zeros is None else w.zeros.bfloat16(), group)
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEVICE, torch.bfloat16)
+    out, _ = gemv_rmsnorm(x, None, nw, 1e-5, w)
+    ref, _ = gemv_rmsnorm_ref(x, None, nw, 1e-5, w)
+    torch.testing.assert_close(out.float(), ref.float(), **_tol(torch.bfloat16))
+

@@ -23,9 +23,17 @@ each of those is a launch and a round trip through memory for a few KiB):
   residual.
 - `gemv_silu_mul`: SwiGLU of kernels/activation.py (fp32 math, one rounding) on each K tile
   of the merged gate/up row.
+
+The weight may also be weight-only quantized (`QuantWeight`, the storage of
+kernels/quant_matmul.py), dequantized in registers: int8 rows are scaled once at the end;
+int4 tiles hold whole groups, and each group folds its affine into the reduction,
+s (sum_k q x - z sum_k x), with the low / high nibbles of a byte against the even / odd
+columns of x. So batch-1 decode of a quantized model gets the same fused prologues.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -35,25 +43,64 @@ try:
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
 
+from turbollm.kernels import quant_matmul
 from turbollm.kernels._interpreter import emulate_bf16_rounding
 from turbollm.kernels.activation import silu_and_mul_ref
 from turbollm.kernels.rmsnorm import fused_add_rmsnorm_ref
 
 if triton is not None:
     from turbollm.kernels._interpreter import round_bf16
+    from turbollm.kernels._quant_matmul_kernels import _i8_to_f32, _u4_to_f32
 
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SPLIT_K_FROM = 8192  # K from which a ragged one may be split over two programs (gemv_config)
 _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2  # input prologues
+_DENSE, _INT8, _INT4 = 0, 1, 2  # weight formats (QuantWeight)
 
 if triton is not None:
 
     @triton.jit
+    def _x_cols(
+        x_ptr, res_ptr, nw_ptr, new_res_ptr, ks, kmask, K, rstd, write_res,
+        PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND: tl.constexpr,
+    ):
+        """The input row at columns ks (any shape) in fp32, computed by the prologue."""
+        in_dtype = x_ptr.dtype.element_ty
+        if PROLOGUE == 0:
+            x = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+        elif PROLOGUE == 1:
+            s = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                s = s + tl.load(res_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+                if ROUND:
+                    s = round_bf16(s)
+                s = s.to(in_dtype)
+                tl.store(new_res_ptr + ks, s, mask=kmask & write_res)
+                s = s.to(tl.float32)
+            h = s * rstd
+            if ROUND:
+                h = round_bf16(h)
+            h = h.to(in_dtype).to(tl.float32)  # h.to(x.dtype)
+            x = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32) * h
+            if ROUND:
+                x = round_bf16(x)
+            x = x.to(in_dtype).to(tl.float32)  # weight * h, rounded like torch
+        else:  # SwiGLU on the merged [gate | up] row of width 2K
+            gate = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+            up = tl.load(x_ptr + K + ks, mask=kmask, other=0.0).to(tl.float32)
+            x = gate / (1.0 + tl.exp(-gate)) * up
+            if ROUND:
+                x = round_bf16(x)
+            x = x.to(in_dtype).to(tl.float32)
+        return x
+
+    @triton.jit
     def _gemv_kernel(
-        x_ptr, res_ptr, nw_ptr, new_res_ptr, w_ptr, b_ptr, out_ptr,
+        x_ptr, res_ptr, nw_ptr, new_res_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         N, K, k_per_split, stride_wn, stride_os, eps,
         PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+        WFMT: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, SPLIT_X: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ROUND: tl.constexpr, ROUND_OUT: tl.constexpr,  # interpreter only: see _interpreter.py
     ):
@@ -65,6 +112,7 @@ if triton is not None:
         k_lo = split * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         in_dtype = x_ptr.dtype.element_ty
+        write_res = pid_n == 0  # the programs of row tile 0 write the new residual
         rstd = 0.0
         if PROLOGUE == 1:  # RMSNorm: the whole row's sum of squares first
             sq = tl.zeros([BLOCK_K], tl.float32)
@@ -80,38 +128,45 @@ if triton is not None:
                 sq += s * s
             rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
         acc = tl.zeros([BLOCK_N], tl.float32)
-        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            ks = k0 + offs_k  # [BLOCK_K]
-            kmask = ks < k_hi
-            w = tl.load(w_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BN, BK]
-            if PROLOGUE == 0:
-                x = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)  # [BLOCK_K]
-            elif PROLOGUE == 1:
-                s = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-                if HAS_RESIDUAL:
-                    s = s + tl.load(res_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-                    if ROUND:
-                        s = round_bf16(s)
-                    s = s.to(in_dtype)
-                    tl.store(new_res_ptr + ks, s, mask=kmask & (pid_n == 0))
-                    s = s.to(tl.float32)
-                h = s * rstd
-                if ROUND:
-                    h = round_bf16(h)
-                h = h.to(in_dtype).to(tl.float32)  # h.to(x.dtype)
-                x = tl.load(nw_ptr + ks, mask=kmask, other=0.0).to(tl.float32) * h
-                if ROUND:
-                    x = round_bf16(x)
-                x = x.to(in_dtype).to(tl.float32)  # weight * h, rounded like torch
-            else:  # SwiGLU on the merged [gate | up] row of width 2K
-                gate = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
-                up = tl.load(x_ptr + K + ks, mask=kmask, other=0.0).to(tl.float32)
-                x = gate / (1.0 + tl.exp(-gate)) * up
-                if ROUND:
-                    x = round_bf16(x)
-                x = x.to(in_dtype).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+        if WFMT == 2:  # int4: [BN, groups of the tile, packed bytes of a group]
+            HALF: tl.constexpr = GROUP // 2
+            GT: tl.constexpr = BLOCK_K // GROUP
+            offs_t = tl.arange(0, GT)
+            offs_j = tl.arange(0, HALF)
+            offs_c = tl.arange(0, GROUP)
+            sz_rows = rows[:, None] * (K // GROUP)  # [BN, 1]
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                g = k0 // GROUP + offs_t  # [GT] groups of this tile
+                gmask = g < k_hi // GROUP
+                p = tl.load(w_rows[:, :, None] + (g * HALF)[None, :, None] + offs_j[None, None, :],
+                            mask=rmask[:, None, None] & gmask[None, :, None], other=0)  # [BN, GT, HALF]
+                ks = (g * GROUP)[:, None] + offs_c[None, :]  # [GT, G]
+                x = _x_cols(x_ptr, res_ptr, nw_ptr, new_res_ptr, ks, gmask[:, None], K, rstd, write_res,
+                            PROLOGUE, HAS_RESIDUAL, ROUND)  # [GT, G]
+                lo = _u4_to_f32(p & 0xF, DEQ)  # [BN, GT, HALF] even columns
+                hi = _u4_to_f32(p >> 4, DEQ)  # odd columns
+                if SPLIT_X:  # x split into even / odd columns in registers
+                    xe, xo = tl.split(tl.reshape(x, [GT, HALF, 2]))  # [GT, HALF] each
+                    d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, GT] sum_k q x
+                else:  # nibbles interleaved back into column order
+                    d = tl.sum(tl.interleave(lo, hi) * x[None, :, :], axis=2)
+                sz_mask = rmask[:, None] & gmask[None, :]
+                sc = tl.load(s_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)  # [BN, GT]
+                zp = tl.load(z_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)
+                acc += tl.sum(sc * (d - zp * tl.sum(x, axis=1)[None, :]), axis=1)  # s (sum q x - z sum x)
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                ks = k0 + offs_k  # [BLOCK_K]
+                kmask = ks < k_hi
+                w = tl.load(w_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)  # [BN, BK]
+                x = _x_cols(x_ptr, res_ptr, nw_ptr, new_res_ptr, ks, kmask, K, rstd, write_res,
+                            PROLOGUE, HAS_RESIDUAL, ROUND)  # [BLOCK_K]
+                if WFMT == 1:
+                    w = _i8_to_f32(w, DEQ)
+                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            if WFMT == 1:  # int8: per-row scale
+                acc = acc * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rmask & (split == 0), other=0.0).to(tl.float32)
         if ROUND_OUT:
@@ -130,59 +185,124 @@ if triton is not None:
         tl.store(out_ptr + offs, s.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int) -> None:
-    """x [1, width] with width k (or 2k for SwiGLU) against weight [N, k]."""
+@dataclass(frozen=True)
+class QuantWeight:
+    """A weight-only quantized [N, K] matrix in the storage of kernels/quant_matmul.py:
+    int8 (qweight int8 [N, K], scales [N]) or int4 (qweight uint8 [N, K // 2], scales and
+    zeros [N, K // G], group_size G). The GEMV dequantizes it in registers."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
+
+    @property
+    def fmt(self) -> int:
+        return _INT4 if self.zeros is not None else _INT8
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[-1] * (2 if self.zeros is not None else 1)
+
+
+Weight = torch.Tensor | QuantWeight
+"""A dense [N, K] weight in x's dtype, or a QuantWeight."""
+
+
+def _check(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, k: int) -> None:
+    """x [1, width] with width k (or 2k for SwiGLU) against a weight of K = k columns."""
     if triton is None:
         raise RuntimeError("gemv needs triton; use the *_ref functions instead")
-    if x.dim() != 2 or x.shape[0] != 1 or weight.dim() != 2 or weight.shape[1] != k:
-        raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [1, K] and [N, K]")
-    if x.dtype not in _DTYPES or weight.dtype != x.dtype:
-        raise ValueError(f"x {x.dtype} and weight {weight.dtype} must share a float dtype")
-    if x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError("x and weight need a contiguous last dimension")
-    n = weight.shape[0]
+    if x.dim() != 2 or x.shape[0] != 1 or x.dtype not in _DTYPES or x.stride(1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} is not one contiguous row [1, K] of a float dtype")
+    if isinstance(weight, QuantWeight):
+        if weight.zeros is None:
+            n = quant_matmul.check_int8_weight(weight.qweight, weight.scales, k, x.device)
+        else:
+            n = quant_matmul.check_int4_weight(weight.qweight, weight.scales, weight.zeros, weight.group_size,
+                                               k, x.device)
+    else:
+        if weight.dim() != 2 or weight.shape[1] != k:
+            raise ValueError(f"x {tuple(x.shape)} and weight {tuple(weight.shape)} are not [1, K] and [N, K]")
+        if weight.dtype != x.dtype or weight.stride(1) != 1:
+            raise ValueError(f"weight {weight.dtype} must share x's dtype {x.dtype} and have a contiguous last dimension")
+        n = weight.shape[0]
     if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1 or bias.dtype != x.dtype):
         raise ValueError(f"bias {tuple(bias.shape)} {bias.dtype} is not a contiguous [{n}] in {x.dtype}")
     if x.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise ValueError(f"x is on {x.device}: Triton kernels need CUDA, or TRITON_INTERPRET=1 set before import")
 
 
-Config = tuple[int, int, int, int, int]
-"""(BLOCK_N, BLOCK_K, K splits, warps, stages): `config` arguments force it (tuning, tests)."""
+Config = tuple[int, ...]
+"""(BLOCK_N, BLOCK_K, K splits, warps, stages[, dequant[, split_x]]): `config` arguments
+force it (tuning, tests). For quantized weights only: dequant picks how integers become
+floats (0 conversion instructions, 1 fp32 bit tricks: kernels/_quant_matmul_kernels.py);
+split_x (int4) splits x into even / odd columns instead of interleaving the nibbles."""
 
 
-def gemv_config(n: int, k: int) -> Config:
-    """The tiling for an [N, K] weight: (BLOCK_N, BLOCK_K, K splits, warps, stages).
 
-    From bench/scripts/gpu_gemv_tune.py on an H100 (Llama-2-7B and Llama-3-8B shapes, each
-    through the launcher its projection uses, weights out of L2): 8 rows x 1024 columns a
-    program, one pass over K, wins on every shape (2.5-3.0 TB/s) except a long K that 1024
-    does not divide (Llama-2's 11008), where two K halves of 512-column tiles win.
+def _quant_config(n: int, k: int, fmt: int) -> Config:
+    """Tiling of a quantized weight (BLOCK_K counts weight columns, int4: two a byte), from
+    bench/scripts/gpu_gemv_tune.py --fmt int8 / int4 on Llama-2-7B shapes (two H100 sweeps
+    and one H200 sweep agreed): o-sized (N <= 4096) take few wide rows, long K two splits,
+    the MLP's wide gate/up (int4) narrower tiles. int4 converts with conversion
+    instructions and interleaves the nibbles; int8 uses the fp32 bit trick."""
+    if fmt == _INT4:
+        if k >= _SPLIT_K_FROM:
+            return 32, 1024, 2, 8, 3, 0
+        if n <= 4096:
+            return 8, 1024, 1, 8, 3, 0
+        return (16, 512, 1, 4, 3, 0) if n >= 16384 else (32, 1024, 1, 8, 3, 0)
+    if k >= _SPLIT_K_FROM:
+        return 8, 1024, 2, 4, 3, 1
+    return (8, 2048, 1, 8, 3, 1) if n <= 4096 else (16, 512, 1, 4, 3, 1)
+
+
+def gemv_config(n: int, k: int, fmt: int = _DENSE) -> Config:
+    """The tiling for an [N, K] weight of format `fmt`: (BLOCK_N, BLOCK_K, K splits, warps,
+    stages[, dequant]).
+
+    Dense weights, from bench/scripts/gpu_gemv_tune.py on an H100 (Llama-2-7B and Llama-3-8B
+    shapes, each through the launcher its projection uses, weights out of L2): 8 rows x 1024
+    columns a program, one pass over K, wins on every shape (2.5-3.0 TB/s) except a long K
+    that 1024 does not divide (Llama-2's 11008), where two K halves of 512-column tiles win.
     """
+    if fmt != _DENSE:
+        return _quant_config(n, k, fmt)
     if k >= _SPLIT_K_FROM and k % 1024:
         return 8, 512, 2, 4, 3
     return 8, 1024, 1, 8, 3
 
 
 def _launch(
-    prologue: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    prologue: int, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
     residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
     new_residual: torch.Tensor | None = None, eps: float = 0.0,
     config: Config | None = None,
 ) -> torch.Tensor:
-    n, k = weight.shape
-    block_n, block_k, split, warps, stages = config or gemv_config(n, k)
+    quant = weight if isinstance(weight, QuantWeight) else None
+    fmt = _DENSE if quant is None else quant.fmt
+    w = weight if quant is None else quant.qweight
+    n = w.shape[0]
+    k = w.shape[1] if quant is None else quant.in_features
+    block_n, block_k, split, warps, stages, *rest = config or gemv_config(n, k, fmt)
+    dequant, split_x = (list(rest) + [1, 0][len(rest):])[:2]
+    group = quant.group_size if quant is not None and fmt == _INT4 else 1
+    block_k = max(block_k, group)  # int4: whole groups a tile
     per_split = -(-k // split)  # columns, rounded up to whole tiles below
     k_per_split = -(-per_split // block_k) * block_k
     split = -(-k // k_per_split)  # no split left without columns
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)  # [1, N]
     part = out if split == 1 else torch.empty(split, n, device=x.device, dtype=torch.float32)  # [S, N]
     round_ = emulate_bf16_rounding(x.dtype)
+    scales = quant.scales if quant is not None else x
+    zeros = quant.zeros if quant is not None and quant.zeros is not None else x
     _gemv_kernel[(triton.cdiv(n, block_n), split)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-        new_residual if new_residual is not None else x, weight, bias if bias is not None else x, part,
-        n, k, k_per_split, weight.stride(0), part.stride(0) if split > 1 else 0, eps,
+        new_residual if new_residual is not None else x, w, scales, zeros, bias if bias is not None else x, part,
+        n, k, k_per_split, w.stride(0), part.stride(0) if split > 1 else 0, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
+        WFMT=fmt, GROUP=group, DEQ=dequant, SPLIT_X=bool(split_x),
         BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1,
         num_warps=warps, num_stages=stages,
     )
@@ -191,9 +311,7 @@ def _launch(
     return out
 
 
-def gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: Config | None = None
-) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """x [1, K] @ weight [N, K]^T (+ bias [N]) -> [1, N] in x's dtype, fp32 accumulation."""
     _check(x, weight, bias, x.shape[-1])
     return _launch(_PLAIN, x, weight, bias, config=config)
@@ -204,7 +322,7 @@ def gemv_rmsnorm(
     residual: torch.Tensor | None,  # [1, K] in x's dtype, or None
     norm_weight: torch.Tensor,  # [K] in x's dtype
     eps: float,
-    weight: torch.Tensor,  # [N, K]
+    weight: Weight,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     config: Config | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +341,7 @@ def gemv_rmsnorm(
 
 
 def gemv_silu_mul(
-    gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, config: Config | None = None
+    gate_up: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None, config: Config | None = None
 ) -> torch.Tensor:
     """(silu(gate) * up) @ weight^T (+ bias) for gate_up = [gate | up] of shape [1, 2K]: the
     product `silu_and_mul` followed by `gemv` gives."""
@@ -233,9 +351,21 @@ def gemv_silu_mul(
     return _launch(_SILU_MUL, gate_up, weight, bias, config=config)
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same product in fp32, rounded once to x's dtype."""
-    out = x.float() @ weight.float().t()
+def _dense_weight(weight: Weight) -> torch.Tensor:
+    """W_hat [N, K] in fp32 (a dense weight as is)."""
+    if not isinstance(weight, QuantWeight):
+        return weight.float()
+    if weight.zeros is None:
+        return weight.qweight.float() * weight.scales.float()[:, None]
+    q = quant_matmul.unpack_int4(weight.qweight).float()  # [N, K]
+    n, k = q.shape
+    q = q.view(n, k // weight.group_size, weight.group_size)
+    return ((q - weight.zeros.float()[..., None]) * weight.scales.float()[..., None]).view(n, k)
+
+
+def gemv_ref(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The same product in fp32 (a quantized weight dequantized in fp32), rounded once to x's dtype."""
+    out = x.float() @ _dense_weight(weight).t()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
@@ -243,13 +373,13 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 
 def gemv_rmsnorm_ref(
     x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, bias: torch.Tensor | None = None,
+    weight: Weight, bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference for `gemv_rmsnorm`: the torch RMSNorm, then `gemv_ref`."""
     h, new_residual = fused_add_rmsnorm_ref(x, residual, norm_weight, eps)
     return gemv_ref(h, weight, bias), new_residual
 
 
-def gemv_silu_mul_ref(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv_silu_mul_ref(gate_up: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for `gemv_silu_mul`: `silu_and_mul_ref`, then `gemv_ref`."""
     return gemv_ref(silu_and_mul_ref(gate_up), weight, bias)

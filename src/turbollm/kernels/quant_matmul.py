@@ -83,14 +83,36 @@ def _check_bias(bias: torch.Tensor | None, n: int, device: torch.device) -> None
         _check_tensor("bias", bias, (n,), _DTYPES, device)
 
 
-def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                bias: torch.Tensor | None) -> tuple[int, int, int]:
-    m, k = check_x(x)
+def check_int8_weight(qweight: torch.Tensor, scales: torch.Tensor, k: int, device: torch.device) -> int:
+    """N of an int8 weight for K = k input columns on `device`; ValueError naming the problem."""
     if qweight.dim() != 2:
         raise ValueError(f"qweight shape {tuple(qweight.shape)} is not [N, K]")
     n = qweight.shape[0]
-    _check_tensor("qweight", qweight, (n, k), (torch.int8,), x.device)
-    _check_tensor("scales", scales, (n,), _DTYPES, x.device)
+    _check_tensor("qweight", qweight, (n, k), (torch.int8,), device)
+    _check_tensor("scales", scales, (n,), _DTYPES, device)
+    return n
+
+
+def check_int4_weight(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                      k: int, device: torch.device) -> int:
+    """N of an int4 weight for K = k input columns on `device`; ValueError naming the problem."""
+    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide K = {k}")
+    if qweight.dim() != 2:
+        raise ValueError(f"qweight shape {tuple(qweight.shape)} is not [N, K // 2]")
+    n = qweight.shape[0]
+    _check_tensor("qweight", qweight, (n, k // 2), (torch.uint8,), device)
+    _check_tensor("scales", scales, (n, k // group_size), _DTYPES, device)
+    _check_tensor("zeros", zeros, (n, k // group_size), _DTYPES, device)
+    return n
+
+
+def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None) -> tuple[int, int, int]:
+    m, k = check_x(x)
+    n = check_int8_weight(qweight, scales, k, x.device)
     _check_bias(bias, n, x.device)
     return m, n, k
 
@@ -98,16 +120,7 @@ def _check_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 def _check_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int, bias: torch.Tensor | None) -> tuple[int, int, int]:
     m, k = check_x(x)
-    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of two >= 16, got {group_size!r}")
-    if k % group_size:
-        raise ValueError(f"group_size {group_size} does not divide K = {k} (x shape {tuple(x.shape)})")
-    if qweight.dim() != 2:
-        raise ValueError(f"qweight shape {tuple(qweight.shape)} is not [N, K // 2]")
-    n = qweight.shape[0]
-    _check_tensor("qweight", qweight, (n, k // 2), (torch.uint8,), x.device)
-    _check_tensor("scales", scales, (n, k // group_size), _DTYPES, x.device)
-    _check_tensor("zeros", zeros, (n, k // group_size), _DTYPES, x.device)
+    n = check_int4_weight(qweight, scales, zeros, group_size, k, x.device)
     _check_bias(bias, n, x.device)
     return m, n, k
 

@@ -100,11 +100,17 @@ class QuantizableLinear(nn.Module):
         self.register_parameter(name, p)
         return p
 
-    def _fuses_gemv_prologue(self, x: torch.Tensor) -> bool:
-        """True when x @ W^T takes the Triton GEMV, which can also compute x itself (a norm
-        or SwiGLU prologue, kernels/gemv.py): one row on a GPU, a dense weight of x's dtype."""
-        return (x.is_cuda and x.shape[0] == 1 and x.stride(-1) == 1 and gemv_kernels is not None
-                and self.quant_method is None and self.packed is None and x.dtype == self.weight.dtype)
+    def gemv_operand(self, x: torch.Tensor) -> gemv_kernels.Weight | None:
+        """The weight as the Triton GEMV takes it when x @ W^T runs there (kernels/gemv.py,
+        which can also compute x itself: a norm or SwiGLU prologue): one row on a GPU and a
+        dense weight of x's dtype or a quantized one the GEMV reads; else None."""
+        if not (x.is_cuda and x.shape[0] == 1 and x.stride(-1) == 1 and gemv_kernels is not None
+                and self.packed is None):
+            return None
+        if self.quant_method is not None:
+            gemv_weight = getattr(self.quant_method, "gemv_weight", None)
+            return None if gemv_weight is None else gemv_weight(self)
+        return self.weight if x.dtype == self.weight.dtype else None
 
     weight_shape: tuple[int, int]
     """Shape of this rank's dense weight [out, in]."""
@@ -194,9 +200,9 @@ class ColumnParallelLinear(QuantizableLinear):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(h), s) for (h, s) = norm(x, residual), an RMSNorm (layers/norm.py): at batch 1
         on a GPU one kernel does the add, the norm and the GEMV (no launch, no round trip)."""
-        if (self._fuses_gemv_prologue(x) and norm.weight.dtype == x.dtype
-                and (residual is None or residual.stride(-1) == 1)):
-            return gemv_kernels.gemv_rmsnorm(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+        w = self.gemv_operand(x)
+        if w is not None and norm.weight.dtype == x.dtype and (residual is None or residual.stride(-1) == 1):
+            return gemv_kernels.gemv_rmsnorm(x, residual, norm.weight, norm.eps, w, self.bias)
         h, residual = norm(x, residual)  # [num_tokens, in], [num_tokens, in]
         return self(h), residual
 
@@ -246,7 +252,8 @@ class RowParallelLinear(QuantizableLinear):
 
     def forward_activated(self, gate_up: torch.Tensor, act: nn.Module) -> torch.Tensor:
         """self(act(gate_up)): at batch 1 on a GPU a SiluAndMul runs inside the GEMV."""
-        if isinstance(act, SiluAndMul) and self._fuses_gemv_prologue(gate_up):
-            y = self.ctx.all_reduce(gemv_kernels.gemv_silu_mul(gate_up, self.weight))  # [1, out]
+        w = self.gemv_operand(gate_up) if isinstance(act, SiluAndMul) else None
+        if w is not None:
+            y = self.ctx.all_reduce(gemv_kernels.gemv_silu_mul(gate_up, w))  # [1, out]
             return y if self.bias is None else y + self.bias
         return self(act(gate_up))  # [num_tokens, out]

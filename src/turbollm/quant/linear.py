@@ -35,8 +35,10 @@ except ImportError:  # pragma: no cover
     _kernels = None
 try:  # needs triton (absent on CPU-only torch builds)
     from turbollm.kernels import fp8_matmul as _fp8
+    from turbollm.kernels import gemv as _gemv
 except ImportError:  # pragma: no cover
     _fp8 = None  # type: ignore[assignment]
+    _gemv = None  # type: ignore[assignment]
 
 
 def _replace(layer: nn.Module, name: str, value: torch.Tensor, replicated: bool = False) -> None:
@@ -85,10 +87,16 @@ class Int8LinearMethod:
         """W_hat [N, K] in the scales' dtype."""
         return grids.dequantize_int8(layer.qweight, layer.scales, layer.scales.dtype)
 
+    def gemv_weight(self, layer: QuantizableLinear) -> _gemv.QuantWeight:
+        """The layer's weight for the batch-1 GEMV (kernels/gemv.py)."""
+        return _gemv.QuantWeight(layer.qweight, layer.scales)
+
     def apply(self, layer: QuantizableLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
         y = _packed(layer, x2, bias)
-        if y is None and x.is_cuda and _kernels is not None:
+        if y is None and (w := layer.gemv_operand(x2)) is not None:
+            y = _gemv.gemv(x2, w, bias)  # [1, N]
+        elif y is None and x.is_cuda and _kernels is not None:
             y = _kernels.int8_weight_only_linear(x2, layer.qweight, layer.scales, bias)
         elif y is None:
             y = grids.int8_linear_ref(x2, layer.qweight, layer.scales, bias)
@@ -135,10 +143,19 @@ class Int4LinearMethod:
         out[:, perm] = w  # x[:, perm] @ w^T == x @ out^T
         return out
 
+    def gemv_weight(self, layer: QuantizableLinear) -> _gemv.QuantWeight | None:
+        """The layer's weight for the batch-1 GEMV (kernels/gemv.py); None with an act-order
+        permutation, which the GEMV's prologues cannot apply."""
+        if getattr(layer, "perm", None) is not None:
+            return None
+        return _gemv.QuantWeight(layer.qweight, layer.scales, layer.zeros, _group(layer))
+
     def apply(self, layer: QuantizableLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
         if (y := _packed(layer, x2, bias)) is not None:
             return y.view(*x.shape[:-1], -1)  # [..., N]
+        if (w := layer.gemv_operand(x2)) is not None:
+            return _gemv.gemv(x2, w, bias).view(*x.shape[:-1], -1)  # [..., N]
         perm = getattr(layer, "perm", None)
         if perm is not None:
             x2 = x2.index_select(1, perm)  # [M, K] in stored column order
