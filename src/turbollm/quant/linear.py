@@ -6,8 +6,10 @@ tensors live on the layer (its device). Two ways in:
   loader, and `process_weights_after_loading` quantizes it and frees it (on-the-fly).
 - quantized checkpoint (prequantized=True): the layer gets the runtime tensors of
   QUANT_CONTRACT.md directly and the loader fills them.
-Matmuls: on a GPU the Triton kernels of kernels/quant_matmul.py when that module exists,
-else the torch fallback of quant/grids.py (dequantize, then one matmul). On CPU the
+Matmuls: on a GPU the Triton kernels of kernels/quant_matmul.py when that module exists
+(one row of int8 / int4 takes the batch-1 GEMV of kernels/gemv.py, like dense weights, so the
+model's norm and SwiGLU prologues fuse into it), else the torch fallback of quant/grids.py
+(dequantize, then one matmul). On CPU the
 fallback dequantizes once after loading: `dense_weight` gives W_hat, which the layer keeps
 oneDNN-prepacked (layers/cpu_gemm.py) beside the quantized tensors, so CPU runs have the
 quantized model's numerics at the dense model's speed, not its memory savings.
