@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from turbollm.kernels.counters import counters
 from turbollm.kernels.paged_attention import (
     choose_num_splits,
     paged_decode_attention,
@@ -84,8 +83,6 @@ def test_decode_gqa_blocks_window(heads: int, kv_heads: int, block_size: int, wi
 def test_decode_splits(num_splits: int | None, window: int | None) -> None:
     # max_seq_len above every length: trailing splits are empty for all requests.
     check_decode([5, 70, 129, 200], 8, 2, 64, 16, window=window, num_splits=num_splits, max_seq_len=260)
-    # the last split of each (request, kv head) merged and zeroed its arrival counter
-    assert counters(torch.device(DEVICE), 1).count_nonzero().item() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -429,28 +426,3 @@ def test_gpu_fp8_cache_scales_real_shapes(kv_scales: tuple[float, float]) -> Non
                   kv_scales=kv_scales)
     check_prefill([2500, 8], [2500, 700], 32, 8, 128, 16, dtype=torch.bfloat16, fp8_cache=True,
                   kv_scales=kv_scales, window=512)
-
-
-@pytest.mark.gpu
-def test_gpu_decode_fused_combine_repeatable() -> None:
-    """Many splits racing to be last: 50 graph replays give bit-identical outputs that match
-    the reference, and the arrival counters end at zero."""
-    seq_lens = [3000, 1, 4096, 777] * 4
-    kv_cache, tables = make_cache(seq_lens, 8, 128, 16, torch.bfloat16, torch.int32)
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(len(seq_lens), 32, 128, generator=g).to(DEVICE, torch.bfloat16)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    args = (q, kv_cache, tables, lens, 128**-0.5, 4096, None, 16)
-    ref = paged_decode_attention_ref(*args)
-    paged_decode_attention(*args)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = paged_decode_attention(*args)
-    first = None
-    for _ in range(50):
-        graph.replay()
-        if first is None:
-            first = out.clone()
-        assert torch.equal(out, first)
-    torch.testing.assert_close(first.float(), ref.float(), atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
-    assert counters(q.device, 1).count_nonzero().item() == 0

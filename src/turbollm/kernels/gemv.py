@@ -10,9 +10,8 @@ docs/performance.md). For two or more rows cuBLAS is faster; callers use it ther
     program (n, s): rows [n * BLOCK_N, (n + 1) * BLOCK_N) of W, split s of K in BLOCK_K tiles,
     fp32 accumulator
 
-With more than one split of K (`gemv_config`), each split writes an fp32 partial and the last
-split of a row tile to finish adds them in split order and rounds once (kernels/counters.py),
-so a split GEMV is still one launch. The grid depends only on shapes, so launches can be
+With more than one split of K (`gemv_config`), a second tiny kernel adds the fp32 partial
+sums and rounds once. The grid depends only on shapes, so launches can be
 captured in CUDA graphs. Runs on CPU only under the interpreter.
 
 The input row can be produced by a fused prologue instead of a separate kernel (at batch 1
@@ -46,7 +45,6 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
 
 from turbollm.kernels import quant_matmul
 from turbollm.kernels._interpreter import emulate_bf16_rounding
-from turbollm.kernels.counters import counters
 from turbollm.kernels.activation import silu_and_mul_ref
 from turbollm.kernels.rmsnorm import fused_add_rmsnorm_ref
 
@@ -99,12 +97,12 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, res_ptr, nw_ptr, new_res_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr,
-        N, K, k_per_split, stride_wn, eps,
+        x_ptr, res_ptr, nw_ptr, new_res_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
+        N, K, k_per_split, stride_wn, stride_os, eps,
         PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
         WFMT: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, SPLIT_X: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-        ROUND: tl.constexpr,  # interpreter only: see _interpreter.py
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        ROUND: tl.constexpr, ROUND_OUT: tl.constexpr,  # interpreter only: see _interpreter.py
     ):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
@@ -171,21 +169,20 @@ if triton is not None:
                 acc = acc * tl.load(s_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows, mask=rmask & (split == 0), other=0.0).to(tl.float32)
-        if SPLITS == 1:
-            if ROUND:
-                acc = round_bf16(acc)
-            tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
-        else:  # fp32 partial; the last split of this row tile to arrive sums them (kernels/counters.py)
-            tl.store(part_ptr + split * N + rows, acc, mask=rmask)
-            tl.debug_barrier()  # every thread's partial is written before the arrival
-            if tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-                total = tl.zeros([BLOCK_N], tl.float32)
-                for i in tl.static_range(SPLITS):  # fixed order: deterministic
-                    total += tl.load(part_ptr + i * N + rows, mask=rmask, other=0.0, cache_modifier=".cg")
-                if ROUND:
-                    total = round_bf16(total)
-                tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=rmask)
-                tl.atomic_xchg(cnt_ptr + pid_n, 0)  # zero again for the next launch
+        if ROUND_OUT:
+            acc = round_bf16(acc)
+        tl.store(out_ptr + split * stride_os + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _sum_kernel(part_ptr, out_ptr, N, SPLITS: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        s = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        for i in tl.static_range(1, SPLITS):
+            s += tl.load(part_ptr + i * N + offs, mask=mask, other=0.0)
+        if ROUND:
+            s = round_bf16(s)
+        tl.store(out_ptr + offs, s.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -297,20 +294,20 @@ def _launch(
     split = -(-k // k_per_split)  # no split left without columns
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)  # [1, N]
     part = out if split == 1 else torch.empty(split, n, device=x.device, dtype=torch.float32)  # [S, N]
-    row_tiles = triton.cdiv(n, block_n)
-    cnt = counters(x.device, row_tiles) if split > 1 else out
     round_ = emulate_bf16_rounding(x.dtype)
     scales = quant.scales if quant is not None else x
     zeros = quant.zeros if quant is not None and quant.zeros is not None else x
-    _gemv_kernel[(row_tiles, split)](
+    _gemv_kernel[(triton.cdiv(n, block_n), split)](
         x, residual if residual is not None else x, norm_weight if norm_weight is not None else x,
-        new_residual if new_residual is not None else x, w, scales, zeros, bias if bias is not None else x,
-        out, part, cnt, n, k, k_per_split, w.stride(0), eps,
+        new_residual if new_residual is not None else x, w, scales, zeros, bias if bias is not None else x, part,
+        n, k, k_per_split, w.stride(0), part.stride(0) if split > 1 else 0, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         WFMT=fmt, GROUP=group, DEQ=dequant, SPLIT_X=bool(split_x),
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=split, ROUND=round_,
+        BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1,
         num_warps=warps, num_stages=stages,
     )
+    if split > 1:
+        _sum_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=split, BLOCK=1024, ROUND=round_, num_warps=4)
     return out
 
 

@@ -9,8 +9,7 @@ h // (H // KV). With a sliding window W, a query at position p sees keys in (p -
 - `paged_decode_attention`: one query per request (position seq_len - 1). Flash-decoding:
   program (request, kv head, split) scores the whole GQA group [G, D] against one KV
   partition (each K/V tile is loaded once for G heads), keeps an fp32 online softmax and
-  writes a partial output + log2-sum-exp; the last split of a (request, kv head) to finish
-  merges the group's splits (kernels/counters.py), so it is one launch. The grid
+  writes a partial output + log2-sum-exp; `_combine_kernel` merges the splits. The grid
   depends only on static arguments (B, KV, max_seq_len, num_splits), never on device
   values, so the launch can be captured in a CUDA graph.
 - FP8 cache (float8_e4m3fn): it holds k / k_scale and v / v_scale (per-layer scales, see
@@ -38,7 +37,6 @@ try:
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
 
-from turbollm.kernels.counters import counters
 from turbollm.kernels.rope_cache import check_kv_scales
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -56,7 +54,7 @@ if triton is not None:
     # value never triggers a JIT compile in the middle of serving.
     @triton.jit(do_not_specialize=["window", "max_blocks", "num_splits"])
     def _decode_split_kernel(
-        q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr, cnt_ptr,
+        q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
         qk_scale, v_scale, window, max_blocks, num_splits,
         stride_qb, stride_qh,  # q [B, H, D] (last stride 1)
         stride_kv, stride_blk, stride_slot, stride_head,  # kv_cache (last stride 1)
@@ -66,7 +64,7 @@ if triton is not None:
         stride_lb, stride_lh,  # part_lse [B, H, S]
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-        DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -133,40 +131,28 @@ if triton is not None:
             tl.store(p_ptrs + offs_d[None, :], out, mask=q_mask)
             lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))  # [G_PAD]
             tl.store(part_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
-            # The last split of (request, kv head) to arrive merges the group's partials
-            # (kernels/counters.py): no second launch.
-            tl.debug_barrier()  # every thread's partial is written before the arrival
-            cnt = cnt_ptr + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-                for gi in tl.static_range(GROUP):
-                    _combine_head(part_out_ptr, part_lse_ptr, out_ptr, b, kvh * GROUP + gi, num_splits,
-                                  stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                                  HEAD_DIM, HEAD_DIM_PAD, SPLITS_PAD)
-                tl.atomic_xchg(cnt, 0)  # zero again for the next launch
 
     @triton.jit
-    def _combine_head(
-        part_out_ptr, part_lse_ptr, out_ptr, b, h, num_splits,
+    def _combine_kernel(
+        part_out_ptr, part_lse_ptr, out_ptr, num_splits,
         stride_pb, stride_ph, stride_ps,  # part_out [B, H, S, D] (last stride 1)
         stride_lb, stride_lh,  # part_lse [B, H, S]
         stride_ob, stride_oh,  # out [B, H, D]
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
     ):
-        """out[b, h] = the splits' partial outputs weighted by their sum-exps (read past L1:
-        other programs wrote them)."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
         offs_s = tl.arange(0, SPLITS_PAD)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         s_mask = offs_s < num_splits
         d_mask = offs_d < HEAD_DIM
-        lse = tl.load(part_lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"),
-                      cache_modifier=".cg")
+        lse = tl.load(part_lse_ptr + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
         m = tl.max(lse, 0)
         m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): weights 0
         w = tl.exp2(lse - m)  # [S_PAD]
         denom = tl.sum(w, 0)
         p_ptrs = part_out_ptr + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :]
-        parts = tl.load(p_ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0.0,
-                        cache_modifier=".cg")  # [S_PAD, D_PAD]
+        parts = tl.load(p_ptrs, mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [S_PAD, D_PAD]
         out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)  # [D_PAD]
         tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
@@ -287,15 +273,13 @@ def paged_decode_attention(
     if direct:
         part_out = out  # unused
         part_lse = out
-        cnt = out
         pstrides, lstrides = (0, 0, 0), (0, 0)
     else:
         part_out = torch.empty(batch, heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
-        cnt = counters(q.device, batch * kv_heads)
         pstrides, lstrides = part_out.stride()[:3], part_lse.stride()[:2]
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, cnt,
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse,
         scale * k_scale * _LOG2E, v_scale, sliding_window or 0, block_tables.shape[1], num_splits,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -304,10 +288,17 @@ def paged_decode_attention(
         *pstrides, *lstrides,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N,
-        DIRECT=direct, HAS_WINDOW=sliding_window is not None, SPLITS_PAD=_next_pow2(num_splits),
+        DIRECT=direct, HAS_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=_DECODE_WARPS, **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
     )
+    if not direct:
+        _combine_kernel[(batch, heads)](
+            part_out, part_lse, out, num_splits,
+            *pstrides, *lstrides, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=_next_pow2(head_dim), SPLITS_PAD=_next_pow2(num_splits),
+            num_warps=4,
+        )
     return out
 
 
