@@ -1,7 +1,8 @@
 #!/bin/bash
-# One GPU visit: GPU tests of the kernels that finish their splits in the last program, then
-# batch-1 decode (Llama-2-7B dummy, prompt 128, 256 new) with this tree ("new") and
-# an older tree carried as .carry_old/src ("old"), alternating, same visit. Carry .whl and .carry_old.
+# One GPU visit: the kernel / CUDA-graph / engine GPU tests, then batch-1 decode (Llama-2-7B
+# dummy, prompt 128, 256 new) with this tree ("new") and an older tree carried as
+# .carry_old/src ("old", e.g. `git archive <rev> src | tar -x -C .carry_old`), two alternating
+# rounds in the same visit. Carry .whl and .carry_old.
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
