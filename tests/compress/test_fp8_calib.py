@@ -79,9 +79,13 @@ def test_gptq_fp8_beats_rounding_on_correlated_inputs_and_equals_it_for_diagonal
     for bs in (8, k):
         other = fp8_calib.gptq_fp8(w, h, s, damp=0.01, block_size=bs).float() * s[:, None]
         assert out_err(other) == pytest.approx(out_err(gptq), rel=0.05)
+    # Act-order rounds the columns in another order but returns the codes in input order.
+    ordered = fp8_calib.gptq_fp8(w, h, s, damp=0.01, block_size=32, act_order=True).float() * s[:, None]
+    assert out_err(ordered) < 0.7 * out_err(rtn) and not torch.equal(ordered, gptq)
     # Uncorrelated channels: nothing to compensate, GPTQ is plain rounding.
-    q_diag = fp8_calib.gptq_fp8(w, torch.diag(torch.exp(torch.randn(k))), s, block_size=32)
-    assert torch.equal(q_diag.float() * s[:, None], rtn)
+    for act_order in (False, True):
+        q_diag = fp8_calib.gptq_fp8(w, torch.diag(torch.exp(torch.randn(k))), s, block_size=32, act_order=act_order)
+        assert torch.equal(q_diag.float() * s[:, None], rtn)
 
 
 def test_smoothing_keeps_the_float_model_and_moves_the_range() -> None:
@@ -160,3 +164,27 @@ def test_quantize_cli_fp8_calibrate_and_bad_flags(tiny_checkpoint, tmp_path, cap
     # The calibrated model needs text: a tokenizer-less checkpoint is refused by name.
     assert main(["quantize", path, "--method", "fp8", "--bits", "8", "--calibrate", "--out", str(out)]) == 2
     assert "needs a tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quantize_fp8_calibrate_embedded_runs_in_the_engine(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`turbollm quantize --method fp8 --calibrate` on the embedded SmolLM2 writes an FP8
+    checkpoint (e4m3 weights, fp32 scales, the ignored layer dense) that LLM(DIR) serves."""
+    from safetensors import safe_open
+
+    from turbollm.engine.llm import LLM
+    from turbollm.sampling_params import SamplingParams
+
+    out = tmp_path / "fp8c"
+    assert main(["quantize", "--method", "fp8", "--bits", "8", "--calibrate", "--calib-windows", "2",
+                 "--calib-window-len", "64", "--quantization-ignore", "model.layers.29.*", "--out", str(out)]) == 0
+    qcfg = json.load(open(out / "config.json"))["quantization_config"]
+    assert qcfg["calibration"] == "gptq+search" and len(qcfg["keep_dense"]) == 4
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.float8_e4m3fn
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.float32
+        assert f.get_tensor("model.layers.29.mlp.down_proj.weight").dtype == torch.float32
+    llm = LLM(str(out), device="cpu")
+    text = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=4),
+                        use_tqdm=False)[0].outputs[0].text
+    assert "Paris" in text

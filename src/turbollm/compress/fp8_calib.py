@@ -47,6 +47,9 @@ class Fp8CalibConfig:
     """Per-row MSE-optimal weight scale (activation-weighted) instead of amax / 448."""
     gptq: bool = True
     """GPTQ error compensation onto the e4m3 grid."""
+    act_order: bool = False
+    """GPTQ rounds columns by decreasing diag(H) (the stored codes stay in input order: per-row
+    scales have no groups, so the runtime needs no permutation)."""
     smooth_alpha: float | None = None
     """SmoothQuant migration strength in [0, 1]; None: no smoothing."""
     keep_dense: tuple[str, ...] = ()
@@ -119,10 +122,11 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_fp8(
-    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, damp: float = 0.01, block_size: int = 128
+    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, damp: float = 0.01, block_size: int = 128,
+    act_order: bool = False,
 ) -> torch.Tensor:
     """GPTQ of W [N, K] onto the e4m3 grid with the fixed per-row scale [N], for inputs with
-    Hessian H [K, K]: the codes q [N, K] float8_e4m3fn (W_hat = q * scale)."""
+    Hessian H [K, K]: the codes q [N, K] float8_e4m3fn (W_hat = q * scale), in input order."""
     w = w.float().clone()  # [N, K], error-updated as columns are rounded
     h = h.float().clone()  # [K, K]
     s = scale.float()[:, None]  # [N, 1]
@@ -130,6 +134,12 @@ def gptq_fp8(
     dead = h.diagonal() == 0  # channels never active: any value works
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True)  # [K]
+        q = gptq_fp8(w[:, perm], h[perm][:, perm], scale, damp, block_size)
+        out = torch.empty_like(q)
+        out[:, perm] = q
+        return out
     hinv = _inverse_hessian_factor(h, damp)  # [K, K] upper
     q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
     for b0 in range(0, k, block_size):
@@ -189,7 +199,7 @@ def quantize_linear(lin: QuantizableLinear, h: torch.Tensor | None, cfg: Fp8Cali
     else:
         s = amax_scales(w)
     if h is not None and cfg.gptq:
-        q = gptq_fp8(w, h, s, cfg.damp, cfg.block_size)
+        q = gptq_fp8(w, h, s, cfg.damp, cfg.block_size, cfg.act_order)
     else:
         q = (w / s[:, None]).clamp(-grids.FP8_MAX, grids.FP8_MAX).to(torch.float8_e4m3fn)
     install_fp8(lin, Fp8LinearMethod(prequantized=True), q, s)

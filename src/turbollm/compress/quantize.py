@@ -105,7 +105,9 @@ def quantize_model(
         tok = source.load_tokenizer()
         if tok is None:
             raise ValueError("--calibrate calibrates on text: the model needs a tokenizer")
-        fp8_calibrate_model(model, calibration_windows(tok, *calib), fp8_calib)
+        # windows spread evenly over the calibration part (compress/calibration.py), as the
+        # KV-cache scales use, rather than the first ones
+        fp8_calibrate_model(model, kv_calibration_windows(tok, *calib), fp8_calib)
         return model, source
     if method not in _CALIBRATED:
         plan = QuantPlan(config, prequantized=False, keep_dense=ignore)
