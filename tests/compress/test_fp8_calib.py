@@ -128,7 +128,8 @@ def test_calibrated_checkpoint_reloads_to_identical_logits(tiny_checkpoint, tmp_
     dense = build_model(src, CPU, torch.float32, prepack_cpu=False)
     want_dense = run_prefill(build_model(src, CPU, torch.float32), ids)
     rtn = run_prefill(build_model(src, CPU, torch.float32, quantization=resolve_quantization("fp8", 128, None, CPU)), ids)
-    cfg = Fp8CalibConfig(smooth_alpha=alpha, keep_dense=("model.layers.1.*",) if alpha is None else ())
+    cfg = Fp8CalibConfig(scale_search=alpha is not None, smooth_alpha=alpha,
+                         keep_dense=("model.layers.1.*",) if alpha is None else ())
     kept = fp8_calibrate_model(dense, random_windows(src.arch.vocab_size, 4, 32), cfg)
     layers = _linears(dense)
     assert set(kept) == ({n for n in layers if n.startswith("model.layers.1.")} if alpha is None else set())
@@ -155,7 +156,8 @@ def test_quantize_cli_fp8_calibrate_and_bad_flags(tiny_checkpoint, tmp_path, cap
         (["--method", "rtn", "--bits", "8", "--calibrate"], "--calibrate applies to --method fp8"),
         (["--method", "fp8", "--bits", "8", "--smooth-alpha", "0.5"], "--smooth-alpha applies to --method fp8 --calibrate only"),
         (["--method", "fp8", "--bits", "8", "--calibrate", "--smooth-alpha", "2"], "smooth_alpha must be in [0, 1]; got 2.0"),
-        (["--method", "fp8", "--bits", "8", "--calibrate", "--no-gptq", "--no-scale-search"], "changes nothing"),
+        (["--method", "fp8", "--bits", "8", "--calibrate", "--no-gptq"], "changes nothing"),
+        (["--method", "fp8", "--bits", "8", "--scale-search"], "--scale-search applies to --method fp8 --calibrate only"),
         (["--method", "gptq", "--bits", "4", "--quantization-ignore", "*.down_proj"], "--quantization-ignore applies to --method rtn or fp8"),
     ]
     for flags, msg in bad:
@@ -179,7 +181,7 @@ def test_quantize_fp8_calibrate_embedded_runs_in_the_engine(tmp_path) -> None:  
     assert main(["quantize", "--method", "fp8", "--bits", "8", "--calibrate", "--calib-windows", "2",
                  "--calib-window-len", "64", "--quantization-ignore", "model.layers.29.*", "--out", str(out)]) == 0
     qcfg = json.load(open(out / "config.json"))["quantization_config"]
-    assert qcfg["calibration"] == "gptq+search" and len(qcfg["keep_dense"]) == 4
+    assert qcfg["calibration"] == "gptq" and len(qcfg["keep_dense"]) == 4
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.float8_e4m3fn
         assert f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.float32
@@ -188,3 +190,4 @@ def test_quantize_fp8_calibrate_embedded_runs_in_the_engine(tmp_path) -> None:  
     text = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=4),
                         use_tqdm=False)[0].outputs[0].text
     assert "Paris" in text
+

@@ -51,13 +51,14 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in activation order")
     p.add_argument("--calibrate", action="store_true",
-                   help="fp8: choose the FP8 weights on calibration text (per-row MSE-optimal scales and GPTQ "
-                        "onto the e4m3 grid); the checkpoint runs like plain fp8")
+                   help="fp8: choose the FP8 weights on calibration text (GPTQ onto the per-row e4m3 grid); "
+                        "the checkpoint runs like plain fp8")
     p.add_argument("--smooth-alpha", type=float, default=None,
                    help="fp8 --calibrate: also SmoothQuant-migrate activation range into the weights with this "
                         "strength in [0, 1] (folded into the norms and up_proj)")
     p.add_argument("--no-gptq", action="store_true", help="fp8 --calibrate: no GPTQ error compensation")
-    p.add_argument("--no-scale-search", action="store_true", help="fp8 --calibrate: weight scales amax / 448")
+    p.add_argument("--scale-search", action="store_true",
+                   help="fp8 --calibrate: per-row activation-weighted MSE-optimal weight scales instead of amax / 448")
     p.add_argument("--quantization-ignore", default=None,
                    help="rtn, fp8: decoder linears kept dense, comma-separated glob patterns over module names "
                         "(model.layers.29.*, *.down_proj)")

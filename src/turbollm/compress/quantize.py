@@ -133,19 +133,20 @@ def add_kv_cache_scales(model: nn.Module, tokenizer: Any) -> KVScales:
 
 
 def fp8_calibration_from_args(args: argparse.Namespace) -> Fp8CalibConfig | None:
-    """--calibrate / --smooth-alpha / --no-gptq / --no-scale-search -> the FP8 calibration
+    """--calibrate / --smooth-alpha / --no-gptq / --scale-search -> the FP8 calibration
     (None: plain fp8 or another method); ValueError naming a flag that does not apply."""
     fp8_only = [f for f, on in (("--smooth-alpha", args.smooth_alpha is not None), ("--no-gptq", args.no_gptq),
-                                ("--no-scale-search", args.no_scale_search)) if on]
+                                ("--scale-search", args.scale_search)) if on]
     if not args.calibrate:
         if fp8_only:
             raise ValueError(f"{fp8_only[0]} applies to --method fp8 --calibrate only")
         return None
     if args.method != "fp8":
         raise ValueError(f"--calibrate applies to --method fp8 (awq and gptq always calibrate); got --method {args.method}")
-    if args.no_gptq and args.no_scale_search and args.smooth_alpha is None:
-        raise ValueError("--calibrate with --no-gptq and --no-scale-search changes nothing: drop --calibrate")
-    return Fp8CalibConfig(scale_search=not args.no_scale_search, gptq=not args.no_gptq,
+    if args.no_gptq and not args.scale_search and args.smooth_alpha is None:
+        raise ValueError("--calibrate --no-gptq without --scale-search or --smooth-alpha changes nothing: "
+                         "drop --calibrate")
+    return Fp8CalibConfig(gptq=not args.no_gptq, scale_search=args.scale_search,
                           smooth_alpha=args.smooth_alpha, keep_dense=_patterns(args.quantization_ignore))
 
 
