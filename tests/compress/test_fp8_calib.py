@@ -111,6 +111,9 @@ def test_bad_calibration_options_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="scale_grid"):
         Fp8CalibConfig(scale_grid=(1.1, 1.2, 5))
     model = tiny_model("tiny-llama", seed=7)
+    with pytest.raises(ValueError, match=r"keep_dense pattern 'model.layers.7.\*' matches no decoder linear"):
+        fp8_calibrate_model(model, random_windows(model.arch.vocab_size, 2, 24),
+                            Fp8CalibConfig(keep_dense=("model.layers.7.*",)))
     with pytest.raises(ValueError, match="keep either all or none of layer 1"):
         fp8_calibrate_model(model, random_windows(model.arch.vocab_size, 2, 24),
                             Fp8CalibConfig(smooth_alpha=0.5, keep_dense=("model.layers.1.mlp.*",)))

@@ -239,6 +239,11 @@ def fp8_calibrate_model(model: nn.Module, windows: Sequence[torch.Tensor | Seque
     weight_scale), norm and up_proj weights carry any smoothing, and the model runs (and
     saves, quant/checkpoint.py) as an FP8 checkpoint.
     """
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantizableLinear)]
+    for pattern in cfg.keep_dense:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(f"keep_dense pattern {pattern!r} matches no decoder linear (names look like "
+                             f"{names[0] if names else 'model.layers.0.self_attn.qkv_proj'!r}; q/k/v and gate/up are merged)")
     runner = LayerwiseRunner(model, windows)
     kept: list[str] = []
     for i in range(runner.num_layers):

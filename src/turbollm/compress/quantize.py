@@ -2,11 +2,11 @@
 
 rtn / fp8 quantize every decoder linear at load, exactly as `LLM(quantization=...)` does,
 then save. `--method fp8 --calibrate` instead builds the dense model and hands it with
-calibration windows to compress/fp8_calib.py (per-row weight scale search, GPTQ onto the
-e4m3 grid, optional SmoothQuant folding with `--smooth-alpha`); the checkpoint has the same
+calibration windows to compress/fp8_calib.py (GPTQ onto the per-row e4m3 grid; optional
+`--scale-search` and SmoothQuant folding `--smooth-alpha`); the checkpoint has the same
 runtime tensors as plain fp8 (weight e4m3 + weight_scale), so it loads through the same
-path. `--quantization-ignore` keeps matching decoder linears dense (rtn, fp8). awq / gptq build the dense model, hand it with calibration windows (the
-Shakespeare calibration part, never the evaluation files) to compress.awq / compress.gptq,
+path. `--quantization-ignore` keeps matching decoder linears dense (rtn, fp8). awq / gptq
+build the dense model, hand it with calibration windows (the Shakespeare calibration part, never the evaluation files) to compress.awq / compress.gptq,
 and install the int4 grids they return. `--method none` keeps the weights as they are.
 `--kv-cache-scales` then calibrates per-layer FP8 KV-cache scales on the (quantized) model
 (compress/kv_scales.py) and writes them beside the weights, so that
@@ -183,6 +183,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.kv_cache_scales and resolve_model(model_name).load_tokenizer() is None:  # fail before the work
         raise ValueError("--kv-cache-scales calibrates on text: the model needs a tokenizer")
     if fp8_calib is not None:
+        if resolve_model(model_name).load_tokenizer() is None:  # fail before the work
+            raise ValueError("--calibrate calibrates on text: the model needs a tokenizer")
         config = Fp8Config(calibration_label(fp8_calib))
     model, source = quantize_model(model_name, config, args.method, args.device, args.dtype,
                                    (args.calib_windows, args.calib_window_len), args.act_order, fp8_calib, ignore)
