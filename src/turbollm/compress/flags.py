@@ -50,10 +50,23 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=4, help="4 (rtn, awq, gptq) or 8 (rtn: int8, fp8)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128)")
     p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in activation order")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fp8: choose the FP8 weights on calibration text (GPTQ onto the per-row e4m3 grid); "
+                        "the checkpoint runs like plain fp8")
+    p.add_argument("--smooth-alpha", type=float, default=None,
+                   help="fp8 --calibrate: also SmoothQuant-migrate activation range into the weights with this "
+                        "strength in [0, 1] (folded into the norms and up_proj)")
+    p.add_argument("--no-gptq", action="store_true", help="fp8 --calibrate: no GPTQ error compensation")
+    p.add_argument("--scale-search", action="store_true",
+                   help="fp8 --calibrate: per-row activation-weighted MSE-optimal weight scales instead of amax / 448")
+    p.add_argument("--quantization-ignore", default=None,
+                   help="rtn, fp8: decoder linears kept dense, comma-separated glob patterns over module names "
+                        "(model.layers.29.*, *.down_proj)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--calib-windows", type=int, default=64,
-                   help="awq/gptq: calibration windows from the Shakespeare calibration part")
-    p.add_argument("--calib-window-len", type=int, default=512, help="awq/gptq: tokens per calibration window")
+                   help="awq/gptq/fp8 --calibrate: calibration windows from the Shakespeare calibration part")
+    p.add_argument("--calib-window-len", type=int, default=512,
+                   help="awq/gptq/fp8 --calibrate: tokens per calibration window")
     p.add_argument("--kv-cache-scales", action="store_true",
                    help="also calibrate per-layer FP8 KV-cache scales (k_scale, v_scale; 16 windows of 512 "
                         "tokens of the Shakespeare calibration part) and write them into the checkpoint "

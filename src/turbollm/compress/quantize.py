@@ -1,8 +1,12 @@
 """`turbollm quantize`: make a quantized checkpoint from a float model (offline, compress/).
 
 rtn / fp8 quantize every decoder linear at load, exactly as `LLM(quantization=...)` does,
-then save. awq / gptq build the dense model, hand it with calibration windows (the
-Shakespeare calibration part, never the evaluation files) to compress.awq / compress.gptq,
+then save. `--method fp8 --calibrate` instead builds the dense model and hands it with
+calibration windows to compress/fp8_calib.py (GPTQ onto the per-row e4m3 grid; optional
+`--scale-search` and SmoothQuant folding `--smooth-alpha`); the checkpoint has the same
+runtime tensors as plain fp8 (weight e4m3 + weight_scale), so it loads through the same
+path. `--quantization-ignore` keeps matching decoder linears dense (rtn, fp8). awq / gptq
+build the dense model, hand it with calibration windows (the Shakespeare calibration part, never the evaluation files) to compress.awq / compress.gptq,
 and install the int4 grids they return. `--method none` keeps the weights as they are.
 `--kv-cache-scales` then calibrates per-layer FP8 KV-cache scales on the (quantized) model
 (compress/kv_scales.py) and writes them beside the weights, so that
@@ -24,6 +28,7 @@ from torch import nn
 from turbollm.compress.calibration import calibration_windows as kv_calibration_windows
 from turbollm.compress.corpus import load_corpus
 from turbollm.compress.evaluate import make_windows
+from turbollm.compress.fp8_calib import Fp8CalibConfig, fp8_calibrate_model
 from turbollm.compress.kv_scales import DEFAULT_CALIB, KVScales, apply_kv_scales, calibrate_kv_scales
 from turbollm.quant import grids
 from turbollm.layers.linear import QuantizableLinear
@@ -31,7 +36,7 @@ from turbollm.models.build import build_model, resolve_device, resolve_dtype
 from turbollm.models.loader import ModelSource, resolve_model
 from turbollm.quant.checkpoint import save_quantized
 from turbollm.quant.linear import Int4LinearMethod, install_int4
-from turbollm.quant.methods import Int4Config, QuantConfig, check_device_support, method_for_cli
+from turbollm.quant.methods import Fp8Config, Int4Config, QuantConfig, check_device_support, method_for_cli
 from turbollm.quant.plan import QuantPlan
 
 _CALIBRATED = {"awq": ("turbollm.compress.awq", "awq_quantize_model"),
@@ -80,9 +85,12 @@ def _generation_config(source: ModelSource) -> dict[str, Any]:
 
 def quantize_model(
     model_name: str | None, config: QuantConfig | None, method: str, device: str = "auto", dtype: str = "auto",
-    calib: tuple[int, int] = (64, 512), act_order: bool = False,
+    calib: tuple[int, int] = (64, 512), act_order: bool = False, fp8_calib: Fp8CalibConfig | None = None,
+    ignore: tuple[str, ...] = (),
 ) -> tuple[nn.Module, ModelSource]:
-    """The quantized model (not prepacked; config None: dense) and its source."""
+    """The quantized model (not prepacked; config None: dense) and its source. fp8_calib:
+    calibrate FP8 weights (config must be Fp8Config); ignore: glob patterns of decoder linears
+    kept dense (quantize-at-load methods; with fp8_calib, its keep_dense)."""
     source = resolve_model(model_name)
     if source.quantization_config is not None:
         raise ValueError(f"{source.path} is already quantized; quantize a float checkpoint")
@@ -91,9 +99,19 @@ def quantize_model(
     if config is None:
         return build_model(source, dev, dt, prepack_cpu=False), source
     check_device_support(config, dev)
+    if fp8_calib is not None:
+        assert isinstance(config, Fp8Config)
+        model = build_model(source, dev, dt, prepack_cpu=False)
+        tok = source.load_tokenizer()
+        if tok is None:
+            raise ValueError("--calibrate calibrates on text: the model needs a tokenizer")
+        # windows spread evenly over the calibration part (compress/calibration.py), as the
+        # KV-cache scales use, rather than the first ones
+        fp8_calibrate_model(model, kv_calibration_windows(tok, *calib), fp8_calib)
+        return model, source
     if method not in _CALIBRATED:
-        return build_model(source, dev, dt, quantization=QuantPlan(config, prequantized=False),
-                           prepack_cpu=False), source
+        plan = QuantPlan(config, prequantized=False, keep_dense=ignore)
+        return build_model(source, dev, dt, quantization=plan, prepack_cpu=False), source
     assert isinstance(config, Int4Config)
     fn = calibrated_quantizer(method)
     model = build_model(source, dev, dt, prepack_cpu=False)
@@ -114,8 +132,42 @@ def add_kv_cache_scales(model: nn.Module, tokenizer: Any) -> KVScales:
     return scales
 
 
+def fp8_calibration_from_args(args: argparse.Namespace) -> Fp8CalibConfig | None:
+    """--calibrate / --smooth-alpha / --no-gptq / --scale-search -> the FP8 calibration
+    (None: plain fp8 or another method); ValueError naming a flag that does not apply."""
+    fp8_only = [f for f, on in (("--smooth-alpha", args.smooth_alpha is not None), ("--no-gptq", args.no_gptq),
+                                ("--scale-search", args.scale_search)) if on]
+    if not args.calibrate:
+        if fp8_only:
+            raise ValueError(f"{fp8_only[0]} applies to --method fp8 --calibrate only")
+        return None
+    if args.method != "fp8":
+        raise ValueError(f"--calibrate applies to --method fp8 (awq and gptq always calibrate); got --method {args.method}")
+    if args.no_gptq and not args.scale_search and args.smooth_alpha is None:
+        raise ValueError("--calibrate --no-gptq without --scale-search or --smooth-alpha changes nothing: "
+                         "drop --calibrate")
+    return Fp8CalibConfig(gptq=not args.no_gptq, scale_search=args.scale_search,
+                          smooth_alpha=args.smooth_alpha, keep_dense=_patterns(args.quantization_ignore))
+
+
+def _patterns(ignore: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (ignore or "").split(",") if p.strip())
+
+
+def calibration_label(cfg: Fp8CalibConfig) -> str:
+    """Fp8Config.calibration for a calibrated checkpoint, e.g. 'gptq+search+smooth0.5'."""
+    parts = [p for p, on in (("gptq", cfg.gptq), ("search", cfg.scale_search)) if on]
+    if cfg.smooth_alpha is not None:
+        parts.append(f"smooth{cfg.smooth_alpha:g}")
+    return "+".join(parts)
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     """CLI driver: quantize, save, print what was written."""
+    fp8_calib = fp8_calibration_from_args(args)
+    ignore = _patterns(args.quantization_ignore)
+    if ignore and args.method not in ("rtn", "fp8"):
+        raise ValueError(f"--quantization-ignore applies to --method rtn or fp8; got --method {args.method}")
     if args.method == "none":
         if not args.kv_cache_scales:
             raise ValueError("--method none writes only FP8 KV-cache scales: add --kv-cache-scales")
@@ -130,8 +182,12 @@ def run_quantize(args: argparse.Namespace) -> int:
     model_name = None if args.model in (None, "embedded") else args.model
     if args.kv_cache_scales and resolve_model(model_name).load_tokenizer() is None:  # fail before the work
         raise ValueError("--kv-cache-scales calibrates on text: the model needs a tokenizer")
+    if fp8_calib is not None:
+        if resolve_model(model_name).load_tokenizer() is None:  # fail before the work
+            raise ValueError("--calibrate calibrates on text: the model needs a tokenizer")
+        config = Fp8Config(calibration_label(fp8_calib))
     model, source = quantize_model(model_name, config, args.method, args.device, args.dtype,
-                                   (args.calib_windows, args.calib_window_len), args.act_order)
+                                   (args.calib_windows, args.calib_window_len), args.act_order, fp8_calib, ignore)
     tokenizer = source.load_tokenizer()
     kv_note = ""
     if args.kv_cache_scales:

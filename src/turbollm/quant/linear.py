@@ -264,3 +264,19 @@ def install_int4(layer: QuantizableLinear, method: Int4LinearMethod, result: dic
     delattr(layer, "weight")
     layer.packed = None
     layer.quant_method = method
+
+
+def install_fp8(layer: QuantizableLinear, method: Fp8LinearMethod, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Turn a dense linear into an FP8 one from calibrated codes q float8_e4m3fn [N, K] and
+    per-row scales [N] (compress/fp8_calib.py); a CPU layer that was prepacked packs W_hat."""
+    if q.dtype != torch.float8_e4m3fn or q.shape != layer.weight.shape or scale.shape != (q.shape[0],):
+        raise ValueError(f"FP8 codes must be float8_e4m3fn {tuple(layer.weight.shape)} with "
+                         f"[{layer.weight.shape[0]}] scales; got {q.dtype} {tuple(q.shape)}, {tuple(scale.shape)}")
+    was_packed = getattr(layer, "packed", None) is not None
+    dev = layer.weight.device
+    _replace(layer, "weight", q.to(dev))
+    _replace(layer, "weight_scale", scale.to(dev, torch.float32))
+    layer.quant_method = method
+    layer.packed = None
+    if was_packed:
+        layer.prepack_cpu()

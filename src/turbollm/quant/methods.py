@@ -70,6 +70,9 @@ class Int4Config:
 class Fp8Config:
     """FP8 e4m3 W8A8: per-channel weight scales, dynamic per-token activation scales."""
 
+    calibration: str = "rtn"
+    """How the weights were chosen (rtn: amax / 448 and rounding; or what compress/fp8_calib.py
+    did, e.g. 'gptq+search'); informational, the runtime is the same."""
     name: ClassVar[str] = "fp8"
     bits: ClassVar[int] = 8
 
@@ -77,7 +80,8 @@ class Fp8Config:
         return Fp8LinearMethod(prequantized=prequantized)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, "bits": self.bits, "activations": "per-token dynamic"}
+        return {"method": self.name, "bits": self.bits, "activations": "per-token dynamic",
+                "calibration": self.calibration}
 
 
 QuantConfig = Int8Config | Int4Config | Fp8Config
@@ -106,6 +110,8 @@ def config_from_checkpoint_dict(d: dict[str, Any]) -> QuantConfig:
     if method == "int4":
         return Int4Config(int(d.get("group_size", 128)), bool(d.get("act_order", False)),
                           str(d.get("calibration", "rtn")))
+    if method == "fp8":
+        return Fp8Config(str(d.get("calibration", "rtn")))
     return make_config(str(method))
 
 
