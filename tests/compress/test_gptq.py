@@ -8,6 +8,7 @@ import torch
 from compressutil import correlated_inputs, random_windows, tiny_model
 
 from turbollm.compress import _int4
+from turbollm.compress._int4 import RangeSearch
 from turbollm.compress.calibration import LinearStats, find_linears, forward_window
 from turbollm.compress.gptq import GPTQConfig, gptq_quantize_model, gptq_quantize_weight
 
@@ -49,6 +50,38 @@ def test_gptq_codes_lie_on_the_contract_grid(act_order: bool) -> None:
     # W_hat (stored column order) re-packs losslessly with the same scales and zeros.
     stored = _int4.dequantize(qw.q, qw.scales, qw.zeros, g)
     assert torch.equal(_int4.quantize(stored, qw.scales, qw.zeros, g, 4), qw.q)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_float_zeros_and_range_search_beat_rtn(static: bool) -> None:
+    n, k, g = 96, 256, 64
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05
+    calib, held = correlated_inputs(k, 2048, seed=1), correlated_inputs(k, 1024, seed=2)
+    h = _stats(calib).hessian
+    plain = gptq_quantize_weight(w, h, GPTQConfig(group_size=g, act_order=True), g)
+    cfg = GPTQConfig(group_size=g, act_order=True, zero_point="float", range_search=RangeSearch(grid=10),
+                     static_groups=static)
+    qw = gptq_quantize_weight(w, h, cfg, g)
+    assert not torch.equal(qw.zeros, qw.zeros.round())
+    # static groups: act-order is only the processing order, codes stay in input order
+    assert (qw.perm is None) == static
+    rtn = _out_mse(w, _int4.rtn(w, g, zero_point="float").dequantize(), held)
+    assert _out_mse(w, qw.dequantize(), held) < 0.6 * rtn
+    assert _out_mse(w, qw.dequantize(), held) < _out_mse(w, plain.dequantize(), held)
+
+
+def test_static_groups_keep_input_order_grids() -> None:
+    """With static groups the grid of each input group comes from W before any update, and
+    the codes, in input order, lie on it."""
+    n, k, g = 32, 128, 32
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(11))
+    h = _stats(correlated_inputs(k, 512, seed=12)).hessian
+    qw = gptq_quantize_weight(w, h, GPTQConfig(group_size=g, act_order=True, static_groups=True), g)
+    lo, hi = _int4.minmax_range(w, g)
+    s, z = _int4.scale_zero(lo, hi, 4)
+    assert qw.perm is None and torch.equal(qw.scales, s) and torch.equal(qw.zeros, z)
+    w_hat = qw.dequantize()
+    assert torch.equal(_int4.quantize(w_hat, s, z, g, 4), qw.q)
 
 
 def test_act_order_permutation_is_consistent() -> None:
@@ -114,6 +147,10 @@ def test_bad_options_raise_value_errors() -> None:
         gptq_quantize_model(model, windows, bits=9, group_size=32)
     with pytest.raises(ValueError, match="group_size=48"):
         gptq_quantize_model(model, windows, bits=4, group_size=48)
+    with pytest.raises(ValueError, match="damp=0"):
+        gptq_quantize_model(model, windows, config=GPTQConfig(group_size=32, damp=0))
+    with pytest.raises(ValueError, match="zero_point='x'"):
+        gptq_quantize_model(model, windows, config=GPTQConfig(group_size=32, zero_point="x"))
     with pytest.raises(ValueError, match="at least one window"):
         gptq_quantize_model(model, [], bits=4, group_size=32)
     with pytest.raises(ValueError, match="no group size"):

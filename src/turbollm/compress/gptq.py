@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from turbollm.compress import _int4
-from turbollm.compress._int4 import Int4Weight, QuantizedModel
+from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
 from turbollm.compress.calibration import LayerwiseRunner, set_linear_weight
 
 SEQUENTIAL_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
@@ -46,6 +46,13 @@ class GPTQConfig:
     """Columns per lazy-update block (a multiple of the group size)."""
     true_sequential: bool = True
     """Re-collect inputs after each of a layer's linears is quantized."""
+    zero_point: str = "integer"
+    """"float": free per-group offset (z = -lo / s); "integer": the HF-compatible grid (_int4)."""
+    range_search: RangeSearch | None = None
+    """Search each group's range when the group starts (None: its min/max, as the reference)."""
+    static_groups: bool = False
+    """Fix every group's grid from W before any error update. With act_order the codes then
+    stay in input order (no perm at runtime): act-order only sets the processing order."""
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -64,6 +71,16 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError(f"the {k}x{k} Hessian is not positive definite even when damped")
 
 
+def _group_grid(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig,
+                group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, z) [N, K // G] of W [N, K] whose columns have the Hessian H [K, K]."""
+    if cfg.range_search is None:
+        lo, hi = _int4.minmax_range(w, group_size, cfg.zero_point)
+        return _int4.scale_zero(lo, hi, cfg.bits, cfg.zero_point)
+    return _int4.search_range(w, _int4.group_blocks(h, group_size), group_size, cfg.bits,
+                              cfg.zero_point, cfg.range_search)
+
+
 @torch.no_grad()
 def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig,
                          group_size: int) -> Int4Weight:
@@ -74,16 +91,19 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig
     dead = h.diagonal() == 0  # channels never active: any value works, zero them
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    ng = k // group_size
+    static = _group_grid(w, h, cfg, group_size) if cfg.static_groups else None  # input-order groups
     perm = None
     if cfg.act_order:
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
+    # group of each processed column: its input column's group (static) or its position's
+    col_group = (perm if perm is not None and static is not None else torch.arange(k)) // group_size
     hinv = _inverse_hessian_factor(h, cfg.damp)  # [K, K] upper
     maxq = 2**cfg.bits - 1
-    ng = k // group_size
     q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
-    scales = torch.zeros(n, ng, device=w.device)
-    zeros = torch.zeros(n, ng, device=w.device)
+    scales, zeros = static if static is not None else (torch.zeros(n, ng, device=w.device),
+                                                      torch.zeros(n, ng, device=w.device))
     bs = max(group_size, cfg.block_size // group_size * group_size)
     for b0 in range(0, k, bs):
         b1 = min(b0 + bs, k)
@@ -92,18 +112,24 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig
         hinv1 = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if col % group_size == 0:  # groups lie inside blocks (bs is a multiple of G)
+            if static is None and col % group_size == 0:  # groups lie inside blocks (bs: multiple of G)
                 gi = col // group_size
-                lo, hi = _int4.minmax_range(w1[:, i:i + group_size], group_size)
-                s, z = _int4.scale_zero(lo[:, 0], hi[:, 0], cfg.bits)
-                scales[:, gi], zeros[:, gi] = s, z
+                sg, zg = _group_grid(w1[:, i:i + group_size], h[col:col + group_size, col:col + group_size],
+                                     cfg, group_size)
+                scales[:, gi], zeros[:, gi] = sg[:, 0], zg[:, 0]
+            gi = int(col_group[col])
+            s, z = scales[:, gi], zeros[:, gi]
             wc = w1[:, i]
-            qc = (torch.round(wc / s) + z).clamp(0, maxq)
+            qc = torch.round(wc / s + z).clamp(0, maxq)
             q[:, col] = qc.to(torch.uint8)
             e = (wc - (qc - z) * s) / hinv1[i, i]  # [N]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    if static is not None and perm is not None:  # back to input order: no runtime perm
+        q_in = torch.empty_like(q)
+        q_in[:, perm] = q
+        q, perm = q_in, None
     return Int4Weight(q, scales, zeros, group_size, perm)
 
 
@@ -133,7 +159,11 @@ def gptq_quantize_model(
     Embeddings and the LM head stay in float. `config` overrides bits / group_size / act_order.
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
-    _int4.check_bits(cfg.bits, cfg.group_size)
+    _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
+    if cfg.range_search is not None:
+        cfg.range_search.check()
+    if cfg.damp <= 0:
+        raise ValueError(f"GPTQ damp={cfg.damp} must be > 0")
     runner = LayerwiseRunner(model, calib_windows)
     result = QuantizedModel()
     order = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
