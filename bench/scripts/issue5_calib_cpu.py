@@ -89,8 +89,10 @@ def parse_method(token: str) -> tuple[str, int, object]:
     base = cls(group_size=g, **({"act_order": True} if m.group(3) else {}))
     fields = {f.name for f in dataclasses.fields(cls)}
     search_fields = {f.name for f in dataclasses.fields(RangeSearch)}
-    search = (base.clip_search if kind == "awq" else None) or RangeSearch()
-    changes, search_changes, want_search = {}, {}, kind == "awq"
+    current = base.clip_search if kind == "awq" else base.range_search  # type: ignore[union-attr]
+    search = current or RangeSearch()
+    changes, search_changes = {}, {}
+    want_search = base.clip if kind == "awq" else current is not None  # type: ignore[union-attr]
     for key, val in kv.items():
         if key == "search":
             want_search = _value(val, True)  # type: ignore[assignment]

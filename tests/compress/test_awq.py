@@ -59,7 +59,8 @@ def test_scaled_stats_match_stats_of_scaled_inputs() -> None:
 def test_clip_search_never_widens_and_freezes_rows() -> None:
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(4))
     h = _stats(correlated_inputs(128, 256, seed=5)).hessian
-    s, z = search_clip(w, h, AWQConfig(), 64, frozen_rows=4)  # default: symmetric shrink, no refit
+    autoawq = AWQConfig(zero_point="integer", clip_search=RangeSearch(asymmetric=False, refine=0))
+    s, z = search_clip(w, h, autoawq, 64, frozen_rows=4)  # AutoAWQ's: symmetric shrink, no refit
     lo0, hi0 = _int4.minmax_range(w, 64)
     s0, z0 = _int4.scale_zero(lo0, hi0, 4)
     assert (s <= s0).all() and (s >= 0.5 * s0 - 1e-7).all() and torch.equal(z, z.round())

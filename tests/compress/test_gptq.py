@@ -42,7 +42,8 @@ def test_gptq_codes_lie_on_the_contract_grid(act_order: bool) -> None:
     n, k, g = 64, 256, 64
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
     x = correlated_inputs(k, 512, seed=4)
-    qw = gptq_quantize_weight(w, _stats(x).hessian, GPTQConfig(group_size=g, act_order=act_order), g)
+    cfg = GPTQConfig(group_size=g, act_order=act_order, zero_point="integer")  # the HF-compatible grid
+    qw = gptq_quantize_weight(w, _stats(x).hessian, cfg, g)
     assert qw.q.dtype == torch.uint8 and int(qw.q.max()) <= 15
     assert qw.scales.shape == qw.zeros.shape == (n, k // g)
     assert (qw.scales > 0).all()
@@ -58,7 +59,8 @@ def test_float_zeros_and_range_search_beat_rtn(static: bool) -> None:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05
     calib, held = correlated_inputs(k, 2048, seed=1), correlated_inputs(k, 1024, seed=2)
     h = _stats(calib).hessian
-    plain = gptq_quantize_weight(w, h, GPTQConfig(group_size=g, act_order=True), g)
+    plain = gptq_quantize_weight(w, h, GPTQConfig(group_size=g, act_order=True, zero_point="integer",
+                                                  range_search=None), g)  # the reference GPTQ
     cfg = GPTQConfig(group_size=g, act_order=True, zero_point="float", range_search=RangeSearch(grid=10),
                      static_groups=static)
     qw = gptq_quantize_weight(w, h, cfg, g)
@@ -76,7 +78,8 @@ def test_static_groups_keep_input_order_grids() -> None:
     n, k, g = 32, 128, 32
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(11))
     h = _stats(correlated_inputs(k, 512, seed=12)).hessian
-    qw = gptq_quantize_weight(w, h, GPTQConfig(group_size=g, act_order=True, static_groups=True), g)
+    cfg = GPTQConfig(group_size=g, act_order=True, static_groups=True, zero_point="integer", range_search=None)
+    qw = gptq_quantize_weight(w, h, cfg, g)
     lo, hi = _int4.minmax_range(w, g)
     s, z = _int4.scale_zero(lo, hi, 4)
     assert qw.perm is None and torch.equal(qw.scales, s) and torch.equal(qw.zeros, z)

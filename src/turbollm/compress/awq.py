@@ -47,12 +47,12 @@ class AWQConfig:
     """alpha takes the values 0, 1/n_grid, ..., (n_grid - 1)/n_grid; alpha = 0 is plain RTN."""
     duo_scaling: bool = False
     """s = mean|x|^alpha / mean|w|^(1 - alpha) (AutoAWQ's default) instead of mean|x|^alpha."""
-    zero_point: str = "integer"
+    zero_point: str = "float"
     """"float": free per-group offset (z = -lo / s); "integer": the HF-compatible grid (_int4)."""
     clip: bool = True
     """Search each group's range after scaling (AutoAWQ's auto_clip; _int4.search_range)."""
-    clip_search: RangeSearch = RangeSearch(grid=20, max_shrink=0.5, asymmetric=False, refine=0)
-    """How the range search explores (grid, largest shrink, independent ends, LS refits)."""
+    clip_search: RangeSearch = RangeSearch()
+    """How the range search explores: AutoAWQ's is RangeSearch(asymmetric=False, refine=0)."""
 
 
 def output_error(d: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:

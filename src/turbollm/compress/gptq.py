@@ -46,9 +46,9 @@ class GPTQConfig:
     """Columns per lazy-update block (a multiple of the group size)."""
     true_sequential: bool = True
     """Re-collect inputs after each of a layer's linears is quantized."""
-    zero_point: str = "integer"
+    zero_point: str = "float"
     """"float": free per-group offset (z = -lo / s); "integer": the HF-compatible grid (_int4)."""
-    range_search: RangeSearch | None = None
+    range_search: RangeSearch | None = RangeSearch()
     """Search each group's range when the group starts (None: its min/max, as the reference)."""
     static_groups: bool = False
     """Fix every group's grid from W before any error update. With act_order the codes then
