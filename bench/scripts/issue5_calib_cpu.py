@@ -86,7 +86,7 @@ def parse_method(token: str) -> tuple[str, int, object]:
     if kind == "rtn":
         return kind, g, kv.pop("zero_point", "integer")
     cls = AWQConfig if kind == "awq" else GPTQConfig
-    base = cls(group_size=g, **({"act_order": True} if m.group(3) else {}))
+    base = cls(group_size=g, **({"act_order": bool(m.group(3))} if kind == "gptq" else {}))
     fields = {f.name for f in dataclasses.fields(cls)}
     search_fields = {f.name for f in dataclasses.fields(RangeSearch)}
     current = base.clip_search if kind == "awq" else base.range_search  # type: ignore[union-attr]

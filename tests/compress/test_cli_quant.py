@@ -187,9 +187,13 @@ def test_calibration_settings_are_checked(capsys: pytest.CaptureFixture[str], tm
     with pytest.raises(SystemExit):
         main(["quantize", "--method", "gptq", "--zero-point", "half", *out])
     assert "invalid choice: 'half'" in capsys.readouterr().err
+    assert main(["quantize", "--method", "awq", "--act-order", *out]) == 2
+    assert "--act-order applies to --method gptq only" in capsys.readouterr().err
     cfg = calibration_config("gptq", Int4Config(64), {"zero_point": "integer", "damp": 0.05})
-    assert (cfg.group_size, cfg.zero_point, cfg.damp, cfg.act_order) == (64, "integer", 0.05, False)
-    assert calibration_config("gptq", Int4Config(64, act_order=True)).act_order
+    assert (cfg.group_size, cfg.zero_point, cfg.damp) == (64, "integer", 0.05)
+    assert cfg.act_order and cfg.static_groups  # the default: act-order codes kept in input order
+    dynamic = calibration_config("gptq", Int4Config(64, act_order=True))
+    assert dynamic.act_order and not dynamic.static_groups
     with pytest.raises(ValueError, match="asks for the runtime permutation"):
         calibration_config("gptq", Int4Config(64, act_order=True), {"static_groups": True})
     with pytest.raises(ValueError, match="--damp does not apply to --method awq"):

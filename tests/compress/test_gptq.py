@@ -92,7 +92,7 @@ def test_act_order_permutation_is_consistent() -> None:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(5))
     x = correlated_inputs(k, 1024, seed=6)
     h = _stats(x).hessian
-    qw = gptq_quantize_weight(w, h, GPTQConfig(group_size=g, act_order=True), g)
+    qw = gptq_quantize_weight(w, h, GPTQConfig(group_size=g, act_order=True, static_groups=False), g)
     perm = qw.perm
     assert perm is not None and perm.dtype == torch.int64
     assert torch.equal(torch.sort(perm).values, torch.arange(k))
@@ -102,7 +102,7 @@ def test_act_order_permutation_is_consistent() -> None:
     stored = _int4.dequantize(qw.q, qw.scales, qw.zeros, g)  # [N, K] permuted columns
     torch.testing.assert_close(x[:, perm] @ stored.T, x @ qw.dequantize().T, rtol=1e-4, atol=1e-3)
     # Quantizing without act-order gives another (valid) result: the flag does something.
-    plain = gptq_quantize_weight(w, h, GPTQConfig(group_size=g), g)
+    plain = gptq_quantize_weight(w, h, GPTQConfig(group_size=g, act_order=False), g)
     assert plain.perm is None and not torch.equal(plain.dequantize(), qw.dequantize())
 
 
@@ -117,19 +117,20 @@ def test_dead_input_channels_are_zeroed_not_nan() -> None:
     assert torch.allclose(w_hat[:, 5], torch.zeros(n), atol=qw.scales.max().item())
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_model_quantizes_every_decoder_linear_in_place(act_order: bool) -> None:
+@pytest.mark.parametrize("act_order,static", [(False, False), (True, False), (True, True)])
+def test_gptq_model_quantizes_every_decoder_linear_in_place(act_order: bool, static: bool) -> None:
     model = tiny_model("tiny-qwen2")
     ref = tiny_model("tiny-qwen2")
     windows = random_windows(model.arch.vocab_size, 3, 40)
-    out = gptq_quantize_model(model, windows, bits=4, group_size=32, act_order=act_order)
+    cfg = GPTQConfig(group_size=32, act_order=act_order, static_groups=static)
+    out = gptq_quantize_model(model, windows, config=cfg)
     linears = {f"model.layers.{n}" if not n.startswith("model") else n: m
                for n, m in find_linears(model.model.layers).items()}
     assert set(out) == {f"model.layers.{n}" for n in find_linears(model.model.layers)} == set(linears)
     assert out.float_params == {}
     for name, grid in out.items():
         w_hat = _int4.dequantize(grid["q"], grid["scales"], grid["zeros"], 32)
-        if act_order:
+        if act_order and not static:
             unperm = torch.empty_like(w_hat)
             unperm[:, grid["perm"]] = w_hat
             w_hat = unperm

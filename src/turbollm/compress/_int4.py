@@ -117,7 +117,8 @@ def quantize(
     """Codes q [N, K] uint8 of W [N, K] with per-group scales / zeros [N, K // G]."""
     n, k = w.shape
     g = w.reshape(n, -1, group_size)  # [N, K // G, G]
-    q = torch.round(g / scales[..., None] + zeros[..., None])
+    zi = torch.round(zeros)  # integer zeros: round(W / s) + z exactly (ties too), as the contract
+    q = torch.round(g / scales[..., None] + (zeros - zi)[..., None]) + zi[..., None]
     return q.clamp(0, 2**bits - 1).reshape(n, k).to(torch.uint8)
 
 

@@ -38,8 +38,9 @@ class GPTQConfig:
     """Bits per weight code (the contract's int4 grid: 4)."""
     group_size: int = 128
     """Input columns per scale / zero group (32, 64 or 128; see _int4.group_size_for)."""
-    act_order: bool = False
-    """Quantize columns by decreasing diag(H); the result carries the permutation."""
+    act_order: bool = True
+    """Quantize columns by decreasing diag(H) (with static_groups only the processing order,
+    else the groups form in that order and the result carries the permutation)."""
     damp: float = 0.01
     """Dampening added to diag(H), as a fraction of its mean."""
     block_size: int = 128
@@ -50,7 +51,7 @@ class GPTQConfig:
     """"float": free per-group offset (z = -lo / s); "integer": the HF-compatible grid (_int4)."""
     range_search: RangeSearch | None = RangeSearch()
     """Search each group's range when the group starts (None: its min/max, as the reference)."""
-    static_groups: bool = False
+    static_groups: bool = True
     """Fix every group's grid from W before any error update. With act_order the codes then
     stay in input order (no perm at runtime): act-order only sets the processing order."""
 
@@ -147,7 +148,7 @@ def _quantize_linears(layer: nn.Module, stats: dict, cfg: GPTQConfig) -> dict[st
 
 def gptq_quantize_model(
     model: nn.Module, calib_windows: Sequence[torch.Tensor], bits: int = 4,
-    group_size: int = 128, act_order: bool = False, config: GPTQConfig | None = None,
+    group_size: int = 128, act_order: bool = True, config: GPTQConfig | None = None,
 ) -> QuantizedModel:
     """GPTQ-quantize every decoder linear of a turbollm Llama-family model, in place.
 
@@ -157,6 +158,8 @@ def gptq_quantize_model(
     "scales", "zeros"} + "perm" under act-order} for every decoder linear (see
     _int4.QuantizedModel); float_params stays empty (GPTQ changes no other parameter).
     Embeddings and the LM head stay in float. `config` overrides bits / group_size / act_order.
+    Defaults (GPTQConfig): act-order with static groups (no "perm": codes in input order),
+    float zero points, the per-group range search.
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)

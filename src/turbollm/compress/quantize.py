@@ -37,8 +37,12 @@ from turbollm.quant.plan import QuantPlan
 _CALIBRATED = {"awq": ("turbollm.compress.awq", "awq_quantize_model", "AWQConfig"),
                "gptq": ("turbollm.compress.gptq", "gptq_quantize_model", "GPTQConfig")}
 """--method -> (module, function, config class) of the calibrated int4 algorithms."""
-_GPTQ_ONLY = ("act_order", "damp", "static_groups")
-"""Settings only GPTQ takes (a CLI flag each)."""
+_GPTQ_ONLY = ("act_order", "damp")
+"""CLI flags only GPTQ takes."""
+_ACT_ORDER = {"static": {"act_order": True, "static_groups": True},
+              "dynamic": {"act_order": True, "static_groups": False},
+              "off": {"act_order": False, "static_groups": False}}
+"""--act-order MODE -> GPTQConfig fields."""
 
 
 def calibrated_quantizer(method: str) -> Callable[..., Any]:
@@ -56,8 +60,8 @@ def calibration_config(method: str, config: Int4Config, settings: dict[str, Any]
     module, _, cls_name = _CALIBRATED[method]
     cls = getattr(importlib.import_module(module), cls_name)
     fields = {"bits": config.bits, "group_size": config.group_size, **(settings or {})}
-    if method == "gptq":
-        fields.setdefault("act_order", config.act_order)
+    if method == "gptq" and config.act_order:  # a runtime perm: groups formed in act-order
+        fields = {**_ACT_ORDER["dynamic"], **fields}
     for key in fields:
         if key not in cls.__dataclass_fields__:
             raise ValueError(f"--{key.replace('_', '-')} does not apply to --method {method}")
@@ -144,11 +148,12 @@ def run_quantize(args: argparse.Namespace) -> int:
         config = None
     else:
         config = method_for_cli(args.method, args.bits, args.group_size)
-    settings = {k: v for k in ("zero_point", *_GPTQ_ONLY) if (v := getattr(args, k, None)) not in (None, False)}
+    settings = {k: v for k in ("zero_point", *_GPTQ_ONLY) if (v := getattr(args, k, None)) is not None}
     if args.method not in _CALIBRATED and settings:
         raise ValueError(f"--{next(iter(settings)).replace('_', '-')} applies to --method awq / gptq only")
     if args.method != "gptq" and (bad := [k for k in _GPTQ_ONLY if k in settings]):
         raise ValueError(f"--{bad[0].replace('_', '-')} applies to --method gptq only")
+    settings.update(_ACT_ORDER[settings.pop("act_order", "static")] if args.method == "gptq" else {})
     if settings.get("act_order") and not settings.get("static_groups"):  # codes carry a perm
         config = Int4Config(config.group_size, act_order=True, calibration="gptq")  # type: ignore[union-attr]
     t0 = time.perf_counter()

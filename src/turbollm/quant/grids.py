@@ -70,9 +70,10 @@ def quantize_int4(
         scales, zeros = int4_params(w, group_size, scale_dtype=scale_dtype)
     s = scales.float().repeat_interleave(group_size, dim=1)  # [N, K]
     z = zeros.float().repeat_interleave(group_size, dim=1)  # [N, K]
-    # round(W / s + z), not round(W / s) + z: the same for integer zeros, and right for the
-    # fractional zeros of a free-offset grid (compress/_int4.py "float").
-    q = torch.clamp(torch.round(w.float() / s + z), 0, 15).to(torch.uint8)  # [N, K]
+    # The contract's round(W / s) + z for integer zeros (ties included); a fractional zero
+    # (free-offset grid, compress/_int4.py "float") rounds with its fraction: round(W / s + z).
+    zi = torch.round(z)
+    q = torch.clamp(torch.round(w.float() / s + (z - zi)) + zi, 0, 15).to(torch.uint8)  # [N, K]
     return q, scales, zeros
 
 
