@@ -2,8 +2,8 @@
 SmolLM2-135M (fp32 = GGUF weights dequantized) with its decoder linears int4-quantized by
 RTN, AWQ and GPTQ (compress/awq.py, compress/gptq.py), each method on a fresh model.
 
-    PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py --calib 32 --heldout 24 \
-        --out bench/results/issue5_calib_cpu.json
+    PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py --calib 16 --heldout 4 \
+        --methods fp32,rtn128,awq128,gptq128ao --out results.json
 
 Protocol (BENCHMARKS.md "ppl"): held-out files (calibration.corpus_files("heldout"), i.e.
 the 7 files with sorted index i % 6 == 5) joined, tokenized, cut into non-overlapping
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--heldout", type=int, default=24)
-    ap.add_argument("--methods", default="fp32,rtn128,awq128,gptq128,rtn64,awq64,gptq64,gptq128ao")
+    ap.add_argument("--methods", default="fp32,rtn128,awq128,gptq128ao")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: the shared 2-core machine is oversubscribed)")
     ap.add_argument("--out", default=None)

@@ -4,8 +4,10 @@ Input channels that carry large activations matter most. For each group of linea
 share an input, AWQ searches a per-input-channel scale s = mean|x|^alpha (alpha on a grid in
 [0, 1), normalized so sqrt(max s * min s) = 1) that minimizes the output error of the
 quantized layer on calibration activations, multiplies W's columns by s and divides the
-producer of x by s (an exact rewrite in float), then optionally shrinks each group's clip
-range, then rounds on the contract's int4 grid (compress/_int4.py).
+producer of x by s (an exact rewrite in float), then searches each group's range (by
+default lo and hi shrunk independently, then a least-squares refit of scale and offset:
+_int4.search_range), then rounds on the int4 grid of compress/_int4.py (by default with a
+float zero point, a free per-group offset; `zero_point="integer"` gives AutoAWQ's grid).
 
 The output error of a weight error D [N, K] on inputs X is ||X D^T||^2 = tr(D X^T X D^T), so
 both searches use the Hessian H = 2 X^T X / n from calibration.py instead of the raw

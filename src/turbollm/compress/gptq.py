@@ -3,10 +3,13 @@
 Offline, on CPU or GPU, float32. For a linear with inputs X and H = 2 X^T X / n, GPTQ
 quantizes W's columns one at a time and spreads each column's rounding error over the
 columns not yet quantized, weighted by the Cholesky factor of H^-1 (damped by
-`damp` * mean diag H), in blocks of 128 columns with lazy updates. Group scale / zero are
-computed when a group starts, from the error-updated columns. With act-order, columns are
-processed by decreasing diag(H); the codes are returned in that permuted order with `perm`,
-so groups stay contiguous and the runtime computes x[:, perm] @ W_stored^T (contract).
+`damp` * mean diag H), in blocks of 128 columns with lazy updates. With act-order, columns
+are processed by decreasing diag(H). Group scale / zero come from _int4 (by default a float
+zero point and the per-group range search on H's diagonal block) and are computed either
+all at once from W before any update (`static_groups`, the default: codes stay in input
+order, no runtime permutation), or when a group starts, from the error-updated columns;
+then under act-order the groups are contiguous in the permuted order and the codes come
+with `perm`, so the runtime computes x[:, perm] @ W_stored^T (contract).
 
 Layers are quantized in order from activations of the already-quantized earlier layers.
 With `true_sequential`, inside a layer qkv_proj, o_proj, gate_up_proj and down_proj are
