@@ -8,6 +8,7 @@ import torch
 from compressutil import correlated_inputs, random_windows, tiny_model
 
 from turbollm.compress import _int4
+from turbollm.compress._int4 import RangeSearch
 from turbollm.compress.awq import (
     AWQConfig, _fold, _scale_groups, awq_quantize_model, search_clip, search_scale,
 )
@@ -38,8 +39,8 @@ def test_awq_beats_rtn_on_heldout_activations(group_size: int, duo: bool) -> Non
     lo, hi = _int4.minmax_range(ws, group_size)
     scaled = _int4.fake_quantize(ws, lo, hi, group_size, 4) / s
     st.scale_inputs(s)
-    lo, hi = search_clip(ws, st.hessian, cfg, group_size)
-    clipped = _int4.fake_quantize(ws, lo, hi, group_size, 4) / s
+    sc, zc = search_clip(ws, st.hessian, cfg, group_size)
+    clipped = _int4.dequantize(_int4.quantize(ws, sc, zc, group_size, 4), sc, zc, group_size) / s
     rtn = _out_mse(w, _int4.rtn(w, group_size).dequantize(), held)
     assert _out_mse(w, scaled, held) < 0.8 * rtn
     assert _out_mse(w, clipped, held) <= _out_mse(w, scaled, held) * 1.02
@@ -58,11 +59,30 @@ def test_scaled_stats_match_stats_of_scaled_inputs() -> None:
 def test_clip_search_never_widens_and_freezes_rows() -> None:
     w = torch.randn(16, 128, generator=torch.Generator().manual_seed(4))
     h = _stats(correlated_inputs(128, 256, seed=5)).hessian
-    lo, hi = search_clip(w, h, AWQConfig(), 64, frozen_rows=4)
+    autoawq = AWQConfig(zero_point="integer", clip_search=RangeSearch(asymmetric=False, refine=0))
+    s, z = search_clip(w, h, autoawq, 64, frozen_rows=4)  # AutoAWQ's: symmetric shrink, no refit
     lo0, hi0 = _int4.minmax_range(w, 64)
-    assert (lo >= lo0).all() and (hi <= hi0).all() and (hi >= 0.5 * hi0).all()
-    assert torch.equal(lo[:4], lo0[:4]) and torch.equal(hi[:4], hi0[:4])
-    assert not torch.equal(hi, hi0), "no group was clipped: the search did nothing"
+    s0, z0 = _int4.scale_zero(lo0, hi0, 4)
+    assert (s <= s0).all() and (s >= 0.5 * s0 - 1e-7).all() and torch.equal(z, z.round())
+    assert torch.equal(s[:4], s0[:4]) and torch.equal(z[:4], z0[:4])
+    assert not torch.equal(s, s0), "no group was clipped: the search did nothing"
+
+
+@pytest.mark.parametrize("zero_point", ["integer", "float"])
+def test_awq_float_zeros_and_asymmetric_search_beat_rtn(zero_point: str) -> None:
+    n, k, g = 96, 256, 64
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 0.05
+    calib, held = correlated_inputs(k, 2048, seed=1), correlated_inputs(k, 1024, seed=2)
+    cfg = AWQConfig(group_size=g, zero_point=zero_point,
+                    clip_search=RangeSearch(grid=10, max_shrink=0.3, asymmetric=True, refine=2))
+    st = _stats(calib)
+    s, _ = search_scale(w, st, cfg, g)
+    st.scale_inputs(s)
+    sc, zc = search_clip(w * s, st.hessian, cfg, g)
+    assert torch.equal(zc, zc.round()) == (zero_point == "integer")
+    w_hat = _int4.dequantize(_int4.quantize(w * s, sc, zc, g, 4), sc, zc, g) / s
+    rtn = _out_mse(w, _int4.rtn(w, g, zero_point=zero_point).dequantize(), held)
+    assert _out_mse(w, w_hat, held) < 0.7 * rtn
 
 
 @pytest.mark.parametrize("preset,kv_heads", [("tiny-llama", 2), ("tiny-qwen2", 4)])
@@ -123,3 +143,7 @@ def test_awq_bad_options() -> None:
         awq_quantize_model(model, windows, bits=1, group_size=32)
     with pytest.raises(ValueError, match="group_size=100"):
         awq_quantize_model(model, windows, bits=4, group_size=100)
+    with pytest.raises(ValueError, match="zero_point='int'"):
+        awq_quantize_model(model, windows, config=AWQConfig(group_size=32, zero_point="int"))
+    with pytest.raises(ValueError, match="max_shrink=-0.1"):
+        awq_quantize_model(model, windows, config=AWQConfig(group_size=32, clip_search=RangeSearch(max_shrink=-0.1)))

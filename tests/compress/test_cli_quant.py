@@ -132,3 +132,69 @@ def test_quantize_kv_cache_scales_embedded(tmp_path, monkeypatch: pytest.MonkeyP
     text = llm.generate(["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=4),
                         use_tqdm=False)[0].outputs[0].text
     assert "Paris" in text
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_float_zero_checkpoint_reloads_to_identical_logits(method: str, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A calibrated model with fractional zeros installs, saves and reloads to the same
+    logits, which are the calibrator's W_hat model's."""
+    import torch
+    from compressutil import random_windows
+
+    from turbollm.compress.evaluate import window_hidden
+    from turbollm.compress.quantize import calibrated_quantizer, calibration_config, install_calibrated
+    from turbollm.models.build import build_model
+    from turbollm.models.loader import resolve_model
+    from turbollm.quant.checkpoint import save_quantized
+    from turbollm.quant.methods import Int4Config
+    from turbollm.quant.plan import resolve_quantization
+
+    src = resolve_model(tiny_checkpoint("tiny-qwen2")[0])
+    cpu = torch.device("cpu")
+    model = build_model(src, cpu, torch.float32, prepack_cpu=False)
+    config = Int4Config(32, calibration=method)
+    settings = {"zero_point": "float", **({"act_order": True, "static_groups": True} if method == "gptq" else {})}
+    results = calibrated_quantizer(method)(model, random_windows(src.arch.vocab_size, 2, 24),
+                                           config=calibration_config(method, config, settings))
+    assert all("perm" not in r for r in results.values())
+    zeros = torch.cat([r["zeros"].flatten() for r in results.values()])
+    assert not torch.equal(zeros, zeros.round())
+    def run_prefill(m, ids):  # type: ignore[no-untyped-def]
+        with torch.inference_mode():
+            return m.compute_logits(window_hidden(m, ids))
+
+    ids = list(range(5, 40))
+    w_hat_logits = run_prefill(model, ids)
+    install_calibrated(model, config, results)
+    want = run_prefill(model, ids)
+    torch.testing.assert_close(want, w_hat_logits, rtol=1e-4, atol=1e-4)
+    save_quantized(model, config, str(tmp_path), src.arch.to_hf_config())
+    qsrc = resolve_model(str(tmp_path))
+    plan = resolve_quantization(None, 128, qsrc.quantization_config, cpu)
+    got = run_prefill(build_model(qsrc, cpu, torch.float32, quantization=plan), ids)
+    assert torch.equal(got, want)
+
+
+def test_calibration_settings_are_checked(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from turbollm.compress.quantize import calibration_config
+    from turbollm.quant.methods import Int4Config
+
+    out = ["--out", str(tmp_path)]
+    assert main(["quantize", "--method", "awq", "--damp", "0.1", *out]) == 2
+    assert "--damp applies to --method gptq only" in capsys.readouterr().err
+    assert main(["quantize", "--method", "rtn", "--zero-point", "float", *out]) == 2
+    assert "--zero-point applies to --method awq / gptq only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "--method", "gptq", "--zero-point", "half", *out])
+    assert "invalid choice: 'half'" in capsys.readouterr().err
+    assert main(["quantize", "--method", "awq", "--act-order", *out]) == 2
+    assert "--act-order applies to --method gptq only" in capsys.readouterr().err
+    cfg = calibration_config("gptq", Int4Config(64), {"zero_point": "integer", "damp": 0.05})
+    assert (cfg.group_size, cfg.zero_point, cfg.damp) == (64, "integer", 0.05)
+    assert cfg.act_order and cfg.static_groups  # the default: act-order codes kept in input order
+    dynamic = calibration_config("gptq", Int4Config(64, act_order=True))
+    assert dynamic.act_order and not dynamic.static_groups
+    with pytest.raises(ValueError, match="asks for the runtime permutation"):
+        calibration_config("gptq", Int4Config(64, act_order=True), {"static_groups": True})
+    with pytest.raises(ValueError, match="--damp does not apply to --method awq"):
+        calibration_config("awq", Int4Config(64), {"damp": 0.1})

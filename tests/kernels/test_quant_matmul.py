@@ -44,12 +44,16 @@ def make_int8(n: int, k: int, dtype: torch.dtype, seed: int = 1) -> tuple[torch.
     return q.to(DEVICE), s.to(dtype).to(DEVICE)
 
 
-def make_int4(n: int, k: int, group: int, dtype: torch.dtype,
-              seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_int4(n: int, k: int, group: int, dtype: torch.dtype, seed: int = 2,
+              fractional: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random packed codes, scales and zeros; `fractional`: zeros anywhere in [-3, 18) (a
+    free-offset grid), else integers 0..15."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)  # [N, K]
     s = torch.rand(n, k // group, generator=g) * 0.02 + 0.005  # [N, K / G]
     z = torch.randint(0, 16, (n, k // group), generator=g).float()  # [N, K / G]
+    if fractional:
+        z = torch.rand(n, k // group, generator=g) * 21 - 3
     return pack_int4(q).to(DEVICE), s.to(dtype).to(DEVICE), z.to(dtype).to(DEVICE)
 
 
@@ -68,9 +72,11 @@ def check_int8(m: int, n: int, k: int, dtype: torch.dtype, bias: bool,
 
 
 def check_int4(m: int, n: int, k: int, group: int, dtype: torch.dtype, bias: bool,
-               config: QuantMatmulConfig | None = None) -> None:
+               config: QuantMatmulConfig | None = None, fractional: bool = False) -> None:
     x = make_x(m, k, dtype)
-    p, s, z = make_int4(n, k, group, dtype)
+    p, s, z = make_int4(n, k, group, dtype, fractional=fractional)
+    if fractional:
+        assert not torch.equal(z.float(), z.float().round())
     b = make_bias(n, dtype, bias)
     out = int4_weight_only_linear(x, p, s, z, group, b, config=config)
     assert out.shape == (m, n) and out.dtype == dtype
@@ -134,6 +140,22 @@ def test_fp16_activation_dtype_dequant(split_x: bool, swap_ab: bool) -> None:
     """fp16 takes the "magic_act" bit trick in fp16 arithmetic (bf16 does too, on the GPU)."""
     cfg = QuantMatmulConfig("dot", 16, 32, 32, dequant="magic_act", split_x=split_x, swap_ab=swap_ab)
     check_int4(9, 96, 320, 32, torch.float16, True, config=cfg)
+
+
+FRACTIONAL = [
+    (torch.float16, QuantMatmulConfig("dot", 16, 32, 32, dequant="magic_act", split_x=True, swap_ab=True)),
+    (torch.float16, QuantMatmulConfig("dot", 16, 32, 32, dequant="magic_act")),
+    (torch.float32, QuantMatmulConfig("dot", 16, 32, 32, dequant="cvt")),
+    (torch.float32, QuantMatmulConfig("gemv", 4, 16, 128, dequant="magic", prefetch=True)),
+    (torch.float16, QuantMatmulConfig("dequant", 1, 16, 64)),
+]
+
+
+@pytest.mark.parametrize("dtype,config", FRACTIONAL, ids=lambda v: str(v) if isinstance(v, torch.dtype) else _cfg_id(v))
+def test_fractional_zeros(dtype: torch.dtype, config: QuantMatmulConfig) -> None:
+    """Free-offset grids (zeros not integers, some outside 0..15) on every dequantization
+    route; "magic_act" splits z into its clamped integer part and the rest."""
+    check_int4(9, 96, 320, 32, dtype, True, config=config, fractional=True)
 
 
 def test_bf16_swap_ab() -> None:
@@ -275,6 +297,13 @@ def test_gpu_other_groups_and_dtypes(group: int) -> None:
         check_int4(m, 1024, 512, group, torch.float16, True)
         check_int4(m, 1024, 512, group, torch.float32, True)
     check_int8(3, 1024, 512, torch.float32, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+def test_gpu_fractional_zeros_default_configs(m: int) -> None:
+    check_int4(m, 4096, 4096, 128, torch.bfloat16, True, fractional=True)
+    check_int4(m, 1024, 512, 64, torch.float16, False, fractional=True)
 
 
 @pytest.mark.gpu

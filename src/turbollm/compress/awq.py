@@ -4,8 +4,10 @@ Input channels that carry large activations matter most. For each group of linea
 share an input, AWQ searches a per-input-channel scale s = mean|x|^alpha (alpha on a grid in
 [0, 1), normalized so sqrt(max s * min s) = 1) that minimizes the output error of the
 quantized layer on calibration activations, multiplies W's columns by s and divides the
-producer of x by s (an exact rewrite in float), then optionally shrinks each group's clip
-range, then rounds on the contract's int4 grid (compress/_int4.py).
+producer of x by s (an exact rewrite in float), then searches each group's range (by
+default lo and hi shrunk independently, then a least-squares refit of scale and offset:
+_int4.search_range), then rounds on the int4 grid of compress/_int4.py (by default with a
+float zero point, a free per-group offset; `zero_point="integer"` gives AutoAWQ's grid).
 
 The output error of a weight error D [N, K] on inputs X is ||X D^T||^2 = tr(D X^T X D^T), so
 both searches use the Hessian H = 2 X^T X / n from calibration.py instead of the raw
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from turbollm.compress import _int4
-from turbollm.compress._int4 import Int4Weight, QuantizedModel
+from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
 from turbollm.compress.calibration import LayerwiseRunner, LinearStats, set_linear_weight
 
 
@@ -47,12 +49,12 @@ class AWQConfig:
     """alpha takes the values 0, 1/n_grid, ..., (n_grid - 1)/n_grid; alpha = 0 is plain RTN."""
     duo_scaling: bool = False
     """s = mean|x|^alpha / mean|w|^(1 - alpha) (AutoAWQ's default) instead of mean|x|^alpha."""
+    zero_point: str = "float"
+    """"float": free per-group offset (z = -lo / s); "integer": the HF-compatible grid (_int4)."""
     clip: bool = True
-    """Search a shrink ratio of each group's clip range after scaling."""
-    clip_grid: int = 20
-    """Shrink ratios 1 - i / clip_grid for i while the ratio stays above 1 - max_shrink."""
-    max_shrink: float = 0.5
-    """Largest fraction of the clip range the search may cut away."""
+    """Search each group's range after scaling (AutoAWQ's auto_clip; _int4.search_range)."""
+    clip_search: RangeSearch = RangeSearch()
+    """How the range search explores: AutoAWQ's is RangeSearch(asymmetric=False, refine=0)."""
 
 
 def output_error(d: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,8 @@ def search_scale(
             s = s / w_mean.pow(1 - a).clamp(min=1e-4)
         s = s.clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        lo, hi = _int4.minmax_range(w * s, group_size)
-        d = _int4.fake_quantize(w * s, lo, hi, group_size, cfg.bits) / s - w  # [N, K]
+        lo, hi = _int4.minmax_range(w * s, group_size, cfg.zero_point)
+        d = _int4.fake_quantize(w * s, lo, hi, group_size, cfg.bits, cfg.zero_point) / s - w  # [N, K]
         err = output_error(d, h).item()
         if err < best_err:
             best_err, best_s, best_a = err, s, a
@@ -90,29 +92,14 @@ def search_clip(
     w: torch.Tensor, hessian: torch.Tensor, cfg: AWQConfig, group_size: int,
     frozen_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group clip range [lo, hi] (each [N, K // G]) minimizing each group's output error.
+    """Per-group (scales, zeros) [N, K // G] minimizing each group's output error.
 
     Group g of row n contributes err = d^T H_gg d, d its weight error and H_gg the diagonal
-    block of H for its columns. Rows below `frozen_rows` keep the full min/max range.
+    block of H for its columns (_int4.search_range). Rows below `frozen_rows` keep the
+    min/max grid.
     """
-    n, k = w.shape
-    ng = k // group_size
-    lo0, hi0 = _int4.minmax_range(w, group_size)  # [N, ng]
-    blocks = torch.stack([hessian[j * group_size:(j + 1) * group_size,
-                                  j * group_size:(j + 1) * group_size] for j in range(ng)])  # [ng, G, G]
-    best_err = torch.full((n, ng), float("inf"), device=w.device)
-    best_r = torch.ones(n, ng, device=w.device)
-    i = 0
-    while (r := 1 - i / cfg.clip_grid) > 1 - cfg.max_shrink:
-        d = (_int4.fake_quantize(w, lo0 * r, hi0 * r, group_size, cfg.bits) - w)
-        d = d.reshape(n, ng, group_size).transpose(0, 1)  # [ng, N, G]
-        err = (torch.bmm(d, blocks) * d).sum(-1).t()  # [N, ng]
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-        i += 1
-    best_r[:frozen_rows] = 1.0
-    return lo0 * best_r, hi0 * best_r
+    return _int4.search_range(w, _int4.group_blocks(hessian, group_size), group_size, cfg.bits,
+                              cfg.zero_point, cfg.clip_search, frozen_rows)
 
 
 @dataclass
@@ -183,10 +170,10 @@ def awq_quantize_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQ
         w = lin.weight.float()
         gs = _int4.group_size_for(w.shape[1], cfg.group_size, name)
         if cfg.clip:
-            lo, hi = search_clip(w, st.hessian, cfg, gs, _frozen_rows(layer, name))
+            s, z = search_clip(w, st.hessian, cfg, gs, _frozen_rows(layer, name))
+            qw = Int4Weight(_int4.quantize(w, s, z, gs, cfg.bits), s, z, gs)
         else:
-            lo, hi = _int4.minmax_range(w, gs)
-        qw = _int4.quantize_range(w, lo, hi, gs, cfg.bits)
+            qw = _int4.rtn(w, gs, cfg.bits, cfg.zero_point)
         set_linear_weight(lin, qw.dequantize())
         out[name] = qw
     return out, changed
@@ -206,7 +193,8 @@ def awq_quantize_model(
     and the LM head stay in float. `config` overrides bits / group_size.
     """
     cfg = config or AWQConfig(bits=bits, group_size=group_size)
-    _int4.check_bits(cfg.bits, cfg.group_size)
+    _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
+    cfg.clip_search.check()
     runner = LayerwiseRunner(model, calib_windows)
     result = QuantizedModel()
     for i in range(runner.num_layers):

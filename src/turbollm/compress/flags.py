@@ -49,7 +49,15 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="rtn | awq | gptq | fp8 | none (weights unchanged; with --kv-cache-scales)")
     p.add_argument("--bits", type=int, default=4, help="4 (rtn, awq, gptq) or 8 (rtn: int8, fp8)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (32, 64, 128)")
-    p.add_argument("--act-order", action="store_true", help="gptq: quantize columns in activation order")
+    p.add_argument("--act-order", nargs="?", const="dynamic", default=None, choices=("static", "dynamic", "off"),
+                   help="gptq: quantize columns in activation order. static (the default): groups keep input "
+                        "order, no runtime permutation; dynamic (bare --act-order): groups form in activation "
+                        "order and the layers carry a permutation; off: input order (reference GPTQ)")
+    p.add_argument("--zero-point", default=None, choices=("float", "integer"),
+                   help="awq/gptq: per-group zero point: float (free offset, turbollm's runtime) or integer "
+                        "(the AutoAWQ / GPTQ grid); default: the method's")
+    p.add_argument("--damp", type=float, default=None,
+                   help="gptq: dampening added to diag(H), as a fraction of its mean (default 0.01)")
     p.add_argument("--calibrate", action="store_true",
                    help="fp8: choose the FP8 weights on calibration text (GPTQ onto the per-row e4m3 grid); "
                         "the checkpoint runs like plain fp8")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from turbollm.compress.calibration import LayerwiseRunner
+from turbollm.compress.gptq import inverse_hessian_factor
 from turbollm.layers.linear import QuantizableLinear
 from turbollm.quant import grids
 from turbollm.quant.linear import Fp8LinearMethod, install_fp8
@@ -107,21 +108,6 @@ def search_weight_scales(
     return best_s
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp mean(diag H) I)^-1 (as compress/gptq.py)."""
-    h = h.clone()
-    h.diagonal().add_(damp * h.diagonal().mean())
-    for extra in (0.0, 1e-6, 1e-4, 1e-2):  # rare: H numerically indefinite; damp harder
-        try:
-            if extra:
-                h.diagonal().add_(extra * h.diagonal().mean())
-            lower = torch.linalg.cholesky(h)
-            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
-        except torch.linalg.LinAlgError:
-            continue
-    raise ValueError(f"the {h.shape[0]}x{h.shape[0]} Hessian is not positive definite even when damped")
-
-
 @torch.no_grad()
 def gptq_fp8(
     w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, damp: float = 0.01, block_size: int = 128,
@@ -142,7 +128,7 @@ def gptq_fp8(
         out = torch.empty_like(q)
         out[:, perm] = q
         return out
-    hinv = _inverse_hessian_factor(h, damp)  # [K, K] upper
+    hinv = inverse_hessian_factor(h, damp)  # [K, K] upper
     q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)

@@ -3,10 +3,13 @@
 Offline, on CPU or GPU, float32. For a linear with inputs X and H = 2 X^T X / n, GPTQ
 quantizes W's columns one at a time and spreads each column's rounding error over the
 columns not yet quantized, weighted by the Cholesky factor of H^-1 (damped by
-`damp` * mean diag H), in blocks of 128 columns with lazy updates. Group scale / zero are
-computed when a group starts, from the error-updated columns. With act-order, columns are
-processed by decreasing diag(H); the codes are returned in that permuted order with `perm`,
-so groups stay contiguous and the runtime computes x[:, perm] @ W_stored^T (contract).
+`damp` * mean diag H), in blocks of 128 columns with lazy updates. With act-order, columns
+are processed by decreasing diag(H). Group scale / zero come from _int4 (by default a float
+zero point and the per-group range search on H's diagonal block) and are computed either
+all at once from W before any update (`static_groups`, the default: codes stay in input
+order, no runtime permutation), or when a group starts, from the error-updated columns;
+then under act-order the groups are contiguous in the permuted order and the codes come
+with `perm`, so the runtime computes x[:, perm] @ W_stored^T (contract).
 
 Layers are quantized in order from activations of the already-quantized earlier layers.
 With `true_sequential`, inside a layer qkv_proj, o_proj, gate_up_proj and down_proj are
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from turbollm.compress import _int4
-from turbollm.compress._int4 import Int4Weight, QuantizedModel
+from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
 from turbollm.compress.calibration import LayerwiseRunner, set_linear_weight
 
 SEQUENTIAL_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
@@ -38,17 +41,25 @@ class GPTQConfig:
     """Bits per weight code (the contract's int4 grid: 4)."""
     group_size: int = 128
     """Input columns per scale / zero group (32, 64 or 128; see _int4.group_size_for)."""
-    act_order: bool = False
-    """Quantize columns by decreasing diag(H); the result carries the permutation."""
+    act_order: bool = True
+    """Quantize columns by decreasing diag(H) (with static_groups only the processing order,
+    else the groups form in that order and the result carries the permutation)."""
     damp: float = 0.01
     """Dampening added to diag(H), as a fraction of its mean."""
     block_size: int = 128
     """Columns per lazy-update block (a multiple of the group size)."""
     true_sequential: bool = True
     """Re-collect inputs after each of a layer's linears is quantized."""
+    zero_point: str = "float"
+    """"float": free per-group offset (z = -lo / s); "integer": the HF-compatible grid (_int4)."""
+    range_search: RangeSearch | None = RangeSearch()
+    """Search each group's range when the group starts (None: its min/max, as the reference)."""
+    static_groups: bool = True
+    """Fix every group's grid from W before any error update. With act_order the codes then
+    stay in input order (no perm at runtime): act-order only sets the processing order."""
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 [K, K]."""
     h = h.clone()
     k = h.shape[0]
@@ -64,6 +75,16 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError(f"the {k}x{k} Hessian is not positive definite even when damped")
 
 
+def _group_grid(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig,
+                group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, z) [N, K // G] of W [N, K] whose columns have the Hessian H [K, K]."""
+    if cfg.range_search is None:
+        lo, hi = _int4.minmax_range(w, group_size, cfg.zero_point)
+        return _int4.scale_zero(lo, hi, cfg.bits, cfg.zero_point)
+    return _int4.search_range(w, _int4.group_blocks(h, group_size), group_size, cfg.bits,
+                              cfg.zero_point, cfg.range_search)
+
+
 @torch.no_grad()
 def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig,
                          group_size: int) -> Int4Weight:
@@ -74,16 +95,19 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig
     dead = h.diagonal() == 0  # channels never active: any value works, zero them
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
+    ng = k // group_size
+    static = _group_grid(w, h, cfg, group_size) if cfg.static_groups else None  # input-order groups
     perm = None
     if cfg.act_order:
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    hinv = _inverse_hessian_factor(h, cfg.damp)  # [K, K] upper
+    # group of each processed column: its input column's group (static) or its position's
+    col_group = (perm if perm is not None and static is not None else torch.arange(k)) // group_size
+    hinv = inverse_hessian_factor(h, cfg.damp)  # [K, K] upper
     maxq = 2**cfg.bits - 1
-    ng = k // group_size
     q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
-    scales = torch.zeros(n, ng, device=w.device)
-    zeros = torch.zeros(n, ng, device=w.device)
+    scales, zeros = static if static is not None else (torch.zeros(n, ng, device=w.device),
+                                                      torch.zeros(n, ng, device=w.device))
     bs = max(group_size, cfg.block_size // group_size * group_size)
     for b0 in range(0, k, bs):
         b1 = min(b0 + bs, k)
@@ -92,18 +116,24 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig
         hinv1 = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
             col = b0 + i
-            if col % group_size == 0:  # groups lie inside blocks (bs is a multiple of G)
+            if static is None and col % group_size == 0:  # groups lie inside blocks (bs: multiple of G)
                 gi = col // group_size
-                lo, hi = _int4.minmax_range(w1[:, i:i + group_size], group_size)
-                s, z = _int4.scale_zero(lo[:, 0], hi[:, 0], cfg.bits)
-                scales[:, gi], zeros[:, gi] = s, z
+                sg, zg = _group_grid(w1[:, i:i + group_size], h[col:col + group_size, col:col + group_size],
+                                     cfg, group_size)
+                scales[:, gi], zeros[:, gi] = sg[:, 0], zg[:, 0]
+            gi = int(col_group[col])
+            s, z = scales[:, gi], zeros[:, gi]
             wc = w1[:, i]
-            qc = (torch.round(wc / s) + z).clamp(0, maxq)
+            qc = torch.round(wc / s + z).clamp(0, maxq)
             q[:, col] = qc.to(torch.uint8)
             e = (wc - (qc - z) * s) / hinv1[i, i]  # [N]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
+    if static is not None and perm is not None:  # back to input order: no runtime perm
+        q_in = torch.empty_like(q)
+        q_in[:, perm] = q
+        q, perm = q_in, None
     return Int4Weight(q, scales, zeros, group_size, perm)
 
 
@@ -121,7 +151,7 @@ def _quantize_linears(layer: nn.Module, stats: dict, cfg: GPTQConfig) -> dict[st
 
 def gptq_quantize_model(
     model: nn.Module, calib_windows: Sequence[torch.Tensor], bits: int = 4,
-    group_size: int = 128, act_order: bool = False, config: GPTQConfig | None = None,
+    group_size: int = 128, act_order: bool = True, config: GPTQConfig | None = None,
 ) -> QuantizedModel:
     """GPTQ-quantize every decoder linear of a turbollm Llama-family model, in place.
 
@@ -131,9 +161,15 @@ def gptq_quantize_model(
     "scales", "zeros"} + "perm" under act-order} for every decoder linear (see
     _int4.QuantizedModel); float_params stays empty (GPTQ changes no other parameter).
     Embeddings and the LM head stay in float. `config` overrides bits / group_size / act_order.
+    Defaults (GPTQConfig): act-order with static groups (no "perm": codes in input order),
+    float zero points, the per-group range search.
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
-    _int4.check_bits(cfg.bits, cfg.group_size)
+    _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
+    if cfg.range_search is not None:
+        cfg.range_search.check()
+    if cfg.damp <= 0:
+        raise ValueError(f"GPTQ damp={cfg.damp} must be > 0")
     runner = LayerwiseRunner(model, calib_windows)
     result = QuantizedModel()
     order = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)

@@ -39,18 +39,43 @@ from turbollm.quant.linear import Int4LinearMethod, install_int4
 from turbollm.quant.methods import Fp8Config, Int4Config, QuantConfig, check_device_support, method_for_cli
 from turbollm.quant.plan import QuantPlan
 
-_CALIBRATED = {"awq": ("turbollm.compress.awq", "awq_quantize_model"),
-               "gptq": ("turbollm.compress.gptq", "gptq_quantize_model")}
-"""--method -> (module, function) of the calibrated int4 algorithms."""
+_CALIBRATED = {"awq": ("turbollm.compress.awq", "awq_quantize_model", "AWQConfig"),
+               "gptq": ("turbollm.compress.gptq", "gptq_quantize_model", "GPTQConfig")}
+"""--method -> (module, function, config class) of the calibrated int4 algorithms."""
+_GPTQ_ONLY = ("act_order", "damp")
+"""CLI flags only GPTQ takes."""
+_ACT_ORDER = {"static": {"act_order": True, "static_groups": True},
+              "dynamic": {"act_order": True, "static_groups": False},
+              "off": {"act_order": False, "static_groups": False}}
+"""--act-order MODE -> GPTQConfig fields."""
 
 
 def calibrated_quantizer(method: str) -> Callable[..., Any]:
     """The AWQ / GPTQ entry point; ValueError saying so when it is not available yet."""
-    module, fn = _CALIBRATED[method]
+    module, fn, _ = _CALIBRATED[method]
     try:
         return getattr(importlib.import_module(module), fn)
     except (ImportError, AttributeError):
         raise ValueError(f"--method {method} is not available in this build ({module}.{fn} is missing)") from None
+
+
+def calibration_config(method: str, config: Int4Config, settings: dict[str, Any] | None = None) -> Any:
+    """The AWQConfig / GPTQConfig for `config` (bits, group size, act-order) plus `settings`
+    (config fields, e.g. zero_point, damp); ValueError naming a setting the method lacks."""
+    module, _, cls_name = _CALIBRATED[method]
+    cls = getattr(importlib.import_module(module), cls_name)
+    fields = {"bits": config.bits, "group_size": config.group_size, **(settings or {})}
+    if method == "gptq" and config.act_order:  # a runtime perm: groups formed in act-order
+        fields = {**_ACT_ORDER["dynamic"], **fields}
+    for key in fields:
+        if key not in cls.__dataclass_fields__:
+            raise ValueError(f"--{key.replace('_', '-')} does not apply to --method {method}")
+    cfg = cls(**fields)
+    runtime_perm = method == "gptq" and cfg.act_order and not cfg.static_groups
+    if runtime_perm != config.act_order:  # static groups keep act-order codes in input order
+        raise ValueError(f"{config} {'lacks' if runtime_perm else 'asks for'} the runtime permutation "
+                         f"that {cfg} {'gives' if runtime_perm else 'does not give'}")
+    return cfg
 
 
 def calibration_windows(tokenizer: Any, count: int, length: int) -> list[list[int]]:
@@ -85,12 +110,13 @@ def _generation_config(source: ModelSource) -> dict[str, Any]:
 
 def quantize_model(
     model_name: str | None, config: QuantConfig | None, method: str, device: str = "auto", dtype: str = "auto",
-    calib: tuple[int, int] = (64, 512), act_order: bool = False, fp8_calib: Fp8CalibConfig | None = None,
-    ignore: tuple[str, ...] = (),
+    calib: tuple[int, int] = (64, 512), settings: dict[str, Any] | None = None,
+    fp8_calib: Fp8CalibConfig | None = None, ignore: tuple[str, ...] = (),
 ) -> tuple[nn.Module, ModelSource]:
-    """The quantized model (not prepacked; config None: dense) and its source. fp8_calib:
-    calibrate FP8 weights (config must be Fp8Config); ignore: glob patterns of decoder linears
-    kept dense (quantize-at-load methods; with fp8_calib, its keep_dense)."""
+    """The quantized model (not prepacked; config None: dense) and its source. `settings`:
+    AWQConfig / GPTQConfig fields for --method awq / gptq (see calibration_config);
+    fp8_calib: calibrate FP8 weights (config must be Fp8Config); ignore: glob patterns of
+    decoder linears kept dense (quantize-at-load methods; with fp8_calib, its keep_dense)."""
     source = resolve_model(model_name)
     if source.quantization_config is not None:
         raise ValueError(f"{source.path} is already quantized; quantize a float checkpoint")
@@ -114,11 +140,11 @@ def quantize_model(
         return build_model(source, dev, dt, quantization=plan, prepack_cpu=False), source
     assert isinstance(config, Int4Config)
     fn = calibrated_quantizer(method)
+    cfg = calibration_config(method, config, settings)
     model = build_model(source, dev, dt, prepack_cpu=False)
     tok = source.load_tokenizer()
     windows = calibration_windows(tok, *calib)
-    extra = {"act_order": act_order} if method == "gptq" else {}
-    results = fn(model, windows, config.bits, config.group_size, **extra)
+    results = fn(model, windows, config=cfg)
     install_calibrated(model, config, results)
     return model, source
 
@@ -174,9 +200,13 @@ def run_quantize(args: argparse.Namespace) -> int:
         config = None
     else:
         config = method_for_cli(args.method, args.bits, args.group_size)
-    if args.act_order:
-        if args.method != "gptq":
-            raise ValueError("--act-order applies to --method gptq only")
+    settings = {k: v for k in ("zero_point", *_GPTQ_ONLY) if (v := getattr(args, k, None)) is not None}
+    if args.method not in _CALIBRATED and settings:
+        raise ValueError(f"--{next(iter(settings)).replace('_', '-')} applies to --method awq / gptq only")
+    if args.method != "gptq" and (bad := [k for k in _GPTQ_ONLY if k in settings]):
+        raise ValueError(f"--{bad[0].replace('_', '-')} applies to --method gptq only")
+    settings.update(_ACT_ORDER[settings.pop("act_order", "static")] if args.method == "gptq" else {})
+    if settings.get("act_order") and not settings.get("static_groups"):  # codes carry a perm
         config = Int4Config(config.group_size, act_order=True, calibration="gptq")  # type: ignore[union-attr]
     t0 = time.perf_counter()
     model_name = None if args.model in (None, "embedded") else args.model
@@ -187,7 +217,7 @@ def run_quantize(args: argparse.Namespace) -> int:
             raise ValueError("--calibrate calibrates on text: the model needs a tokenizer")
         config = Fp8Config(calibration_label(fp8_calib))
     model, source = quantize_model(model_name, config, args.method, args.device, args.dtype,
-                                   (args.calib_windows, args.calib_window_len), args.act_order, fp8_calib, ignore)
+                                   (args.calib_windows, args.calib_window_len), settings, fp8_calib, ignore)
     tokenizer = source.load_tokenizer()
     kv_note = ""
     if args.kv_cache_scales:

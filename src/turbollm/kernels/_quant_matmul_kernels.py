@@ -11,6 +11,11 @@ Dequantization variants (constexpr DEQ, chosen per launch by QuantMatmulConfig.d
 - 2 "magic_act" (int4, tensor-core path): the same trick in the activation dtype: bf16 bits
   0x4300 | q = 128 + q, fp16 0x6400 | q = 1024 + q; (that - (base + z)) is exact and one
   multiply by s rounds once, exactly like the fp32 route, with no fp32 -> bf16 conversion.
+  Zeros may be fractional (a free per-group offset, compress/_int4.py "float"): the tile
+  subtracts only zi (z's integer part clamped to 0..15, exact in base + zi), and the rest,
+  zf = z - zi, is a rank-1 correction of the tile's product in fp32: - (s zf)[n] sum_k x[m, k]
+  (one scalar per row and per row of x, not one more operation per weight; it adds 0 for
+  integer zeros).
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ def _i8_to_f32(w, DEQ: tl.constexpr):
 @triton.jit
 def _dequant_int4_tile(nib, z, s, zb, sb, wdt: tl.constexpr, DEQ: tl.constexpr, MAGIC_BITS: tl.constexpr,
                        ROUND_W: tl.constexpr):
-    """nib [BN, C] uint8 0..15 -> (q - z) * s in wdt; z, s fp32 [BN]; zb = base + z, sb = s in wdt."""
+    """nib [BN, C] uint8 0..15 -> (q - z) * s in wdt; z, s fp32 [BN]. DEQ 2: zb = base + zi and
+    sb = s in wdt, giving (q - zi) * s; the caller corrects for z - zi (module docstring)."""
     if DEQ == 2:
         qa = (nib.to(tl.int16) | MAGIC_BITS).to(wdt, bitcast=True)  # base + q, exact
-        return (qa - zb[:, None]) * sb[:, None]
+        return (qa - zb[:, None]) * sb[:, None]  # q - zi exact, one rounding
     else:
         w = (_u4_to_f32(nib, DEQ) - z[:, None]) * s[:, None]
         if ROUND_W:
@@ -328,10 +334,18 @@ def int4_dot_kernel(
         if UPCAST:  # interpreter, bf16: see quant_matmul._upcast
             xt = xt.to(tl.float32)
         wdt = xt.dtype
-        zb = (z.to(tl.float32) + MAGIC_BASE).to(wdt)  # exact: base + z <= 1039
+        z = z.to(tl.float32)
+        zi = tl.minimum(tl.maximum(tl.floor(z), 0.0), 15.0)  # zeros may be fractional (free offset)
+        zb = (zi + MAGIC_BASE).to(wdt)  # exact: base + zi <= 1039
         sb = s.to(wdt)
         s = s.to(tl.float32)
-        z = z.to(tl.float32)
+        if DEQ == 2:  # the fractional part of z as a rank-1 correction, fp32
+            xsum = tl.sum(xt.to(tl.float32), axis=1)  # [BM]
+            c = s * (z - zi)  # [BN]
+            if SWAP:
+                acc -= c[:, None] * xsum[None, :]
+            else:
+                acc -= xsum[:, None] * c[None, :]
         wl = _dequant_int4_tile(p & 0xF, z, s, zb, sb, wdt, DEQ, MAGIC_BITS, ROUND_W)  # [BN, BK/2] even k
         wh = _dequant_int4_tile(p >> 4, z, s, zb, sb, wdt, DEQ, MAGIC_BITS, ROUND_W)  # [BN, BK/2] odd k
         if SPLIT_X:

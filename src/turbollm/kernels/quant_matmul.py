@@ -4,7 +4,8 @@ torch references, int4 packing.
 Storage (docs: /work/brief/QUANT_CONTRACT.md, "Runtime storage"). W is [N, K] as in nn.Linear.
 - int8: `qweight` int8 [N, K], `scales` [N]; W_hat[n, k] = qweight[n, k] * scales[n].
 - int4: `qweight` uint8 [N, K // 2] (column k even -> low nibble, k odd -> high nibble),
-  `scales`, `zeros` [N, K // G] (zeros hold the integer zero point as a float);
+  `scales`, `zeros` [N, K // G] (zeros hold the zero point as a float: an integer on
+  AutoAWQ / GPTQ grids, any value on a free-offset grid);
   W_hat[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G].
 Every launcher computes `x @ W_hat.T + bias` with fp32 accumulation and returns x's dtype.
 
@@ -274,7 +275,7 @@ def int4_weight_only_linear(
     x: torch.Tensor,  # [M, K] bf16 / fp16 / fp32, last dim contiguous
     qweight: torch.Tensor,  # [N, K // 2] uint8, two columns per byte (even k: low nibble)
     scales: torch.Tensor,  # [N, K // G]
-    zeros: torch.Tensor,  # [N, K // G], integer zero points stored as floats
+    zeros: torch.Tensor,  # [N, K // G], zero points stored as floats (fractional allowed)
     group_size: int,  # G
     bias: torch.Tensor | None = None,  # [N]
     *,

@@ -4,7 +4,8 @@ A weight W is [N, K] (out_features, in_features), as in nn.Linear. Every functio
 in float32 on W's device and returns the runtime tensors of the contract:
 - int8: q int8 [N, K], per-row scale s [N]; W_hat = q * s.
 - int4: q uint8 [N, K] in 0..15, scales s and zero points z [N, K // G]; W_hat = (q - z) * s;
-  packed two per byte along K (even column in the low nibble).
+  packed two per byte along K (even column in the low nibble). RTN here keeps z an integer;
+  calibrated grids may carry fractional z (a free offset), which every int4 path accepts.
 - fp8 (e4m3): q float8_e4m3fn [N, K], per-row scale s [N] float32; W_hat = q * s.
 `scale_dtype` rounds the scales first (to the activation dtype they are stored in), so the
 stored (q, s, z) reproduce W_hat exactly.
@@ -69,7 +70,10 @@ def quantize_int4(
         scales, zeros = int4_params(w, group_size, scale_dtype=scale_dtype)
     s = scales.float().repeat_interleave(group_size, dim=1)  # [N, K]
     z = zeros.float().repeat_interleave(group_size, dim=1)  # [N, K]
-    q = torch.clamp(torch.round(w.float() / s) + z, 0, 15).to(torch.uint8)  # [N, K]
+    # The contract's round(W / s) + z for integer zeros (ties included); a fractional zero
+    # (free-offset grid, compress/_int4.py "float") rounds with its fraction: round(W / s + z).
+    zi = torch.round(z)
+    q = torch.clamp(torch.round(w.float() / s + (z - zi)) + zi, 0, 15).to(torch.uint8)  # [N, K]
     return q, scales, zeros
 
 
