@@ -6,8 +6,9 @@ calibration windows to compress/fp8_calib.py (GPTQ onto the per-row e4m3 grid; o
 `--scale-search` and SmoothQuant folding `--smooth-alpha`); the checkpoint has the same
 runtime tensors as plain fp8 (weight e4m3 + weight_scale), so it loads through the same
 path. `--quantization-ignore` keeps matching decoder linears dense (rtn, fp8). awq / gptq
-build the dense model, hand it with calibration windows (the Shakespeare calibration part, never the evaluation files) to compress.awq / compress.gptq,
-and install the int4 grids they return. `--method none` keeps the weights as they are.
+build the dense model, hand it with calibration windows (the Shakespeare calibration part,
+never the evaluation files) to compress.awq / compress.gptq, and install the int4 grids
+they return. `--method none` keeps the weights as they are.
 `--kv-cache-scales` then calibrates per-layer FP8 KV-cache scales on the (quantized) model
 (compress/kv_scales.py) and writes them beside the weights, so that
 `LLM(model=DIR, kv_cache_dtype="fp8")` uses them. The checkpoint is written by
