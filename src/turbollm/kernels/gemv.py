@@ -286,7 +286,8 @@ def _launch(
     n = w.shape[0]
     k = w.shape[1] if quant is None else quant.in_features
     block_n, block_k, split, warps, stages, *rest = config or gemv_config(n, k, fmt)
-    dequant, split_x = (list(rest) + [1, 0][len(rest):])[:2]
+    dequant = rest[0] if rest else 1  # quantized weights only (Config)
+    split_x = rest[1] if len(rest) > 1 else 0
     group = quant.group_size if quant is not None and fmt == _INT4 else 1
     block_k = max(block_k, group)  # int4: whole groups a tile
     per_split = -(-k // split)  # columns, rounded up to whole tiles below
@@ -351,21 +352,14 @@ def gemv_silu_mul(
     return _launch(_SILU_MUL, gate_up, weight, bias, config=config)
 
 
-def _dense_weight(weight: Weight) -> torch.Tensor:
-    """W_hat [N, K] in fp32 (a dense weight as is)."""
-    if not isinstance(weight, QuantWeight):
-        return weight.float()
-    if weight.zeros is None:
-        return weight.qweight.float() * weight.scales.float()[:, None]
-    q = quant_matmul.unpack_int4(weight.qweight).float()  # [N, K]
-    n, k = q.shape
-    q = q.view(n, k // weight.group_size, weight.group_size)
-    return ((q - weight.zeros.float()[..., None]) * weight.scales.float()[..., None]).view(n, k)
-
-
 def gemv_ref(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The same product in fp32 (a quantized weight dequantized in fp32), rounded once to x's dtype."""
-    out = x.float() @ _dense_weight(weight).t()
+    """The same product in fp32, rounded once to x's dtype (a quantized weight: the
+    references of kernels/quant_matmul.py, which dequantize in fp32)."""
+    if isinstance(weight, QuantWeight):
+        if weight.zeros is None:
+            return quant_matmul.int8_linear_ref(x, weight.qweight, weight.scales, bias)
+        return quant_matmul.int4_linear_ref(x, weight.qweight, weight.scales, weight.zeros, weight.group_size, bias)
+    out = x.float() @ weight.float().t()
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
