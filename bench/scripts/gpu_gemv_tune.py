@@ -5,7 +5,7 @@ cycle over enough copies that none stays in L2. CUDA-graph timing. Tuning aid fo
 With --fmt int8 / int4 (group 128) the weights are weight-only quantized (Llama-2-7B shapes),
 and the table also times kernels/quant_matmul.py's M = 1 path and the bf16 GEMV on the same
 shape (the ratio a quantized batch-1 step can gain).
-Usage: python bench/scripts/gpu_gemv_tune.py [--fmt bf16|int8|int4] [--budget SECONDS]
+Usage: python bench/scripts/gpu_gemv_tune.py [--fmt bf16|int8|int4] [--budget SECONDS] [--dequant 3,1]
 """
 import argparse
 import itertools
@@ -69,6 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fmt", choices=("bf16", "int8", "int4"), default="bf16")
     ap.add_argument("--budget", type=float, default=1e9, help="stop sweeping a shape after this many seconds")
+    ap.add_argument("--dequant", type=lambda v: [int(d) for d in v.split(",")], default=[3],
+                    help="quantized formats: dequantization modes to sweep (0 cvt, 1 magic, 3 packed)")
     args = ap.parse_args()
     fmt = args.fmt
     res = {}
@@ -76,8 +78,8 @@ def main() -> None:
         configs = list(itertools.product((8, 16), (256, 512, 1024), (1, 2, 3), (4, 8), (3, 4)))
         shapes = SHAPES
     else:
-        configs = [(bn, bk, sp, wa, 3, 0 if fmt == "int4" else 1) for bk, bn, wa, sp in itertools.product(
-            (1024, 512, 2048), (8, 16, 32), (4, 8), (1, 2, 4))]
+        configs = [(bn, bk, sp, wa, 3, deq) for deq, bk, bn, wa, sp in itertools.product(
+            args.dequant, (1024, 512, 2048), (16, 32, 64) if fmt == "int4" else (8, 16, 32), (4, 8), (1, 2))]
         shapes = {k: v for k, v in SHAPES.items() if k.startswith("l2") and k != "l2 lm_head"}
     for name, (n, k, pro) in shapes.items():
         per = n * k * (2 if fmt == "bf16" else 1 if fmt == "int8" else 0.5)
@@ -121,6 +123,8 @@ def main() -> None:
         for cfg in configs:
             if time.time() - t0 > args.budget:
                 break
+            if fmt != "bf16" and k < 8192 and cfg[2] > 1:  # quantized: split K only where it is long
+                continue
             try:
                 t = graph_us([call(w, cfg) for w in ws])
             except Exception:  # noqa: BLE001 - out of resources etc.

@@ -146,7 +146,7 @@ def _int4_weight(n: int, k: int, group: int, g: torch.Generator) -> QuantWeight:
 
 
 QUANT_CASES = [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
-QUANT_CONFIGS = [None, (8, 32, 2, 4, 1, 1), (16, 128, 1, 4, 2, 0, 1), (4, 64, 3, 2, 1, 0)]
+QUANT_CONFIGS = [None, (8, 32, 2, 4, 1, 1), (16, 128, 1, 4, 2, 3), (4, 64, 3, 2, 1, 0)]  # 3: packed (GPU)
 
 
 def _quant_weight(kind: str, group: int, n: int, k: int, g: torch.Generator) -> QuantWeight:

@@ -28,7 +28,11 @@ The weight may also be weight-only quantized (`QuantWeight`, the storage of
 kernels/quant_matmul.py), dequantized in registers: int8 rows are scaled once at the end;
 int4 tiles hold whole groups, and each group folds its affine into the reduction,
 s (sum_k q x - z sum_k x), with the low / high nibbles of a byte against the even / odd
-columns of x. So batch-1 decode of a quantized model gets the same fused prologues.
+columns of x. So batch-1 decode of a quantized model gets the same fused prologues. An int4
+tile is loaded as [BLOCK_N, BLOCK_K / 2] bytes, which puts a warp's threads along K and
+repeats rows within a thread (each x value serves several rows), and on GPUs converted by the
+"packed" inline-PTX path of kernels/_quant_matmul_kernels.py (~1.5 integer operations a
+weight instead of an I2F).
 """
 
 from __future__ import annotations
@@ -50,13 +54,14 @@ from turbollm.kernels.rmsnorm import fused_add_rmsnorm_ref
 
 if triton is not None:
     from turbollm.kernels._interpreter import round_bf16
-    from turbollm.kernels._quant_matmul_kernels import _i8_to_f32, _u4_to_f32
+    from turbollm.kernels._quant_matmul_kernels import _i8_to_f32, _u4_pairs_packed, _u4_to_f32
 
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SPLIT_K_FROM = 8192  # K from which a ragged one may be split over two programs (gemv_config)
 _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2  # input prologues
 _DENSE, _INT8, _INT4 = 0, 1, 2  # weight formats (QuantWeight)
+_PACKED = 3  # the "packed" dequantization (inline PTX, GPU only): kernels/_quant_matmul_kernels.py
 
 if triton is not None:
 
@@ -100,7 +105,7 @@ if triton is not None:
         x_ptr, res_ptr, nw_ptr, new_res_ptr, w_ptr, s_ptr, z_ptr, b_ptr, out_ptr,
         N, K, k_per_split, stride_wn, stride_os, eps,
         PROLOGUE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-        WFMT: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr, SPLIT_X: tl.constexpr,
+        WFMT: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ROUND: tl.constexpr, ROUND_OUT: tl.constexpr,  # interpreter only: see _interpreter.py
     ):
@@ -129,32 +134,36 @@ if triton is not None:
             rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
         acc = tl.zeros([BLOCK_N], tl.float32)
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
-        if WFMT == 2:  # int4: [BN, groups of the tile, packed bytes of a group]
+        if WFMT == 2:  # int4: [BN, BLOCK_K // 2] bytes, then [BN, groups of the tile, bytes of a group]
             HALF: tl.constexpr = GROUP // 2
             GT: tl.constexpr = BLOCK_K // GROUP
+            HB: tl.constexpr = BLOCK_K // 2
+            offs_b = tl.arange(0, HB)
             offs_t = tl.arange(0, GT)
-            offs_j = tl.arange(0, HALF)
-            offs_c = tl.arange(0, GROUP)
             sz_rows = rows[:, None] * (K // GROUP)  # [BN, 1]
             for k0 in range(k_lo, k_hi, BLOCK_K):
+                p = tl.load(w_rows + k0 // 2 + offs_b[None, :], mask=rmask[:, None] & (k0 // 2 + offs_b < k_hi // 2)[None, :],
+                            other=0)  # [BN, HB]
                 g = k0 // GROUP + offs_t  # [GT] groups of this tile
-                gmask = g < k_hi // GROUP
-                p = tl.load(w_rows[:, :, None] + (g * HALF)[None, :, None] + offs_j[None, None, :],
-                            mask=rmask[:, None, None] & gmask[None, :, None], other=0)  # [BN, GT, HALF]
-                ks = (g * GROUP)[:, None] + offs_c[None, :]  # [GT, G]
-                x = _x_cols(x_ptr, res_ptr, nw_ptr, new_res_ptr, ks, gmask[:, None], K, rstd, write_res,
-                            PROLOGUE, HAS_RESIDUAL, ROUND)  # [GT, G]
-                lo = _u4_to_f32(p & 0xF, DEQ)  # [BN, GT, HALF] even columns
-                hi = _u4_to_f32(p >> 4, DEQ)  # odd columns
-                if SPLIT_X:  # x split into even / odd columns in registers
-                    xe, xo = tl.split(tl.reshape(x, [GT, HALF, 2]))  # [GT, HALF] each
-                    d = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)  # [BN, GT] sum_k q x
-                else:  # nibbles interleaved back into column order
-                    d = tl.sum(tl.interleave(lo, hi) * x[None, :, :], axis=2)
-                sz_mask = rmask[:, None] & gmask[None, :]
+                sz_mask = rmask[:, None] & (g < k_hi // GROUP)[None, :]
                 sc = tl.load(s_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)  # [BN, GT]
                 zp = tl.load(z_ptr + sz_rows + g[None, :], mask=sz_mask, other=0.0).to(tl.float32)
-                acc += tl.sum(sc * (d - zp * tl.sum(x, axis=1)[None, :]), axis=1)  # s (sum q x - z sum x)
+                ks = k0 + offs_k
+                x = _x_cols(x_ptr, res_ptr, nw_ptr, new_res_ptr, ks, ks < k_hi, K, rstd, write_res,
+                            PROLOGUE, HAS_RESIDUAL, ROUND)  # [BLOCK_K]
+                xe, xo = tl.split(tl.reshape(x, [HB, 2]))  # [HB] even / odd columns
+                if DEQ == 3:  # "packed": 128 + q, 2048 + q (kernels/_quant_matmul_kernels.py)
+                    lo, hi = _u4_pairs_packed(p)  # [BN, HB] low / high nibbles
+                    xb = tl.sum(tl.reshape(128.0 * xe + 2048.0 * xo, [GT, HALF]), axis=1)  # [GT] the biases' share
+                else:
+                    lo = _u4_to_f32(p & 0xF, DEQ)
+                    hi = _u4_to_f32(p >> 4, DEQ)
+                    xb = tl.zeros([GT], tl.float32)
+                # one reduction over both nibbles' products, so they chain into FMAs
+                prod = tl.join(lo * xe[None, :], hi * xo[None, :])  # [BN, HB, 2]
+                d = tl.sum(tl.reshape(prod, [BLOCK_N, GT, GROUP]), axis=2)  # [BN, GT] sum_k q x
+                xs = tl.sum(tl.reshape(xe + xo, [GT, HALF]), axis=1)  # [GT] sum x of each group
+                acc += tl.sum(sc * (d - xb[None, :] - zp * xs[None, :]), axis=1)  # s (sum q x - z sum x)
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 ks = k0 + offs_k  # [BLOCK_K]
@@ -234,25 +243,22 @@ def _check(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, k: int) -
 
 
 Config = tuple[int, ...]
-"""(BLOCK_N, BLOCK_K, K splits, warps, stages[, dequant[, split_x]]): `config` arguments
-force it (tuning, tests). For quantized weights only: dequant picks how integers become
-floats (0 conversion instructions, 1 fp32 bit tricks: kernels/_quant_matmul_kernels.py);
-split_x (int4) splits x into even / odd columns instead of interleaving the nibbles."""
-
+"""(BLOCK_N, BLOCK_K, K splits, warps, stages[, dequant]): `config` arguments force it
+(tuning, tests). For quantized weights only: dequant picks how integers become floats (0
+conversion instructions, 1 fp32 bit tricks, 3 "packed" with inline PTX, which the
+interpreter runs as 1: kernels/_quant_matmul_kernels.py)."""
 
 
 def _quant_config(n: int, k: int, fmt: int) -> Config:
     """Tiling of a quantized weight (BLOCK_K counts weight columns, int4: two a byte), from
-    bench/scripts/gpu_gemv_tune.py --fmt int8 / int4 on Llama-2-7B shapes (two H100 sweeps
-    and one H200 sweep agreed): o-sized (N <= 4096) take few wide rows, long K two splits,
-    the MLP's wide gate/up (int4) narrower tiles. int4 converts with conversion
-    instructions and interleaves the nibbles; int8 uses the fp32 bit trick."""
+    bench/scripts/gpu_gemv_tune.py --fmt int4 / int8 on Llama-2-7B shapes (H100 sweeps).
+    int4 takes the "packed" conversions (two H100 sweeps agreed): o-sized (N <= 4096) wide
+    tiles of few rows, long K two splits, the rest 32 x 1024 on 4 warps. int8 keeps the fp32
+    bit trick (earlier H100 and H200 sweeps)."""
     if fmt == _INT4:
         if k >= _SPLIT_K_FROM:
-            return 32, 1024, 2, 8, 3, 0
-        if n <= 4096:
-            return 8, 1024, 1, 8, 3, 0
-        return (16, 512, 1, 4, 3, 0) if n >= 16384 else (32, 1024, 1, 8, 3, 0)
+            return 32, 2048, 2, 8, 3, _PACKED
+        return (16, 2048, 1, 8, 3, _PACKED) if n <= 4096 else (32, 1024, 1, 4, 3, _PACKED)
     if k >= _SPLIT_K_FROM:
         return 8, 1024, 2, 4, 3, 1
     return (8, 2048, 1, 8, 3, 1) if n <= 4096 else (16, 512, 1, 4, 3, 1)
@@ -287,7 +293,8 @@ def _launch(
     k = w.shape[1] if quant is None else quant.in_features
     block_n, block_k, split, warps, stages, *rest = config or gemv_config(n, k, fmt)
     dequant = rest[0] if rest else 1  # quantized weights only (Config)
-    split_x = rest[1] if len(rest) > 1 else 0
+    if dequant == _PACKED and triton.knobs.runtime.interpret:
+        dequant = 1  # inline PTX needs a GPU; the interpreter runs "magic" instead
     group = quant.group_size if quant is not None and fmt == _INT4 else 1
     block_k = max(block_k, group)  # int4: whole groups a tile
     per_split = -(-k // split)  # columns, rounded up to whole tiles below
@@ -303,7 +310,7 @@ def _launch(
         new_residual if new_residual is not None else x, w, scales, zeros, bias if bias is not None else x, part,
         n, k, k_per_split, w.stride(0), part.stride(0) if split > 1 else 0, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
-        WFMT=fmt, GROUP=group, DEQ=dequant, SPLIT_X=bool(split_x),
+        WFMT=fmt, GROUP=group, DEQ=dequant,
         BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1,
         num_warps=warps, num_stages=stages,
     )
