@@ -8,7 +8,7 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:src
 nvidia-smi --query-gpu=name,memory.total,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout "${TEST_S:-200}" python3 -m pytest -q tests/kernels/test_gemv.py tests/quant/test_gpu_quant.py -p no:cacheprovider \
+timeout "${TEST_S:-200}" python3 -m pytest -q ${TESTS:-tests/kernels/test_gemv.py tests/quant/test_gpu_quant.py} -p no:cacheprovider \
   2>&1 | tail -15 | tee "$OUT/tests.log"
 for fmt in ${FMTS:-int4 int8}; do
   if [ -d .carry_old/src ]; then
