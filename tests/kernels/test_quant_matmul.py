@@ -17,6 +17,7 @@ from turbollm.kernels.quant_matmul import (
     pack_int4,
     pick_config,
     unpack_int4,
+    zeros_are_integers,
 )
 
 CUDA = torch.cuda.is_available()
@@ -72,13 +73,12 @@ def check_int8(m: int, n: int, k: int, dtype: torch.dtype, bias: bool,
 
 
 def check_int4(m: int, n: int, k: int, group: int, dtype: torch.dtype, bias: bool,
-               config: QuantMatmulConfig | None = None, fractional: bool = False) -> None:
+               config: QuantMatmulConfig | None = None, fractional: bool = False, integer_zeros: bool = False) -> None:
     x = make_x(m, k, dtype)
     p, s, z = make_int4(n, k, group, dtype, fractional=fractional)
-    if fractional:
-        assert not torch.equal(z.float(), z.float().round())
+    assert zeros_are_integers(z) != fractional
     b = make_bias(n, dtype, bias)
-    out = int4_weight_only_linear(x, p, s, z, group, b, config=config)
+    out = int4_weight_only_linear(x, p, s, z, group, b, config=config, integer_zeros=integer_zeros)
     assert out.shape == (m, n) and out.dtype == dtype
     assert rel_err(out, int4_linear_ref(x, p, s, z, group, b)) < TOL[dtype]
 
@@ -135,11 +135,20 @@ def test_forced_configs(m: int, config: QuantMatmulConfig) -> None:
     check_int8(m, 72, 160, torch.float32, True, config=config)
 
 
+@pytest.mark.parametrize("integer_zeros", [False, True])
 @pytest.mark.parametrize("split_x,swap_ab", [(False, False), (True, True)])
-def test_fp16_activation_dtype_dequant(split_x: bool, swap_ab: bool) -> None:
-    """fp16 takes the "magic_act" bit trick in fp16 arithmetic (bf16 does too, on the GPU)."""
+def test_fp16_activation_dtype_dequant(split_x: bool, swap_ab: bool, integer_zeros: bool) -> None:
+    """fp16 takes the "magic_act" bit trick in fp16 arithmetic (bf16 does too, on the GPU);
+    with integer_zeros it skips the correction for fractional zeros."""
     cfg = QuantMatmulConfig("dot", 16, 32, 32, dequant="magic_act", split_x=split_x, swap_ab=swap_ab)
-    check_int4(9, 96, 320, 32, torch.float16, True, config=cfg)
+    check_int4(9, 96, 320, 32, torch.float16, True, config=cfg, integer_zeros=integer_zeros)
+
+
+def test_zeros_are_integers() -> None:
+    assert zeros_are_integers(torch.tensor([[0.0, 15.0], [3.0, 7.0]]))
+    assert not zeros_are_integers(torch.tensor([[0.0, 7.5]]))
+    assert not zeros_are_integers(torch.tensor([[16.0, 1.0]]))  # past the 4-bit range
+    assert not zeros_are_integers(torch.tensor([[-1.0, 1.0]]))
 
 
 FRACTIONAL = [
@@ -286,6 +295,7 @@ GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N, K)
 @pytest.mark.parametrize("m", [1, 16, 256])
 def test_gpu_real_shapes(m: int, n: int, k: int) -> None:
     check_int4(m, n, k, 128, torch.bfloat16, True)
+    check_int4(m, n, k, 128, torch.bfloat16, False, integer_zeros=True)
     check_int8(m, n, k, torch.bfloat16, m == 16)
 
 
@@ -294,6 +304,7 @@ def test_gpu_real_shapes(m: int, n: int, k: int) -> None:
 def test_gpu_other_groups_and_dtypes(group: int) -> None:
     for m in (1, 5, 64):
         check_int4(m, 4096, 4096, group, torch.bfloat16, False)
+        check_int4(m, 4096, 4096, group, torch.bfloat16, True, integer_zeros=True)
         check_int4(m, 1024, 512, group, torch.float16, True)
         check_int4(m, 1024, 512, group, torch.float32, True)
     check_int8(3, 1024, 512, torch.float32, True)

@@ -108,6 +108,7 @@ def test_embedded_model_kept_matches_dequantized() -> None:
     layer = kept.engine.executor.runner.model.model.layers[3].self_attn.qkv_proj
     assert isinstance(layer.quant_method, Int4LinearMethod) and not hasattr(layer, "weight")
     assert layer.qweight.shape == (960, 288) and layer.scales.shape == (960, 18)
+    assert not layer.int4_integer_zeros  # Q4_1's free offsets: the tensor-core path keeps its correction
     src = resolve_model(None)
     ids = kept.get_tokenizer()("To be, or not to be, that is the question")["input_ids"]
     want_model = build_model(src, CPU, torch.float32)

@@ -344,9 +344,13 @@ def int4_dot_kernel(
     GROUP_M: tl.constexpr, DEQ: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr,
     SPLIT_X: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROUND_W: tl.constexpr, ROUND_OUT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    FRAC_Z: tl.constexpr,
 ):
     """BLOCK_K divides GROUP, so each weight tile has one scale / zero per row. SWAP: as in
-    int8_dot_kernel (the weights become the register operand, the tile is W x^T)."""
+    int8_dot_kernel (the weights become the register operand, the tile is W x^T). DEQ 2 with
+    FRAC_Z applies the zeros' fractional parts as a rank-1 correction; without FRAC_Z the
+    caller promises integer zeros in 0..15, which needs neither the correction nor the row
+    sums of x it takes (a third of the loop's instructions at M = 64)."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -380,7 +384,7 @@ def int4_dot_kernel(
         zb = (zi + MAGIC_BASE).to(wdt)  # exact: base + zi <= 1039
         sb = s.to(wdt)
         s = s.to(tl.float32)
-        if DEQ == 2:  # the fractional part of z as a rank-1 correction, fp32
+        if DEQ == 2 and FRAC_Z:  # the fractional part of z as a rank-1 correction, fp32
             xsum = tl.sum(xt.to(tl.float32), axis=1)  # [BM]
             c = s * (z - zi)  # [BN]
             if SWAP:

@@ -183,12 +183,13 @@ def _dot_kwargs(x: torch.Tensor) -> dict[str, object]:
 _MAGIC_ACT = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
 
 
-def _int4_dot_dequant(cfg: QuantMatmulConfig, x: torch.Tensor) -> dict[str, object]:
+def _int4_dot_dequant(cfg: QuantMatmulConfig, x: torch.Tensor, integer_zeros: bool) -> dict[str, object]:
     deq = DEQUANT_MODES[cfg.dequant]
     if deq == 2 and (x.dtype not in _MAGIC_ACT or _upcast(x)):
         deq = 1  # the tile is dequantized in fp32 anyway
     bits, base = _MAGIC_ACT[x.dtype] if deq == 2 else (0, 0.0)
-    return dict(DEQ=deq, MAGIC_BITS=bits, MAGIC_BASE=base, ROUND_W=emulate_bf16_rounding(x.dtype))
+    return dict(DEQ=deq, MAGIC_BITS=bits, MAGIC_BASE=base, ROUND_W=emulate_bf16_rounding(x.dtype),
+                FRAC_Z=not integer_zeros)
 
 
 def _int8_launch(cfg: QuantMatmulConfig, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -220,7 +221,7 @@ def _int8_launch(cfg: QuantMatmulConfig, x: torch.Tensor, qweight: torch.Tensor,
 
 
 def _int4_launch(cfg: QuantMatmulConfig, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+                 zeros: torch.Tensor, group_size: int, bias: torch.Tensor | None, integer_zeros: bool) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[0]
     if cfg.path == "dequant":
@@ -244,7 +245,8 @@ def _int4_launch(cfg: QuantMatmulConfig, x: torch.Tensor, qweight: torch.Tensor,
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
         _k.int4_dot_kernel[grid](*head, k_per_split, GROUP=group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                  BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_X=cfg.split_x, SWAP=cfg.swap_ab,
-                                 **_int4_dot_dequant(cfg, x), **_dot_kwargs(x), **_common_kwargs(cfg, x, bias))
+                                 **_int4_dot_dequant(cfg, x, integer_zeros), **_dot_kwargs(x),
+                                 **_common_kwargs(cfg, x, bias))
     _finish(part, out, bias, cfg.split_k)
     return out
 
@@ -280,10 +282,13 @@ def int4_weight_only_linear(
     bias: torch.Tensor | None = None,  # [N]
     *,
     config: QuantMatmulConfig | None = None,
+    integer_zeros: bool = False,
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ W_hat.T + bias, W_hat = (q - zeros) * scales per group of G columns (Triton).
 
     `config` forces a kernel configuration (tests, tuning); by default `pick_config` chooses.
+    `integer_zeros` promises every zero is an integer in 0..15 (`zeros_are_integers`), which
+    spares the tensor-core path its correction for fractional zeros.
     """
     m, n, k = _check_int4(x, qweight, scales, zeros, group_size, bias)
     _check_runtime(x)
@@ -291,7 +296,13 @@ def int4_weight_only_linear(
     check_config(cfg, k, group_size)
     if m == 0 or n == 0:
         return torch.empty(m, n, dtype=x.dtype, device=x.device)
-    return _int4_launch(cfg, x, qweight, scales, zeros, group_size, bias)
+    return _int4_launch(cfg, x, qweight, scales, zeros, group_size, bias, integer_zeros)
+
+
+def zeros_are_integers(zeros: torch.Tensor) -> bool:
+    """Whether int4 zero points are all integers in 0..15 (`int4_weight_only_linear`'s
+    integer_zeros). Reads the tensor on the host: call it once when the weights load."""
+    return bool(((zeros == zeros.round()) & (zeros >= 0) & (zeros <= 15)).all())
 
 
 # ---------------------------------------------------------------------------------------------

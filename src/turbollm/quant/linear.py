@@ -127,12 +127,13 @@ class Int4LinearMethod:
             layer.add_param("perm", (in_features,), torch.int64, per_row=False)  # [K]
 
     def process_weights_after_loading(self, layer: QuantizableLinear) -> None:
-        if self.prequantized:
-            return
-        w = layer.weight  # [N, K]
-        q, s, z = grids.quantize_int4(w, grids.group_size_for(w.shape[1], self.group_size), scale_dtype=w.dtype)
-        set_int4_weights(layer, q, s, z)
-        delattr(layer, "weight")
+        if not self.prequantized:
+            w = layer.weight  # [N, K]
+            q, s, z = grids.quantize_int4(w, grids.group_size_for(w.shape[1], self.group_size), scale_dtype=w.dtype)
+            set_int4_weights(layer, q, s, z)
+            delattr(layer, "weight")
+        # RTN's zeros are integers; calibrated checkpoints may hold fractional ones (read once here)
+        layer.int4_integer_zeros = _kernels is not None and _kernels.zeros_are_integers(layer.zeros)
 
     def dense_weight(self, layer: QuantizableLinear) -> torch.Tensor:
         """W_hat [N, K] in the scales' dtype, columns in input order (perm undone)."""
@@ -163,7 +164,7 @@ class Int4LinearMethod:
             x2 = x2.index_select(1, perm)  # [M, K] in stored column order
         args = (x2, layer.qweight, layer.scales, layer.zeros, _group(layer), bias)
         if x.is_cuda and _kernels is not None:
-            y = _kernels.int4_weight_only_linear(*args)
+            y = _kernels.int4_weight_only_linear(*args, integer_zeros=getattr(layer, "int4_integer_zeros", False))
         else:
             y = grids.int4_linear_ref(*args)
         return y.view(*x.shape[:-1], -1)  # [..., N]
