@@ -79,7 +79,8 @@ def main() -> None:
         shapes = SHAPES
     else:
         configs = [(bn, bk, sp, wa, 3, deq) for deq, bk, bn, wa, sp in itertools.product(
-            args.dequant, (1024, 512, 2048), (16, 32, 64) if fmt == "int4" else (8, 16, 32), (4, 8), (1, 2))]
+            args.dequant, (1024, 512, 2048) if fmt == "int4" else (1024, 2048, 4096),
+            (16, 32, 64) if fmt == "int4" else (2, 4, 8), (4, 8), (1, 2))]
         shapes = {k: v for k, v in SHAPES.items() if k.startswith("l2") and k != "l2 lm_head"}
     for name, (n, k, pro) in shapes.items():
         per = n * k * (2 if fmt == "bf16" else 1 if fmt == "int8" else 0.5)

@@ -65,7 +65,8 @@ _D16 = [C("dot", 16, 64, 128, 4, num_stages=4), C("dot", 16, 32, 128, 4, num_sta
 _D64 = [C("dot", 64, 64, 64, 2, num_stages=4), C("dot", 64, 64, 128, 2, num_stages=4),
         C("dot", 32, 64, 128, 2, num_stages=4)]
 _SW64 = [C("dot", 64, 64, 128, 2), C("dot", 64, 128, 64, 2, num_warps=8), C("dot", 64, 64, 64, 2, num_stages=4),
-         C("dot", 64, 128, 128, 1, num_warps=8), C("dot", 32, 64, 128, 2), C("dot", 64, 64, 128, 4)]
+         C("dot", 64, 128, 128, 1, num_warps=8), C("dot", 32, 64, 128, 2), C("dot", 64, 64, 128, 4),
+         C("dot", 64, 128, 128, 2, num_warps=8), C("dot", 64, 64, 128, 1, num_stages=4), C("dot", 64, 64, 128, 4, num_stages=4)]
 _D256 = [C("dot", 128, 128, 64, 2, num_warps=8), C("dot", 64, 128, 64, 1, num_stages=4)]
 _SW256 = [C("dot", 128, 128, 64, 1, num_warps=8), C("dot", 64, 128, 64, 2, num_warps=8),
           C("dot", 128, 64, 64, 2, num_stages=4), C("dot", 128, 128, 128, 1, num_warps=8),
@@ -137,7 +138,8 @@ class Problem:
             return lambda: F.linear(x, self.w)
         if kind == "int8":
             return lambda: int8_weight_only_linear(x, self.q8, self.s8, config=cfg)
-        return lambda: int4_weight_only_linear(x, self.p4, self.s4, self.z4, GROUP, config=cfg)
+        # RTN zeros are integers in 0..15: the runtime passes integer_zeros for such layers
+        return lambda: int4_weight_only_linear(x, self.p4, self.s4, self.z4, GROUP, config=cfg, integer_zeros=True)
 
     def err(self, kind: str, x: torch.Tensor, cfg: C | None = None) -> float:
         out = self.op(kind, x, cfg)().float()
@@ -200,8 +202,11 @@ def _check_job(jobs: list[tuple[str, int, C]]) -> list[dict[str, float]]:
     return out
 
 
-def run_sweep(reps: int, jobs: int, budget_s: float) -> list[dict[str, object]]:
+def run_sweep(reps: int, jobs: int, budget_s: float, only: str = "") -> list[dict[str, object]]:
     plan = sweep_plan()
+    if only:  # e.g. "int4:16,int4:64"
+        keep = {(k, int(m)) for k, m in (item.split(":") for item in only.split(","))}
+        plan = [job for job in plan if (job[0], job[1]) in keep]
     random.Random(0).shuffle(plan)  # a budget cut then thins every (kind, M) alike
     t0 = time.time()
     chunks = [plan[i::jobs] for i in range(jobs)]
@@ -318,6 +323,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time candidate configs first")
     ap.add_argument("--jobs", type=int, default=12, help="sweep compile/check processes")
     ap.add_argument("--budget-s", type=float, default=200.0, help="sweep time budget")
+    ap.add_argument("--only", default="", help="sweep only these KIND:M pairs, e.g. int4:16,int4:64")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--use-sweep-best", action="store_true", help="bench the sweep's best config per (kind, M)")
     args = ap.parse_args()
@@ -329,7 +335,7 @@ def main() -> None:
                                  "method": "median of CUDA-graph replays, each after a 256 MiB read (L2 flush)"}
     configs = None
     if args.sweep:
-        result["sweep"] = run_sweep(min(args.reps, 30), args.jobs, args.budget_s)
+        result["sweep"] = run_sweep(min(args.reps, 30), args.jobs, args.budget_s, args.only)
         if args.use_sweep_best:
             configs = sweep_best(result["sweep"])
             result["configs"] = "the sweep's best per (kind, M)"
