@@ -78,10 +78,9 @@ def main() -> None:
         configs = list(itertools.product((8, 16), (256, 512, 1024), (1, 2, 3), (4, 8), (3, 4)))
         shapes = SHAPES
     else:
-        # stages: 1 keeps the weight loads in registers, 2+ pipelines them through shared memory
-        configs = [(bn, bk, sp, wa, st, deq) for deq, st, bk, bn, wa, sp in itertools.product(
-            args.dequant, (3, 1, 2), (1024, 2048) if fmt == "int4" else (512, 1024, 2048),
-            (16, 32) if fmt == "int4" else (8, 16), (4, 8), (1, 2))]
+        configs = [(bn, bk, sp, wa, 3, deq) for deq, bk, bn, wa, sp in itertools.product(
+            args.dequant, (1024, 512, 2048) if fmt == "int4" else (512, 1024, 2048),
+            (16, 32, 64) if fmt == "int4" else (4, 8, 16), (4, 8), (1, 2))]
         shapes = {k: v for k, v in SHAPES.items() if k.startswith("l2") and k != "l2 lm_head"}
     for name, (n, k, pro) in shapes.items():
         per = n * k * (2 if fmt == "bf16" else 1 if fmt == "int8" else 0.5)

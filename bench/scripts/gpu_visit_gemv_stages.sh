@@ -1,6 +1,7 @@
 #!/bin/bash
-# GPU tests of the GEMV, then int4 / int8 sweeps with the weight loads pipelined (stages 2, 3)
-# or kept in registers (stages 1). Carry .whl.
+# GPU tests of the GEMV, then int4 / int8 sweeps. Used for the pipelined-loads experiment
+# (docs/performance.md: its kernel loop `tl.range(..., num_stages=STAGES)` and the sweep's
+# stages 1 / 2 / 3 were reverted after it). Carry .whl.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:src
 timeout 120 python3 -m pytest -q tests/kernels/test_gemv.py -p no:cacheprovider 2>&1 | tail -3
