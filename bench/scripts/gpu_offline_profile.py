@@ -1,0 +1,119 @@
+"""Where the time of an offline run goes: the issue-4 workload (1000 prompts x (512 random
+tokens -> 256), ignore_eos) on a dummy preset, every step's host-side wall time split into
+steps that carry prompt chunks ("mixed") and decode-only steps, and a torch-profiler kernel
+table of a few mixed steps grouped by kind (matmul, attention, ...).
+
+Usage: python bench/scripts/gpu_offline_profile.py [--model llama-3-8b] [--max-num-seqs 512]
+       [--max-num-batched-tokens 16384] [--num-prompts 1000]
+Writes $OUT/offline_profile.json and $OUT/offline_profile_kernels.txt.
+"""
+import argparse
+import collections
+import json
+import os
+import random
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from turbollm import LLM, SamplingParams
+
+OUT = os.environ.get("OUT", "out")
+os.makedirs(OUT, exist_ok=True)
+KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "splitk", "gemv")),
+         ("attention", ("attention", "attn", "flash", "_combine")),
+         ("norm", ("rmsnorm", "rms_norm")), ("activation", ("silu",)), ("rotary/kv write", ("rope", "rotary", "kv_")),
+         ("sampling", ("argmax", "sample", "softmax", "topk", "gumbel")), ("copy", ("memcpy", "memset", "copy")))
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    for k, keys in KINDS:
+        if any(s in low for s in keys):
+            return k
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--max-num-seqs", type=int, default=512)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--profile-at", type=int, default=20, help="first profiled step")
+    ap.add_argument("--profile-steps", type=int, default=6)
+    args = ap.parse_args()
+    llm = LLM(args.model, load_format="dummy", max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    eng = llm.engine
+    plans = []
+    schedule = eng.scheduler.schedule
+
+    def recorded():  # type: ignore[no-untyped-def]
+        plan = schedule()
+        n = plan.num_scheduled_tokens
+        plans.append((sum(1 for v in n.values() if v == 1), sum(v for v in n.values() if v > 1)))
+        return plan
+
+    eng.scheduler.schedule = recorded
+    random.seed(0)
+    sp = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    for i in range(args.num_prompts):
+        eng.add_request(f"r{i}", [random.randrange(10, 30000) for _ in range(512)], sp)
+    times, kernels = [], None
+    t_start = time.perf_counter()
+    step = 0
+    while eng.has_unfinished_requests():
+        if step == args.profile_at:
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(args.profile_steps):
+                    eng.step()
+                torch.cuda.synchronize()
+            kernels = prof.key_averages()
+            step += args.profile_steps
+            times += [float("nan")] * args.profile_steps
+            continue
+        t = time.perf_counter()
+        eng.step()
+        times.append(time.perf_counter() - t)
+        step += 1
+    total = time.perf_counter() - t_start
+    # overlapped loop: step i's wall time mostly covers plan i's GPU work
+    mixed = [(t, p) for t, p in zip(times, plans) if p[1] > 0 and t == t]
+    dec = [(t, p) for t, p in zip(times, plans) if p[1] == 0 and p[0] > 0 and t == t]
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    rows = []
+    for e in kernels or []:
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        if us <= 0:
+            continue
+        by_kind[kind(e.key)] += us
+        rows.append((us, e.count, e.key[:110]))
+    rows.sort(reverse=True)
+    prof_plans = plans[args.profile_at:args.profile_at + args.profile_steps]
+    res = {
+        "model": args.model, "gpu": torch.cuda.get_device_name(), "total_s": total,
+        "output_tok_s": args.num_prompts * 256 / total, "steps": len(plans),
+        "mixed_steps": len(mixed), "mixed_s": sum(t for t, _ in mixed),
+        "mixed_mean_prefill_tokens": sum(p[1] for _, p in mixed) / max(1, len(mixed)),
+        "mixed_mean_decode_seqs": sum(p[0] for _, p in mixed) / max(1, len(mixed)),
+        "decode_steps": len(dec), "decode_s": sum(t for t, _ in dec),
+        "decode_mean_seqs": sum(p[0] for _, p in dec) / max(1, len(dec)),
+        "profiled_plans": prof_plans,
+        "profiled_gpu_ms_by_kind": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+    }
+    with open(os.path.join(OUT, "offline_profile.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(OUT, "offline_profile_kernels.txt"), "w") as f:
+        f.writelines(f"{us / 1e3:10.2f} ms {n:6d} x  {name}\n" for us, n, name in rows[:60])
+    for k, v in res.items():
+        print(f"{k}: {v}")
+    print("top kernels (ms over the profiled steps):")
+    for us, n, name in rows[:15]:
+        print(f"  {us / 1e3:9.2f} {n:5d}x {name}")
+
+
+if __name__ == "__main__":
+    main()
