@@ -57,6 +57,33 @@ def main() -> None:
         return plan
 
     eng.scheduler.schedule = recorded
+    # host seconds per phase, per step (decode-only steps are picked out below)
+    phase = collections.defaultdict(list)
+
+    def timed(obj, name, key):  # type: ignore[no-untyped-def]
+        f = getattr(obj, name)
+
+        def g(*a, **k):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            r = f(*a, **k)
+            phase[key].append(time.perf_counter() - t0)
+            return r
+        setattr(obj, name, g)
+
+    timed(eng.scheduler, "schedule", "schedule")
+    timed(eng.executor, "execute_async", "launch")
+    timed(eng, "_process", "wait+process")
+    from turbollm.worker import model_runner
+    wait_s = []
+    orig_result = model_runner.PendingStep.result
+
+    def result(self):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        if self._result is None and self.event is not None:
+            self.event.synchronize()
+        wait_s.append(time.perf_counter() - t0)
+        return orig_result(self)
+    model_runner.PendingStep.result = result
     random.seed(0)
     sp = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
     for i in range(args.num_prompts):
@@ -93,6 +120,10 @@ def main() -> None:
         rows.append((us, e.count, e.key[:110]))
     rows.sort(reverse=True)
     prof_plans = plans[args.profile_at:args.profile_at + args.profile_steps]
+    # decode-only plans after the profiled window: mean host time of each phase (ms)
+    idx = [i for i, p in enumerate(plans) if p[1] == 0 and p[0] > 400 and i > args.profile_at + args.profile_steps]
+    host_ms = {k: 1e3 * sum(v[i] for i in idx if i < len(v)) / max(1, len(idx)) for k, v in phase.items()}
+    host_ms["of which waiting for the GPU"] = 1e3 * sum(wait_s[i] for i in idx if i < len(wait_s)) / max(1, len(idx))
     res = {
         "model": args.model, "gpu": torch.cuda.get_device_name(), "total_s": total,
         "output_tok_s": args.num_prompts * 256 / total, "steps": len(plans),
@@ -102,6 +133,7 @@ def main() -> None:
         "decode_steps": len(dec), "decode_s": sum(t for t, _ in dec),
         "decode_mean_seqs": sum(p[0] for _, p in dec) / max(1, len(dec)),
         "profiled_plans": prof_plans,
+        "decode_steps_host_ms": host_ms,
         "profiled_gpu_ms_by_kind": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
     }
     with open(os.path.join(OUT, "offline_profile.json"), "w") as f:
