@@ -95,6 +95,7 @@ def test_allocate_slots_grows_by_whole_blocks(make_request: MakeRequest) -> None
     assert kv.allocate_slots(r, 2) == []  # tokens up to index 7: still two blocks
     assert kv.allocate_slots(r, 3) == [2]  # token 8 needs a third block
     assert kv.block_ids("r") == [0, 1, 2]
+    assert kv.allocate_slots(r, 3) == [] and kv.block_ids("r") == [0, 1, 2]  # already held: no-op
 
 
 def test_prefix_hit_reuses_full_blocks_only(make_request: MakeRequest) -> None:

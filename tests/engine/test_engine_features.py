@@ -74,6 +74,26 @@ def test_abort_frees_blocks_and_spares_others(llm: LLM) -> None:
     assert not eng.executor.runner.states
 
 
+def test_final_only_requests_report_once_finished(llm: LLM) -> None:
+    """final_only (LLM.generate's mode) reports a request only when it has finished, with the
+    same completion as a request reported every step; the other request is unaffected."""
+    eng = llm.engine
+    eng.add_request("every", "The sun is", GREEDY)
+    eng.add_request("final", "The sun is", GREEDY, final_only=True)
+    seen: dict[str, list[bool]] = {"every": [], "final": []}
+    last = {}
+    for _ in range(40):
+        for o in eng.step():
+            seen[o.request_id].append(o.finished)
+            last[o.request_id] = o
+        if not eng.has_unfinished_requests():
+            break
+    assert seen["final"] == [True]
+    assert len(seen["every"]) > 1 and seen["every"][-1]
+    assert last["final"].outputs[0].token_ids == last["every"].outputs[0].token_ids
+    assert last["final"].outputs[0].text == last["every"].outputs[0].text
+
+
 def test_seeded_sampling_reproducible(llm: LLM) -> None:
     p = "Write a sentence about the ocean."
     def run(seed: int | None) -> list[int]:

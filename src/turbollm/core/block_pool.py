@@ -195,8 +195,12 @@ class KVCacheManager:
         counters are updated then. Returns the ids of the blocks added after the hits (often
         empty), or None, with nothing changed, when too few blocks are free.
         """
-        hits = list(new_computed_blocks or ())
         held = self._req_blocks.get(request.request_id, [])
+        if new_computed_blocks is None and held:  # a running request: most steps need no block
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(held) * self.block_size:
+                return []
+        hits = list(new_computed_blocks or ())
         if hits and held:
             raise ValueError(f"request {request.request_id!r} already holds blocks")
         num_tokens = request.num_computed_tokens + len(hits) * self.block_size + num_new_tokens

@@ -54,7 +54,7 @@ class LLM:
         try:
             for p, ids_, sp in zip(prompts, token_ids, params, strict=True):
                 rid = eng.next_request_id()
-                eng.add_request(rid, p, sp, prompt_token_ids=ids_)
+                eng.add_request(rid, p, sp, prompt_token_ids=ids_, final_only=True)
                 ids.append(rid)
             return self._run(ids, use_tqdm)
         except BaseException:

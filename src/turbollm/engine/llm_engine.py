@@ -49,6 +49,8 @@ class _Group:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     """One entry per prompt token received so far (the first is None); None if not asked."""
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.monotonic()))
+    final_only: bool = False
+    """step() reports the group only once it has finished (offline generation)."""
 
 
 class LLMEngine:
@@ -111,9 +113,12 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
+        final_only: bool = False,
     ) -> None:
         """Validate, tokenize (unless prompt_token_ids is given) and queue a request.
 
+        final_only: step() returns this request's output only when it has finished, not
+        after every step (LLM.generate: saves copying every unfinished output each step).
         Raises (ValueError, PromptTooLongError) before anything is queued.
         """
         params = params or SamplingParams()
@@ -122,7 +127,7 @@ class LLMEngine:
         ids = self.tokenize(prompt) if prompt_token_ids is None else prompt_token_ids
         max_tokens = self.resolve_max_tokens(len(ids), params)
         group = _Group(request_id, prompt if isinstance(prompt, str) else None, ids,
-                       prompt_logprobs=[] if params.prompt_logprobs is not None else None)
+                       prompt_logprobs=[] if params.prompt_logprobs is not None else None, final_only=final_only)
         for i in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
@@ -205,7 +210,8 @@ class LLMEngine:
             if group.metrics.first_token_time is None and req.num_output_tokens:
                 group.metrics.first_token_time = now
             touched[gid] = group
-        return [self._make_output(g, now) for g in touched.values()]
+        return [self._make_output(g, now) for g in touched.values()
+                if not g.final_only or all(c.request.is_finished for c in g.children)]
 
     def _collect_prompt_logprobs(self, plan: StepPlan, result: StepResult) -> None:
         """Append each chunk's prompt logprobs to its group, skipping entries already held.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from turbollm.core.plan import StepPlan
@@ -89,12 +90,19 @@ def _upload(lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """The lists as int64 tensors on `device`, in one copy: at batch 1 a decode step is ~5 ms
     and each separate small host-to-device copy costs a few microseconds of it. On CUDA the
     copy is staged in pinned memory and does not wait for the stream. Each list starts at a
-    16-byte boundary of the buffer (padded with zeros)."""
+    16-byte boundary of the buffer (padded with zeros). The host buffer is filled through
+    numpy: converting a Python list there is ~3x faster than torch.tensor(list), which
+    matters for the block tables of a few hundred sequences."""
     padded = [-(-len(x) // _ALIGN) * _ALIGN or _ALIGN for x in lists]
-    flat = torch.tensor(
-        list(itertools.chain.from_iterable(x + [0] * (n - len(x)) for x, n in zip(lists, padded, strict=True))),
-        dtype=torch.int64, pin_memory=device.type == "cuda",
-    )  # [sum of padded lengths]
+    buf = np.zeros(sum(padded), dtype=np.int64)  # [sum of padded lengths]
+    offset = 0
+    for x, n in zip(lists, padded, strict=True):
+        if x:
+            buf[offset : offset + len(x)] = x
+        offset += n
+    flat = torch.from_numpy(buf)
+    if device.type == "cuda":
+        flat = flat.pin_memory()
     parts = flat.to(device, non_blocking=True).split(padded)
     return [p[: len(x)] for p, x in zip(parts, lists, strict=True)]
 
@@ -149,7 +157,11 @@ def build_step_inputs(
             logits_idx.append(len(input_ids) - 1)
             sampling.append(st)
     width = max(len(t) for t in tables)
-    padded = [x for t in tables for x in (*t, *[0] * (width - len(t)))]
+    padded: list[int] = []  # [num_reqs * width] block tables, rows padded with block 0
+    for t in tables:
+        padded += t
+        if len(t) < width:
+            padded += [0] * (width - len(t))
     num_decodes = sum(1 for q in query_lens if q == 1)
     lists = [slots, padded, seq_lens, [0, *itertools.accumulate(query_lens)], input_ids, positions,
              logits_idx, pl_rows, pl_targets, ph_rows, ph_src]
