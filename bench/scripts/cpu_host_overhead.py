@@ -5,6 +5,7 @@ Run it against another tree with PYTHONPATH=<tree>/src for a same-machine A/B (a
 without `final_only` runs its requests in per-step-output mode).
 
     PYTHONPATH=src python bench/scripts/cpu_host_overhead.py [--seqs 512] [--steps 40]
+    PYTHONPATH=src python bench/scripts/cpu_host_overhead.py --generate   # LLM.generate, tok/s
 """
 import argparse
 import collections
@@ -20,10 +21,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", type=int, default=512)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--generate", action="store_true", help="time LLM.generate of --seqs prompts x 256 tokens")
     args = ap.parse_args()
     n = args.seqs
     llm = LLM("tiny-llama", load_format="dummy", device="cpu", max_num_seqs=n,
               max_num_batched_tokens=max(8192, n * 16), max_model_len=512)
+    if args.generate:
+        random.seed(0)
+        prompts = [[random.randrange(3, 250) for _ in range(16)] for _ in range(n)]
+        llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True), use_tqdm=False)
+        dt = time.perf_counter() - t0
+        print(f"LLM.generate {n} x 256 tokens: {n * 256 / dt:.0f} tok/s ({dt:.2f} s)")
+        return
     eng = llm.engine
     acc: dict[str, float] = collections.defaultdict(float)
 
