@@ -127,13 +127,13 @@ class Int4LinearMethod:
             layer.add_param("perm", (in_features,), torch.int64, per_row=False)  # [K]
 
     def process_weights_after_loading(self, layer: QuantizableLinear) -> None:
-        if not self.prequantized:
-            w = layer.weight  # [N, K]
-            q, s, z = grids.quantize_int4(w, grids.group_size_for(w.shape[1], self.group_size), scale_dtype=w.dtype)
-            set_int4_weights(layer, q, s, z)
-            delattr(layer, "weight")
-        # RTN's zeros are integers; calibrated checkpoints may hold fractional ones (read once here)
-        layer.int4_integer_zeros = _kernels is not None and _kernels.zeros_are_integers(layer.zeros)
+        if self.prequantized:
+            _note_integer_zeros(layer)
+            return
+        w = layer.weight  # [N, K]
+        q, s, z = grids.quantize_int4(w, grids.group_size_for(w.shape[1], self.group_size), scale_dtype=w.dtype)
+        set_int4_weights(layer, q, s, z)
+        delattr(layer, "weight")
 
     def dense_weight(self, layer: QuantizableLinear) -> torch.Tensor:
         """W_hat [N, K] in the scales' dtype, columns in input order (perm undone)."""
@@ -185,6 +185,14 @@ def set_int4_weights(
     _replace(layer, "zeros", zeros)
     if perm is not None:
         _replace(layer, "perm", perm.to(torch.int64), replicated=True)
+    _note_integer_zeros(layer)
+
+
+def _note_integer_zeros(layer: nn.Module) -> None:
+    """Record whether the layer's int4 zeros are integers in 0..15 (RTN and HF checkpoints;
+    calibrated float-zero ones are not), which lets the tensor-core path skip its correction
+    for fractional zeros. Reads the zeros on the host: weight installation only."""
+    layer.int4_integer_zeros = _kernels is not None and _kernels.zeros_are_integers(layer.zeros)
 
 
 @dataclass(frozen=True)
