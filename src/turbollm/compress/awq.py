@@ -150,13 +150,10 @@ def _frozen_rows(layer: nn.Module, name: str) -> int:
     return attn.q_size + attn.kv_size if name == "self_attn.qkv_proj" else 0
 
 
-def awq_quantize_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQConfig) -> tuple[
-        dict[str, Int4Weight], set[str]]:
-    """Scale, clip and quantize one decoder layer in place (its linears become W_hat).
-
-    Returns the codes of its linears (module names relative to the layer) and the
-    relative names of float parameters the folding changed.
-    """
+def awq_scale_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQConfig) -> set[str]:
+    """Search and fold the input-channel scales of one decoder layer (in place, exact in
+    float); `stats` (of every linear of the layer) become those of the scaled inputs.
+    Returns the relative names of the float parameters the folding changed."""
     changed: set[str] = set()
     for g in _scale_groups(layer):
         lin = layer.get_submodule(g.linear)
@@ -164,6 +161,17 @@ def awq_quantize_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQ
         s, _ = search_scale(lin.weight.float(), stats[g.linear], cfg, gs)
         _fold(layer, g, s, changed)
         stats[g.linear].scale_inputs(s)  # the linear now sees x / s
+    return changed
+
+
+def awq_quantize_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQConfig) -> tuple[
+        dict[str, Int4Weight], set[str]]:
+    """Scale, clip and quantize one decoder layer in place (its linears become W_hat).
+
+    Returns the codes of its linears (module names relative to the layer) and the
+    relative names of float parameters the folding changed.
+    """
+    changed = awq_scale_layer(layer, stats, cfg)
     out: dict[str, Int4Weight] = {}
     for name, st in stats.items():
         lin = layer.get_submodule(name)

@@ -14,10 +14,16 @@ with `perm`, so the runtime computes x[:, perm] @ W_stored^T (contract).
 Layers are quantized in order from activations of the already-quantized earlier layers.
 With `true_sequential`, inside a layer qkv_proj, o_proj, gate_up_proj and down_proj are
 also quantized one after another, each from inputs produced by the quantized ones before.
+Options: `awq` first folds AWQ's input-channel scales into the layer (compress/awq.py),
+then GPTQ quantizes the scaled weights; `asymmetric` (GPTAQ-style) makes GPTQ fit the float
+model's outputs W x_f from the quantized model's inputs x_q instead of W x_q, by running it
+on the least-squares target W* (asymmetric_target): the runner then also pushes the
+windows through float copies of the layers, and each linear's stats gain X_f^T X_q.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +32,8 @@ from torch import nn
 
 from turbollm.compress import _int4
 from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
-from turbollm.compress.calibration import LayerwiseRunner, set_linear_weight
+from turbollm.compress.awq import AWQConfig, awq_scale_layer
+from turbollm.compress.calibration import LayerwiseRunner, LinearStats, set_linear_weight
 
 SEQUENTIAL_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
                      ("mlp.down_proj",))
@@ -57,6 +64,13 @@ class GPTQConfig:
     static_groups: bool = True
     """Fix every group's grid from W before any error update. With act_order the codes then
     stay in input order (no perm at runtime): act-order only sets the processing order."""
+    awq: AWQConfig | None = None
+    """First search and fold AWQ's input-channel scales into each layer (compress/awq.py),
+    then run GPTQ on the scaled weights (AutoAWQ / llm-compressor's combination)."""
+    asymmetric: float = 0.0
+    """GPTAQ-style target: fit W_hat x_q to the float model's W x_f (x_q: the inputs the
+    quantized model gives the layer, x_f the float model's), by moving W toward the
+    least-squares solution before GPTQ; this fraction of that move (0: plain GPTQ)."""
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -137,13 +151,32 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig
     return Int4Weight(q, scales, zeros, group_size, perm)
 
 
+def asymmetric_target(w: torch.Tensor, w_float: torch.Tensor, st: LinearStats, damp: float,
+                      strength: float = 1.0) -> torch.Tensor:
+    """W* [N, K] with ||W* X_q^T - W_f X_f^T||^2 least (ridge-damped), moved from W by
+    `strength`: W + strength (W_f C - W S)(S + damp mean(diag S) I)^-1, S = X_q^T X_q,
+    C = X_f^T X_q (st.cross). ||W_hat X_q^T - W_f X_f^T||^2 = ||(W_hat - W*) X_q^T||^2 +
+    const, so GPTQ on W* with X_q's Hessian fits the float model's outputs."""
+    assert st.cross is not None, "asymmetric GPTQ needs the cross statistics"
+    w, w_float = w.float(), w_float.float()
+    s = st.xtx.clone()  # [K, K]
+    s.diagonal().add_(damp * s.diagonal().mean() + 1e-12)
+    rhs = w_float @ st.cross - w @ st.xtx  # [N, K]
+    delta = torch.linalg.solve(s, rhs.t()).t()  # S symmetric: rhs S^-1
+    return w + strength * delta
+
+
 @torch.no_grad()
-def _quantize_linears(layer: nn.Module, stats: dict, cfg: GPTQConfig) -> dict[str, Int4Weight]:
+def _quantize_linears(layer: nn.Module, stats: dict, cfg: GPTQConfig,
+                      float_layer: nn.Module | None = None) -> dict[str, Int4Weight]:
     out = {}
     for name, st in stats.items():
         lin = layer.get_submodule(name)
         gs = _int4.group_size_for(lin.weight.shape[1], cfg.group_size, name)
-        qw = gptq_quantize_weight(lin.weight, st.hessian, cfg, gs)
+        w = lin.weight
+        if float_layer is not None:
+            w = asymmetric_target(w, float_layer.get_submodule(name).weight, st, cfg.damp, cfg.asymmetric)
+        qw = gptq_quantize_weight(w, st.hessian, cfg, gs)
         set_linear_weight(lin, qw.dequantize())
         out[name] = qw
     return out
@@ -159,25 +192,39 @@ def gptq_quantize_model(
     calibration.calibration_windows). Afterwards the model's linear weights hold W_hat in
     the original column order (it can be evaluated as is). Returns {module name: {"q",
     "scales", "zeros"} + "perm" under act-order} for every decoder linear (see
-    _int4.QuantizedModel); float_params stays empty (GPTQ changes no other parameter).
+    _int4.QuantizedModel); float_params holds the RMSNorm weights / biases that AWQ's
+    scales changed (config.awq), else it stays empty.
     Embeddings and the LM head stay in float. `config` overrides bits / group_size / act_order.
     Defaults (GPTQConfig): act-order with static groups (no "perm": codes in input order),
     float zero points, the per-group range search.
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
+    if cfg.asymmetric < 0:
+        raise ValueError(f"GPTQ asymmetric={cfg.asymmetric} must be >= 0")
     if cfg.range_search is not None:
         cfg.range_search.check()
     if cfg.damp <= 0:
         raise ValueError(f"GPTQ damp={cfg.damp} must be > 0")
-    runner = LayerwiseRunner(model, calib_windows)
+    if cfg.awq is not None:
+        _int4.check_bits(cfg.awq.bits, cfg.awq.group_size, cfg.awq.zero_point)
+    runner = LayerwiseRunner(model, calib_windows, track_float=cfg.asymmetric > 0)
     result = QuantizedModel()
     order = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     for i in range(runner.num_layers):
         layer = runner.inner.layers[i]
+        float_layer = copy.deepcopy(layer) if cfg.asymmetric > 0 else None
+        prefix = f"model.layers.{i}."
+        if cfg.awq is not None:
+            changed = awq_scale_layer(layer, runner.layer_stats(i), cfg.awq)
+            params = dict(layer.named_parameters())
+            result.float_params.update({prefix + n: params[n].detach().float().cpu().clone()
+                                        for n in sorted(changed)})
         for names in order:
-            codes = _quantize_linears(layer, runner.layer_stats(i, names), cfg)
-            result.update({f"model.layers.{i}.{n}": {k: t.cpu() for k, t in q.as_dict().items()}
+            codes = _quantize_linears(layer, runner.layer_stats(i, names, float_layer), cfg, float_layer)
+            result.update({prefix + n: {k: t.cpu() for k, t in q.as_dict().items()}
                            for n, q in codes.items()})
         runner.run_layer(i, update=True)
+        if float_layer is not None:
+            runner.run_float_layer(float_layer)
     return result
