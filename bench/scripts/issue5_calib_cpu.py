@@ -15,8 +15,8 @@ act-order), then optional `:key=value` settings, e.g. `gptq128ao:zero_point=floa
 Keys are fields of AWQConfig / GPTQConfig (`zero_point` also for rtn) or of the range search
 _int4.RangeSearch (`grid`, `max_shrink`, `asymmetric`, `refine`; for GPTQ any of them, or
 `search=1`, turns the search on; for AWQ they replace clip_search's fields). For GPTQ,
-`awq=1` first folds AWQ's scales (default AWQConfig) and `asymmetric=F` fits the float
-model's outputs (GPTQConfig.asymmetric).
+`awq=1` first folds AWQ's scales (default AWQConfig) and `float_target=F` fits the float
+model's outputs (GPTQConfig.float_target).
 """
 
 from __future__ import annotations

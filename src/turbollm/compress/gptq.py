@@ -15,9 +15,9 @@ Layers are quantized in order from activations of the already-quantized earlier 
 With `true_sequential`, inside a layer qkv_proj, o_proj, gate_up_proj and down_proj are
 also quantized one after another, each from inputs produced by the quantized ones before.
 Options: `awq` first folds AWQ's input-channel scales into the layer (compress/awq.py),
-then GPTQ quantizes the scaled weights; `asymmetric` (GPTAQ-style) makes GPTQ fit the float
+then GPTQ quantizes the scaled weights; `float_target` (GPTAQ-style) makes GPTQ fit the float
 model's outputs W x_f from the quantized model's inputs x_q instead of W x_q, by running it
-on the least-squares target W* (asymmetric_target): the runner then also pushes the
+on the least-squares target W* (float_target_weight): the runner then also pushes the
 windows through float copies of the layers, and each linear's stats gain X_f^T X_q.
 """
 
@@ -67,7 +67,7 @@ class GPTQConfig:
     awq: AWQConfig | None = None
     """First search and fold AWQ's input-channel scales into each layer (compress/awq.py),
     then run GPTQ on the scaled weights (AutoAWQ / llm-compressor's combination)."""
-    asymmetric: float = 0.0
+    float_target: float = 0.0
     """GPTAQ-style target: fit W_hat x_q to the float model's W x_f (x_q: the inputs the
     quantized model gives the layer, x_f the float model's), by moving W toward the
     least-squares solution before GPTQ; this fraction of that move (0: plain GPTQ)."""
@@ -151,13 +151,13 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig
     return Int4Weight(q, scales, zeros, group_size, perm)
 
 
-def asymmetric_target(w: torch.Tensor, w_float: torch.Tensor, st: LinearStats, damp: float,
+def float_target_weight(w: torch.Tensor, w_float: torch.Tensor, st: LinearStats, damp: float,
                       strength: float = 1.0) -> torch.Tensor:
     """W* [N, K] with ||W* X_q^T - W_f X_f^T||^2 least (ridge-damped), moved from W by
     `strength`: W + strength (W_f C - W S)(S + damp mean(diag S) I)^-1, S = X_q^T X_q,
     C = X_f^T X_q (st.cross). ||W_hat X_q^T - W_f X_f^T||^2 = ||(W_hat - W*) X_q^T||^2 +
     const, so GPTQ on W* with X_q's Hessian fits the float model's outputs."""
-    assert st.cross is not None, "asymmetric GPTQ needs the cross statistics"
+    assert st.cross is not None, "float_target needs the cross statistics"
     w, w_float = w.float(), w_float.float()
     s = st.xtx.clone()  # [K, K]
     s.diagonal().add_(damp * s.diagonal().mean() + 1e-12)
@@ -175,7 +175,7 @@ def _quantize_linears(layer: nn.Module, stats: dict, cfg: GPTQConfig,
         gs = _int4.group_size_for(lin.weight.shape[1], cfg.group_size, name)
         w = lin.weight
         if float_layer is not None:
-            w = asymmetric_target(w, float_layer.get_submodule(name).weight, st, cfg.damp, cfg.asymmetric)
+            w = float_target_weight(w, float_layer.get_submodule(name).weight, st, cfg.damp, cfg.float_target)
         qw = gptq_quantize_weight(w, st.hessian, cfg, gs)
         set_linear_weight(lin, qw.dequantize())
         out[name] = qw
@@ -200,20 +200,20 @@ def gptq_quantize_model(
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
-    if cfg.asymmetric < 0:
-        raise ValueError(f"GPTQ asymmetric={cfg.asymmetric} must be >= 0")
+    if cfg.float_target < 0:
+        raise ValueError(f"GPTQ float_target={cfg.float_target} must be >= 0")
     if cfg.range_search is not None:
         cfg.range_search.check()
     if cfg.damp <= 0:
         raise ValueError(f"GPTQ damp={cfg.damp} must be > 0")
     if cfg.awq is not None:
         _int4.check_bits(cfg.awq.bits, cfg.awq.group_size, cfg.awq.zero_point)
-    runner = LayerwiseRunner(model, calib_windows, track_float=cfg.asymmetric > 0)
+    runner = LayerwiseRunner(model, calib_windows, track_float=cfg.float_target > 0)
     result = QuantizedModel()
     order = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     for i in range(runner.num_layers):
         layer = runner.inner.layers[i]
-        float_layer = copy.deepcopy(layer) if cfg.asymmetric > 0 else None
+        float_layer = copy.deepcopy(layer) if cfg.float_target > 0 else None
         prefix = f"model.layers.{i}."
         if cfg.awq is not None:
             changed = awq_scale_layer(layer, runner.layer_stats(i), cfg.awq)
