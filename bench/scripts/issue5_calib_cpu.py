@@ -16,7 +16,9 @@ Keys are fields of AWQConfig / GPTQConfig (`zero_point` also for rtn) or of the 
 _int4.RangeSearch (`grid`, `max_shrink`, `asymmetric`, `refine`; for GPTQ any of them, or
 `search=1`, turns the search on; for AWQ they replace clip_search's fields). For GPTQ,
 `awq=1` first folds AWQ's scales (default AWQConfig) and `float_target=F` fits the float
-model's outputs (GPTQConfig.float_target).
+model's outputs (GPTQConfig.float_target). For both, `tune=1` (or `tune_lr=`, `tune_epochs=`)
+tunes the grids' scales and offsets end to end afterwards (compress/tune.py); for AWQ
+`gptq=1` rounds the scaled weights with GPTQ.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from turbollm.compress.calibration import (
     set_linear_weight,
 )
 from turbollm.compress.gptq import GPTQConfig, gptq_quantize_model
+from turbollm.compress.tune import TuneConfig
 from turbollm.distributed.parallel import SINGLE
 from turbollm.models.loader import resolve_model
 from turbollm.models.registry import get_model_class
@@ -114,6 +117,12 @@ def parse_method(token: str) -> tuple[str, int, object]:
     for key, val in kv.items():
         if key == "awq" and kind == "gptq":  # AWQ's scales (default AWQConfig) before GPTQ
             changes["awq"] = AWQConfig(group_size=g) if _value(val, True) else None
+        elif key in ("tune", "tune_lr", "tune_epochs"):  # distillation of the grids (compress/tune.py)
+            t = changes.get("tune") or TuneConfig()
+            if key == "tune":
+                changes["tune"] = TuneConfig() if _value(val, True) else None
+            else:
+                changes["tune"] = dataclasses.replace(t, **{key[5:]: _value(val, getattr(t, key[5:]))})
         elif key == "search":
             want_search = _value(val, True)  # type: ignore[assignment]
         elif key in search_fields:

@@ -26,8 +26,9 @@ Layers are processed in order; layer i's statistics come from the outputs of lay
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -35,6 +36,7 @@ from torch import nn
 from turbollm.compress import _int4
 from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
 from turbollm.compress.calibration import LayerwiseRunner, LinearStats, set_linear_weight
+from turbollm.compress.tune import TuneConfig, tune_grids
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,12 @@ class AWQConfig:
     """Search each group's range after scaling (AutoAWQ's auto_clip; _int4.search_range)."""
     clip_search: RangeSearch = RangeSearch()
     """How the range search explores: AutoAWQ's is RangeSearch(asymmetric=False, refine=0)."""
+    tune: TuneConfig | None = None
+    """Afterwards tune every group's scale and offset (codes fixed) end to end against the
+    float model on the calibration windows (compress/tune.py); None: no tuning."""
+    gptq: bool = False
+    """Round the scaled weights with GPTQ (compress/gptq.py, its default GPTQConfig with this
+    bits / group size / zero point) instead of the range search + round to nearest."""
 
 
 def output_error(d: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -203,6 +211,16 @@ def awq_quantize_model(
     cfg = config or AWQConfig(bits=bits, group_size=group_size)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
     cfg.clip_search.check()
+    if cfg.gptq:
+        # gptq.py imports this module (for the scales), so import it here, not at the top
+        from turbollm.compress.gptq import GPTQConfig, gptq_quantize_model
+
+        gcfg = GPTQConfig(bits=cfg.bits, group_size=cfg.group_size, zero_point=cfg.zero_point,
+                          awq=replace(cfg, gptq=False, tune=None), tune=cfg.tune)
+        return gptq_quantize_model(model, calib_windows, config=gcfg)
+    if cfg.tune is not None:
+        cfg.tune.check()
+    teacher = copy.deepcopy(model) if cfg.tune is not None else None
     runner = LayerwiseRunner(model, calib_windows)
     result = QuantizedModel()
     for i in range(runner.num_layers):
@@ -214,4 +232,7 @@ def awq_quantize_model(
         result.float_params.update({prefix + n: params[n].detach().float().cpu().clone()
                                     for n in sorted(changed)})
         runner.run_layer(i, update=True)  # the next layer sees this layer's quantized outputs
+    del runner
+    if teacher is not None:
+        tune_grids(model, teacher, result, calib_windows, cfg.tune)  # type: ignore[arg-type]
     return result

@@ -34,6 +34,7 @@ from turbollm.compress import _int4
 from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
 from turbollm.compress.awq import AWQConfig, awq_scale_layer
 from turbollm.compress.calibration import LayerwiseRunner, LinearStats, set_linear_weight
+from turbollm.compress.tune import TuneConfig, tune_grids
 
 SEQUENTIAL_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
                      ("mlp.down_proj",))
@@ -67,6 +68,13 @@ class GPTQConfig:
     awq: AWQConfig | None = None
     """First search and fold AWQ's input-channel scales into each layer (compress/awq.py),
     then run GPTQ on the scaled weights (AutoAWQ / llm-compressor's combination)."""
+    grid_objective: str = "block"
+    """What the range search weighs a group's error with: "block", H's diagonal G x G block
+    (the output error with every other column exact); "schur", the inverse of the diagonal
+    block of (damped) H^-1 (the error left when every other column compensates optimally)."""
+    tune: TuneConfig | None = None
+    """Afterwards tune every group's scale and offset (codes fixed) end to end against the
+    float model on the calibration windows (compress/tune.py); None: no tuning."""
     float_target: float = 0.0
     """GPTAQ-style target: fit W_hat x_q to the float model's W x_f (x_q: the inputs the
     quantized model gives the layer, x_f the float model's), by moving W toward the
@@ -95,8 +103,14 @@ def _group_grid(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig,
     if cfg.range_search is None:
         lo, hi = _int4.minmax_range(w, group_size, cfg.zero_point)
         return _int4.scale_zero(lo, hi, cfg.bits, cfg.zero_point)
-    return _int4.search_range(w, _int4.group_blocks(h, group_size), group_size, cfg.bits,
-                              cfg.zero_point, cfg.range_search)
+    if cfg.grid_objective == "schur":
+        hd = h.clone()
+        hd.diagonal().add_(cfg.damp * hd.diagonal().mean())
+        blocks = torch.linalg.inv(_int4.group_blocks(torch.cholesky_inverse(torch.linalg.cholesky(hd)), group_size))
+        blocks = (blocks + blocks.transpose(1, 2)) / 2  # [K // G, G, G]
+    else:
+        blocks = _int4.group_blocks(h, group_size)
+    return _int4.search_range(w, blocks, group_size, cfg.bits, cfg.zero_point, cfg.range_search)
 
 
 @torch.no_grad()
@@ -200,6 +214,8 @@ def gptq_quantize_model(
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
+    if cfg.grid_objective not in ("block", "schur"):
+        raise ValueError(f"GPTQ grid_objective={cfg.grid_objective!r} is not 'block' or 'schur'")
     if cfg.float_target < 0:
         raise ValueError(f"GPTQ float_target={cfg.float_target} must be >= 0")
     if cfg.range_search is not None:
@@ -208,6 +224,9 @@ def gptq_quantize_model(
         raise ValueError(f"GPTQ damp={cfg.damp} must be > 0")
     if cfg.awq is not None:
         _int4.check_bits(cfg.awq.bits, cfg.awq.group_size, cfg.awq.zero_point)
+    if cfg.tune is not None:
+        cfg.tune.check()
+    teacher = copy.deepcopy(model) if cfg.tune is not None else None
     runner = LayerwiseRunner(model, calib_windows, track_float=cfg.float_target > 0)
     result = QuantizedModel()
     order = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
@@ -227,4 +246,7 @@ def gptq_quantize_model(
         runner.run_layer(i, update=True)
         if float_layer is not None:
             runner.run_float_layer(float_layer)
+    del runner
+    if teacher is not None:
+        tune_grids(model, teacher, result, calib_windows, cfg.tune)  # type: ignore[arg-type]
     return result
