@@ -68,10 +68,6 @@ class GPTQConfig:
     awq: AWQConfig | None = None
     """First search and fold AWQ's input-channel scales into each layer (compress/awq.py),
     then run GPTQ on the scaled weights (AutoAWQ / llm-compressor's combination)."""
-    grid_objective: str = "block"
-    """What the range search weighs a group's error with: "block", H's diagonal G x G block
-    (the output error with every other column exact); "schur", the inverse of the diagonal
-    block of (damped) H^-1 (the error left when every other column compensates optimally)."""
     tune: TuneConfig | None = None
     """Afterwards tune every group's scale and offset (codes fixed) end to end against the
     float model on the calibration windows (compress/tune.py); None: no tuning."""
@@ -103,14 +99,8 @@ def _group_grid(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig,
     if cfg.range_search is None:
         lo, hi = _int4.minmax_range(w, group_size, cfg.zero_point)
         return _int4.scale_zero(lo, hi, cfg.bits, cfg.zero_point)
-    if cfg.grid_objective == "schur":
-        hd = h.clone()
-        hd.diagonal().add_(cfg.damp * hd.diagonal().mean())
-        blocks = torch.linalg.inv(_int4.group_blocks(torch.cholesky_inverse(torch.linalg.cholesky(hd)), group_size))
-        blocks = (blocks + blocks.transpose(1, 2)) / 2  # [K // G, G, G]
-    else:
-        blocks = _int4.group_blocks(h, group_size)
-    return _int4.search_range(w, blocks, group_size, cfg.bits, cfg.zero_point, cfg.range_search)
+    return _int4.search_range(w, _int4.group_blocks(h, group_size), group_size, cfg.bits,
+                              cfg.zero_point, cfg.range_search)
 
 
 @torch.no_grad()
@@ -214,8 +204,6 @@ def gptq_quantize_model(
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
-    if cfg.grid_objective not in ("block", "schur"):
-        raise ValueError(f"GPTQ grid_objective={cfg.grid_objective!r} is not 'block' or 'schur'")
     if cfg.float_target < 0:
         raise ValueError(f"GPTQ float_target={cfg.float_target} must be >= 0")
     if cfg.range_search is not None:
