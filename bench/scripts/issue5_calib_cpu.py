@@ -118,7 +118,7 @@ def parse_method(token: str) -> tuple[str, int, object]:
         if key == "awq" and kind == "gptq":  # AWQ's scales (default AWQConfig) before GPTQ
             changes["awq"] = AWQConfig(group_size=g) if _value(val, True) else None
         elif key in ("tune", "tune_lr", "tune_epochs"):  # distillation of the grids (compress/tune.py)
-            t = changes.get("tune") or TuneConfig()
+            t = changes.get("tune", base.tune) or TuneConfig()  # type: ignore[union-attr]
             if key == "tune":
                 changes["tune"] = TuneConfig() if _value(val, True) else None
             else:

@@ -68,7 +68,7 @@ class GPTQConfig:
     awq: AWQConfig | None = None
     """First search and fold AWQ's input-channel scales into each layer (compress/awq.py),
     then run GPTQ on the scaled weights (AutoAWQ / llm-compressor's combination)."""
-    tune: TuneConfig | None = None
+    tune: TuneConfig | None = TuneConfig()
     """Afterwards tune every group's scale and offset (codes fixed) end to end against the
     float model on the calibration windows (compress/tune.py); None: no tuning."""
     float_target: float = 0.0

@@ -31,6 +31,7 @@ from turbollm.compress.corpus import load_corpus
 from turbollm.compress.evaluate import make_windows
 from turbollm.compress.fp8_calib import Fp8CalibConfig, fp8_calibrate_model
 from turbollm.compress.kv_scales import DEFAULT_CALIB, KVScales, apply_kv_scales, calibrate_kv_scales
+from turbollm.compress.tune import TuneConfig
 from turbollm.quant import grids
 from turbollm.layers.linear import QuantizableLinear
 from turbollm.models.build import build_model, resolve_device, resolve_dtype
@@ -201,7 +202,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         config = None
     else:
         config = method_for_cli(args.method, args.bits, args.group_size)
-    settings = {k: v for k in ("zero_point", *_GPTQ_ONLY) if (v := getattr(args, k, None)) is not None}
+    settings = {k: v for k in ("zero_point", "tune", *_GPTQ_ONLY) if (v := getattr(args, k, None)) is not None}
+    if "tune" in settings:  # --tune EPOCHS -> a TuneConfig, or None for no tuning
+        if settings["tune"] < 0:
+            raise ValueError(f"--tune {settings['tune']} must be >= 0 (0: no tuning)")
+        settings["tune"] = TuneConfig(epochs=settings["tune"]) if settings["tune"] > 0 else None
     if args.method not in _CALIBRATED and settings:
         raise ValueError(f"--{next(iter(settings)).replace('_', '-')} applies to --method awq / gptq only")
     if args.method != "gptq" and (bad := [k for k in _GPTQ_ONLY if k in settings]):

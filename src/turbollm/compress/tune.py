@@ -40,7 +40,7 @@ class TuneConfig:
 
     epochs: int = 2
     """Passes over the calibration windows (one Adam step per window)."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Adam learning rate of the log-scales a and offsets b (b in units of the starting step)."""
     max_tokens: int = 512
     """Longest stretch of a window used per step (longer windows are cut into pieces)."""
@@ -67,11 +67,15 @@ class _Grid(nn.Module):
         self.register_buffer("z0", z0.float())  # [N, K // G]
         self.a = nn.Parameter(torch.zeros_like(self.s0))  # [N, K // G] log-scale
         self.b = nn.Parameter(torch.zeros_like(self.s0))  # [N, K // G] offset / s0
+        perm = grid.get("perm")  # GPTQ act-order with dynamic groups: q's columns are permuted
+        self.inverse_perm = None if perm is None else torch.argsort(perm.to(device))  # [K]
 
     def weight(self) -> torch.Tensor:
+        """W_hat [N, K] in the model's column order."""
         s = (self.s0 * self.a.exp()).repeat_interleave(self.group_size, 1)  # [N, K]
         m = (self.s0 * self.b).repeat_interleave(self.group_size, 1)  # [N, K]
-        return s * self.qz + m
+        w = s * self.qz + m
+        return w if self.inverse_perm is None else w[:, self.inverse_perm]
 
     @torch.no_grad()
     def scales_zeros(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,20 +84,20 @@ class _Grid(nn.Module):
 
 
 def _linear(x: torch.Tensor, mod: nn.Module, grids: dict[str, _Grid], name: str) -> torch.Tensor:
-    w = grids[name].weight() if name in grids else mod.weight
-    return F.linear(x, w, getattr(mod, "bias", None))
+    w = grids[name].weight() if name in grids else mod.weight.float()
+    bias = getattr(mod, "bias", None)
+    return F.linear(x, w, None if bias is None else bias.float())
 
 
 def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    h = x.float()
-    return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps))
+    return norm.weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
 
 
 def student_hidden(model: nn.Module, grids: dict[str, _Grid], ids: torch.Tensor) -> torch.Tensor:
     """Final hidden states [T, hidden] of the model with the grids' weights (autograd on),
-    one sequence ids [T] at positions 0..T-1; float32."""
+    one sequence ids [T] at positions 0..T-1; computed in float32 whatever the model's dtype."""
     inner = model.model  # type: ignore[attr-defined]
-    x = inner.embed_tokens(ids)  # [T, hidden]
+    x = inner.embed_tokens(ids).float()  # [T, hidden]
     t = ids.numel()
     cos, sin = inner.rotary.cos_sin(torch.arange(t, device=ids.device), x.dtype)  # [T, 1, D / 2] each
     for i, layer in enumerate(inner.layers):
@@ -129,8 +133,9 @@ def _pieces(windows: Sequence[torch.Tensor | Sequence[int]], max_tokens: int,
 def kl_loss(model: nn.Module, hidden: torch.Tensor, teacher_hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Mean over tokens of KL(p_teacher || p_student) from final hidden states [T, hidden]."""
     total = hidden.new_zeros(())
+    dtype = teacher_hidden.dtype  # the model's: the LM head runs in it
     for r in range(0, hidden.shape[0], chunk):
-        logp = F.log_softmax(model.compute_logits(hidden[r:r + chunk]).float(), -1)  # type: ignore[operator]
+        logp = F.log_softmax(model.compute_logits(hidden[r:r + chunk].to(dtype)).float(), -1)  # type: ignore[operator]
         with torch.no_grad():
             logq = F.log_softmax(model.compute_logits(teacher_hidden[r:r + chunk]).float(), -1)  # type: ignore[operator]
         total = total + F.kl_div(logp, logq, log_target=True, reduction="sum")
@@ -143,8 +148,6 @@ def tune_grids(model: nn.Module, teacher: nn.Module, result: QuantizedModel,
     matches the float `teacher` on `windows`; the model's linears then hold the tuned W_hat.
     Returns the mean KL of each epoch (as trained, before that epoch's last step)."""
     cfg.check()
-    if any("perm" in g for g in result.values()):
-        raise ValueError("tuning needs grids in input order (GPTQ act-order with static groups, or none)")
     dev = next(model.parameters()).device
     grids = {name: _Grid(g, dev) for name, g in result.items()}
     pieces = _pieces(windows, cfg.max_tokens, dev)
