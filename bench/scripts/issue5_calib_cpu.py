@@ -116,7 +116,7 @@ def parse_method(token: str) -> tuple[str, int, object]:
     want_search = base.clip if kind == "awq" else current is not None  # type: ignore[union-attr]
     for key, val in kv.items():
         if key == "awq" and kind == "gptq":  # AWQ's scales (default AWQConfig) before GPTQ
-            changes["awq"] = AWQConfig(group_size=g) if _value(val, True) else None
+            changes["awq"] = AWQConfig(group_size=g, gptq=False, tune=None) if _value(val, True) else None
         elif key in ("tune", "tune_lr", "tune_epochs"):  # distillation of the grids (compress/tune.py)
             t = changes.get("tune", base.tune) or TuneConfig()  # type: ignore[union-attr]
             if key == "tune":

@@ -213,3 +213,6 @@ def test_tune_flag(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # typ
     assert calibration_config("gptq", Int4Config(64)).tune == TuneConfig()  # on by default
     assert calibration_config("gptq", Int4Config(64), {"tune": None}).tune is None
     assert calibration_config("awq", Int4Config(64), {"tune": TuneConfig(epochs=3)}).tune.epochs == 3
+    assert calibration_config("awq", Int4Config(64)).gptq  # AWQ rounds with GPTQ by default
+    assert main(["quantize", "--method", "gptq", "--rounding", "nearest", *out]) == 2
+    assert "--rounding applies to --method awq only" in capsys.readouterr().err

@@ -4,10 +4,13 @@ Input channels that carry large activations matter most. For each group of linea
 share an input, AWQ searches a per-input-channel scale s = mean|x|^alpha (alpha on a grid in
 [0, 1), normalized so sqrt(max s * min s) = 1) that minimizes the output error of the
 quantized layer on calibration activations, multiplies W's columns by s and divides the
-producer of x by s (an exact rewrite in float), then searches each group's range (by
-default lo and hi shrunk independently, then a least-squares refit of scale and offset:
-_int4.search_range), then rounds on the int4 grid of compress/_int4.py (by default with a
-float zero point, a free per-group offset; `zero_point="integer"` gives AutoAWQ's grid).
+producer of x by s (an exact rewrite in float), then (default, `gptq`) hands the scaled
+layer to GPTQ (compress/gptq.py) to round it with error compensation, or (AutoAWQ's way)
+searches each group's range (lo and hi shrunk independently, then a least-squares refit of
+scale and offset: _int4.search_range) and rounds to nearest, on the int4 grid of
+compress/_int4.py (by default with a float zero point, a free per-group offset;
+`zero_point="integer"` gives AutoAWQ's grid). By default (`tune`) the grids' scales and
+offsets are then tuned end to end against the float model (compress/tune.py).
 
 The output error of a weight error D [N, K] on inputs X is ||X D^T||^2 = tr(D X^T X D^T), so
 both searches use the Hessian H = 2 X^T X / n from calibration.py instead of the raw
@@ -57,12 +60,13 @@ class AWQConfig:
     """Search each group's range after scaling (AutoAWQ's auto_clip; _int4.search_range)."""
     clip_search: RangeSearch = RangeSearch()
     """How the range search explores: AutoAWQ's is RangeSearch(asymmetric=False, refine=0)."""
-    tune: TuneConfig | None = None
+    tune: TuneConfig | None = TuneConfig()
     """Afterwards tune every group's scale and offset (codes fixed) end to end against the
     float model on the calibration windows (compress/tune.py); None: no tuning."""
-    gptq: bool = False
+    gptq: bool = True
     """Round the scaled weights with GPTQ (compress/gptq.py, its default GPTQConfig with this
-    bits / group size / zero point) instead of the range search + round to nearest."""
+    bits / group size / zero point: act-order, static groups, range search) instead of the
+    range search (clip) + round to nearest of AutoAWQ."""
 
 
 def output_error(d: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
