@@ -15,8 +15,7 @@ act-order), then optional `:key=value` settings, e.g. `gptq128ao:zero_point=floa
 Keys are fields of AWQConfig / GPTQConfig (`zero_point` also for rtn) or of the range search
 _int4.RangeSearch (`grid`, `max_shrink`, `asymmetric`, `refine`; for GPTQ any of them, or
 `search=1`, turns the search on; for AWQ they replace clip_search's fields). For GPTQ,
-`awq=1` first folds AWQ's scales (default AWQConfig) and `float_target=F` fits the float
-model's outputs (GPTQConfig.float_target). For both, `tune=1` (or `tune_lr=`, `tune_epochs=`)
+`awq=1` first folds AWQ's scales (GPTQConfig.awq). For both, `tune=1` (or `tune_lr=`, `tune_epochs=`)
 tunes the grids' scales and offsets end to end afterwards (compress/tune.py); for AWQ
 `gptq=1` rounds the scaled weights with GPTQ.
 """

@@ -71,9 +71,6 @@ class LinearStats:
     abs_sum: torch.Tensor  # [K] sum over tokens of |x|
     xtx: torch.Tensor  # [K, K] sum over tokens of x x^T
     num_tokens: int = 0
-    cross: torch.Tensor | None = None
-    """[K, K] sum over tokens of x_f x^T, x_f the same linear's input in the float model
-    (LayerwiseRunner with track_float; GPTQ's asymmetric target), else None."""
 
     @property
     def mean_abs(self) -> torch.Tensor:
@@ -91,20 +88,10 @@ class LinearStats:
         self.xtx.addmm_(x.t(), x)
         self.num_tokens += x.shape[0]
 
-    def add_cross(self, x_float: torch.Tensor, x: torch.Tensor) -> None:
-        """Accumulate x_f^T x for the float model's input x_f of the same tokens ([T, K] each)."""
-        xf = x_float.reshape(-1, x_float.shape[-1]).float()  # [T, K]
-        x = x.reshape(-1, x.shape[-1]).float()  # [T, K]
-        if self.cross is None:
-            self.cross = torch.zeros(xf.shape[1], x.shape[1], device=x.device)
-        self.cross.addmm_(xf.t(), x)
-
     def scale_inputs(self, s: torch.Tensor) -> None:
         """The statistics of x / s (after AWQ folds 1/s into the producer of x); s [K]."""
         self.abs_sum /= s
         self.xtx /= s[:, None] * s[None, :]
-        if self.cross is not None:  # x_f is the float model's: unscaled
-            self.cross /= s[None, :]
 
 
 LINEAR_TYPES = (ColumnParallelLinear, RowParallelLinear)
@@ -117,19 +104,15 @@ def find_linears(module: nn.Module) -> dict[str, nn.Module]:
 
 @contextmanager
 def collect_stats(
-    linears: dict[str, nn.Module], after: Callable[[str], None] | None = None,
-    last_input: dict[str, torch.Tensor] | None = None,
+    linears: dict[str, nn.Module], after: Callable[[str], None] | None = None
 ) -> Iterator[dict[str, LinearStats]]:
     """Within the block, every forward of these linears adds its input to their stats
-    (then calls `after(name)`, which may raise to cut the forward short). `last_input`,
-    if given, holds each linear's latest input while `after` runs."""
+    (then calls `after(name)`, which may raise to cut the forward short)."""
     stats: dict[str, LinearStats] = {}
     handles = []
 
     def hook(name: str, st: LinearStats, x: torch.Tensor) -> None:
         st.add(x)
-        if last_input is not None:
-            last_input[name] = x
         if after is not None:
             after(name)
 
@@ -176,8 +159,7 @@ class LayerwiseRunner:
     cos/sin and metadata, and one layer's KV cache shared by all windows.
     """
 
-    def __init__(self, model: nn.Module, windows: Sequence[torch.Tensor | Sequence[int]],
-                 track_float: bool = False) -> None:
+    def __init__(self, model: nn.Module, windows: Sequence[torch.Tensor | Sequence[int]]) -> None:
         if not windows:
             raise ValueError("calibration needs at least one window")
         windows = [torch.as_tensor(w, dtype=torch.long).reshape(-1) for w in windows]
@@ -195,41 +177,6 @@ class LayerwiseRunner:
                 self.rope.append(self.inner.rotary.cos_sin(pos, x.dtype))
                 self.states.append((x, None))
         self.num_layers = len(self.inner.layers)
-        self.float_states = list(self.states) if track_float else None
-        """With track_float: each window's (hidden, residual) in the float model, advanced
-        by run_float_layer with float copies of the layers (GPTQ's asymmetric target)."""
-
-    @torch.inference_mode()
-    def run_float_layer(self, layer: nn.Module) -> None:
-        """Advance the float states through `layer` (a float copy of the current layer)."""
-        assert self.float_states is not None, "the runner does not track the float model"
-        for j, (x, res) in enumerate(self.float_states):
-            self.float_states[j] = layer(self.rope[j], x, res, self.cache, self.meta[j])
-
-    @torch.no_grad()
-    def _float_inputs(self, layer: nn.Module, names: Sequence[str], j: int) -> dict[str, torch.Tensor]:
-        """Inputs of the named linears of the float `layer` on window j's float state."""
-        assert self.float_states is not None, "the runner does not track the float model"
-        linears = {n: m for n, m in find_linears(layer).items() if n in names}
-        seen: dict[str, torch.Tensor] = {}
-        handles = []
-
-        def grab(name: str, x: torch.Tensor) -> None:
-            seen[name] = x.detach().clone()
-            if len(seen) == len(linears):
-                raise _StopLayer
-
-        for name, mod in linears.items():
-            handles.append(mod.register_forward_pre_hook(lambda _m, args, name=name: grab(name, args[0])))
-        try:
-            x, res = self.float_states[j]
-            layer(self.rope[j], x, res, self.cache, self.meta[j])
-        except _StopLayer:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return seen
 
     @torch.inference_mode()
     def run_layer(self, i: int, update: bool) -> None:
@@ -241,33 +188,24 @@ class LayerwiseRunner:
                 self.states[j] = out
 
     @torch.no_grad()  # not inference_mode: the stats must stay ordinary tensors
-    def layer_stats(self, i: int, names: Sequence[str] | None = None,
-                    float_layer: nn.Module | None = None) -> dict[str, LinearStats]:
+    def layer_stats(self, i: int, names: Sequence[str] | None = None) -> dict[str, LinearStats]:
         """Input stats of layer i's linears (all, or those named relative to the layer) from
         one pass over the windows at the current boundary; the states do not move. Each
-        window's forward stops once every named linear has seen its input. With
-        `float_layer` (a float copy of layer i; needs track_float) the stats also get the
-        cross term with the float model's inputs (LinearStats.cross)."""
+        window's forward stops once every named linear has seen its input."""
         layer = self.inner.layers[i]
         linears = find_linears(layer)
         if names is not None:
             linears = {n: linears[n] for n in names}
         seen: set[str] = set()
-        x_float: dict[str, torch.Tensor] = {}
 
         def after(name: str) -> None:
             seen.add(name)
-            if name in x_float:
-                stats[name].add_cross(x_float[name], stats_x[name])
             if len(seen) == len(linears):
                 raise _StopLayer
 
-        stats_x: dict[str, torch.Tensor] = {}
-        with collect_stats(linears, after, stats_x if float_layer is not None else None) as stats:
+        with collect_stats(linears, after) as stats:
             for j, (x, res) in enumerate(self.states):
                 seen.clear()
-                if float_layer is not None:
-                    x_float = self._float_inputs(float_layer, list(linears), j)
                 try:
                     layer(self.rope[j], x, res, self.cache, self.meta[j])
                 except _StopLayer:

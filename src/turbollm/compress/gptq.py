@@ -15,10 +15,8 @@ Layers are quantized in order from activations of the already-quantized earlier 
 With `true_sequential`, inside a layer qkv_proj, o_proj, gate_up_proj and down_proj are
 also quantized one after another, each from inputs produced by the quantized ones before.
 Options: `awq` first folds AWQ's input-channel scales into the layer (compress/awq.py),
-then GPTQ quantizes the scaled weights; `float_target` (GPTAQ-style) makes GPTQ fit the float
-model's outputs W x_f from the quantized model's inputs x_q instead of W x_q, by running it
-on the least-squares target W* (float_target_weight): the runner then also pushes the
-windows through float copies of the layers, and each linear's stats gain X_f^T X_q.
+then GPTQ quantizes the scaled weights; `tune` (on by default) afterwards tunes every
+group's scale and offset end to end against the float model (compress/tune.py).
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from torch import nn
 from turbollm.compress import _int4
 from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
 from turbollm.compress.awq import AWQConfig, awq_scale_layer
-from turbollm.compress.calibration import LayerwiseRunner, LinearStats, set_linear_weight
+from turbollm.compress.calibration import LayerwiseRunner, set_linear_weight
 from turbollm.compress.tune import TuneConfig, tune_grids
 
 SEQUENTIAL_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
@@ -67,14 +65,12 @@ class GPTQConfig:
     stay in input order (no perm at runtime): act-order only sets the processing order."""
     awq: AWQConfig | None = None
     """First search and fold AWQ's input-channel scales into each layer (compress/awq.py),
-    then run GPTQ on the scaled weights (AutoAWQ / llm-compressor's combination)."""
+    then run GPTQ on the scaled weights (llm-compressor's AWQ + GPTQ recipe); its gptq and tune
+    fields are not used here."""
     tune: TuneConfig | None = TuneConfig()
     """Afterwards tune every group's scale and offset (codes fixed) end to end against the
     float model on the calibration windows (compress/tune.py); None: no tuning."""
-    float_target: float = 0.0
-    """GPTAQ-style target: fit W_hat x_q to the float model's W x_f (x_q: the inputs the
-    quantized model gives the layer, x_f the float model's), by moving W toward the
-    least-squares solution before GPTQ; this fraction of that move (0: plain GPTQ)."""
+
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -155,32 +151,13 @@ def gptq_quantize_weight(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig
     return Int4Weight(q, scales, zeros, group_size, perm)
 
 
-def float_target_weight(w: torch.Tensor, w_float: torch.Tensor, st: LinearStats, damp: float,
-                      strength: float = 1.0) -> torch.Tensor:
-    """W* [N, K] with ||W* X_q^T - W_f X_f^T||^2 least (ridge-damped), moved from W by
-    `strength`: W + strength (W_f C - W S)(S + damp mean(diag S) I)^-1, S = X_q^T X_q,
-    C = X_f^T X_q (st.cross). ||W_hat X_q^T - W_f X_f^T||^2 = ||(W_hat - W*) X_q^T||^2 +
-    const, so GPTQ on W* with X_q's Hessian fits the float model's outputs."""
-    assert st.cross is not None, "float_target needs the cross statistics"
-    w, w_float = w.float(), w_float.float()
-    s = st.xtx.clone()  # [K, K]
-    s.diagonal().add_(damp * s.diagonal().mean() + 1e-12)
-    rhs = w_float @ st.cross - w @ st.xtx  # [N, K]
-    delta = torch.linalg.solve(s, rhs.t()).t()  # S symmetric: rhs S^-1
-    return w + strength * delta
-
-
 @torch.no_grad()
-def _quantize_linears(layer: nn.Module, stats: dict, cfg: GPTQConfig,
-                      float_layer: nn.Module | None = None) -> dict[str, Int4Weight]:
+def _quantize_linears(layer: nn.Module, stats: dict, cfg: GPTQConfig) -> dict[str, Int4Weight]:
     out = {}
     for name, st in stats.items():
         lin = layer.get_submodule(name)
         gs = _int4.group_size_for(lin.weight.shape[1], cfg.group_size, name)
-        w = lin.weight
-        if float_layer is not None:
-            w = float_target_weight(w, float_layer.get_submodule(name).weight, st, cfg.damp, cfg.float_target)
-        qw = gptq_quantize_weight(w, st.hessian, cfg, gs)
+        qw = gptq_quantize_weight(lin.weight, st.hessian, cfg, gs)
         set_linear_weight(lin, qw.dequantize())
         out[name] = qw
     return out
@@ -204,8 +181,6 @@ def gptq_quantize_model(
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
-    if cfg.float_target < 0:
-        raise ValueError(f"GPTQ float_target={cfg.float_target} must be >= 0")
     if cfg.range_search is not None:
         cfg.range_search.check()
     if cfg.damp <= 0:
@@ -215,12 +190,11 @@ def gptq_quantize_model(
     if cfg.tune is not None:
         cfg.tune.check()
     teacher = copy.deepcopy(model) if cfg.tune is not None else None
-    runner = LayerwiseRunner(model, calib_windows, track_float=cfg.float_target > 0)
+    runner = LayerwiseRunner(model, calib_windows)
     result = QuantizedModel()
     order = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     for i in range(runner.num_layers):
         layer = runner.inner.layers[i]
-        float_layer = copy.deepcopy(layer) if cfg.float_target > 0 else None
         prefix = f"model.layers.{i}."
         if cfg.awq is not None:
             changed = awq_scale_layer(layer, runner.layer_stats(i), cfg.awq)
@@ -228,12 +202,10 @@ def gptq_quantize_model(
             result.float_params.update({prefix + n: params[n].detach().float().cpu().clone()
                                         for n in sorted(changed)})
         for names in order:
-            codes = _quantize_linears(layer, runner.layer_stats(i, names, float_layer), cfg, float_layer)
+            codes = _quantize_linears(layer, runner.layer_stats(i, names), cfg)
             result.update({prefix + n: {k: t.cpu() for k, t in q.as_dict().items()}
                            for n, q in codes.items()})
         runner.run_layer(i, update=True)
-        if float_layer is not None:
-            runner.run_float_layer(float_layer)
     del runner
     if teacher is not None:
         tune_grids(model, teacher, result, calib_windows, cfg.tune)  # type: ignore[arg-type]
