@@ -161,6 +161,27 @@ def main() -> None:
     windows = [held[i * 2048:(i + 1) * 2048] for i in range(n_held)]
     calib = calibration_windows(tok, args.calib, args.calib_len)
     results: dict[str, dict[str, float]] = {}
+
+    def dump() -> None:  # after every method: a cut-short run keeps what it measured
+        if not args.out:
+            return
+        with open(args.out, "w") as f:
+            json.dump({
+                "what": "held-out Shakespeare perplexity, embedded SmolLM2-135M, int4 decoder linears",
+                "date": time.strftime("%Y-%m-%d"), "machine": f"CPU ({platform.processor() or 'x86_64'}), 2 cores",
+                "command": "PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py "
+                           f"--calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout} "
+                           f"--methods {args.methods} --threads {args.threads}"
+                           + (f" --load {args.load}" if args.load else ""),
+                "calibration_files": [os.path.basename(p) for p in corpus_files("calibration")],
+                "heldout_files": [os.path.basename(p) for p in corpus_files("heldout")],
+                "calibration_windows": args.calib, "calibration_window_tokens": args.calib_len,
+                "heldout_windows": n_held, "heldout_window_tokens": 2048,
+                "group_size_policy": "K=576 linears (qkv, o, gate_up) fall back to g64 at g128 "
+                                     "(576 % 128 != 0); down_proj (K=1536) uses g128",
+                "results": results,
+            }, f, indent=1)
+
     for m in args.methods.split(","):
         model = build(source)
         t0 = time.time()
@@ -199,23 +220,7 @@ def main() -> None:
             b4 = results.get("fp32", {}).get("ppl_first4")
             rel += f"; first 4 windows {first4:.4f}" + (f" ({100 * (first4 / b4 - 1):+.2f}%)" if b4 else "")
         print(f"{m:12s} ppl {ppl:.4f}{rel}  quantize {tq:.1f}s", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({
-                "what": "held-out Shakespeare perplexity, embedded SmolLM2-135M, int4 decoder linears",
-                "date": time.strftime("%Y-%m-%d"), "machine": f"CPU ({platform.processor() or 'x86_64'}), 2 cores",
-                "command": "PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py "
-                           f"--calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout} "
-                           f"--methods {args.methods} --threads {args.threads}"
-                           + (f" --load {args.load}" if args.load else ""),
-                "calibration_files": [os.path.basename(p) for p in corpus_files("calibration")],
-                "heldout_files": [os.path.basename(p) for p in corpus_files("heldout")],
-                "calibration_windows": args.calib, "calibration_window_tokens": args.calib_len,
-                "heldout_windows": n_held, "heldout_window_tokens": 2048,
-                "group_size_policy": "K=576 linears (qkv, o, gate_up) fall back to g64 at g128 "
-                                     "(576 % 128 != 0); down_proj (K=1536) uses g128",
-                "results": results,
-            }, f, indent=1)
+        dump()
 
 
 if __name__ == "__main__":
