@@ -72,7 +72,6 @@ class GPTQConfig:
     float model on the calibration windows (compress/tune.py); None: no tuning."""
 
 
-
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) I)^-1 [K, K]."""
     h = h.clone()
@@ -177,7 +176,7 @@ def gptq_quantize_model(
     scales changed (config.awq), else it stays empty.
     Embeddings and the LM head stay in float. `config` overrides bits / group_size / act_order.
     Defaults (GPTQConfig): act-order with static groups (no "perm": codes in input order),
-    float zero points, the per-group range search.
+    float zero points, the per-group range search, then grid tuning (compress/tune.py).
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
