@@ -14,7 +14,10 @@ Methods (--methods, comma-separated): `fp32`, or `rtn|awq|gptq` + group size (+ 
 act-order), then optional `:key=value` settings, e.g. `gptq128ao:zero_point=float:damp=0.05`.
 Keys are fields of AWQConfig / GPTQConfig (`zero_point` also for rtn) or of the range search
 _int4.RangeSearch (`grid`, `max_shrink`, `asymmetric`, `refine`; for GPTQ any of them, or
-`search=1`, turns the search on; for AWQ they replace clip_search's fields).
+`search=1`, turns the search on; for AWQ they replace clip_search's fields). For GPTQ,
+`awq=1` first folds AWQ's scales (GPTQConfig.awq). For both, `tune=1` (or `tune_lr=`, `tune_epochs=`)
+tunes the grids' scales and offsets end to end afterwards (compress/tune.py); for AWQ
+`gptq=1` rounds the scaled weights with GPTQ.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from turbollm.compress.calibration import (
     set_linear_weight,
 )
 from turbollm.compress.gptq import GPTQConfig, gptq_quantize_model
+from turbollm.compress.tune import TuneConfig
 from turbollm.distributed.parallel import SINGLE
 from turbollm.models.loader import resolve_model
 from turbollm.models.registry import get_model_class
@@ -50,16 +54,32 @@ def build(source):  # type: ignore[no-untyped-def]
 
 
 @torch.inference_mode()
-def perplexity(model, windows: list[torch.Tensor]) -> float:  # type: ignore[no-untyped-def]
-    nll, count = 0.0, 0
+def window_nlls(model, windows: list[torch.Tensor]) -> list[tuple[float, int]]:  # type: ignore[no-untyped-def]
+    """(summed NLL, predictions) of each window."""
+    out = []
     for ids in windows:
+        nll, count = 0.0, 0
         hidden = forward_window(model, ids)[:-1]  # [T - 1, hidden]
         for r in range(0, hidden.shape[0], 512):
             logits = model.compute_logits(hidden[r:r + 512]).float()
             nll += torch.nn.functional.cross_entropy(
                 logits, ids[1 + r:1 + r + logits.shape[0]], reduction="sum").item()
             count += logits.shape[0]
-    return math.exp(nll / count)
+        out.append((nll, count))
+    return out
+
+
+def perplexity_of(nlls: list[tuple[float, int]]) -> float:
+    return math.exp(sum(n for n, _ in nlls) / sum(c for _, c in nlls))
+
+
+def perplexity(model, windows: list[torch.Tensor]) -> float:  # type: ignore[no-untyped-def]
+    return perplexity_of(window_nlls(model, windows))
+
+
+def _changed_state(model) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """The decoder's parameters (what a method may change), for --save."""
+    return {n: p.detach().clone() for n, p in model.model.layers.named_parameters()}
 
 
 def rtn_model(model, group_size: int, zero_point: str = "integer") -> None:  # type: ignore[no-untyped-def]
@@ -94,7 +114,15 @@ def parse_method(token: str) -> tuple[str, int, object]:
     changes, search_changes = {}, {}
     want_search = base.clip if kind == "awq" else current is not None  # type: ignore[union-attr]
     for key, val in kv.items():
-        if key == "search":
+        if key == "awq" and kind == "gptq":  # AWQ's scales (default AWQConfig) before GPTQ
+            changes["awq"] = AWQConfig(group_size=g, gptq=False, tune=None) if _value(val, True) else None
+        elif key in ("tune", "tune_lr", "tune_epochs"):  # distillation of the grids (compress/tune.py)
+            t = changes.get("tune", base.tune) or TuneConfig()  # type: ignore[union-attr]
+            if key == "tune":
+                changes["tune"] = TuneConfig() if _value(val, True) else None
+            else:
+                changes["tune"] = dataclasses.replace(t, **{key[5:]: _value(val, getattr(t, key[5:]))})
+        elif key == "search":
             want_search = _value(val, True)  # type: ignore[assignment]
         elif key in search_fields:
             search_changes[key], want_search = _value(val, getattr(search, key)), True
@@ -113,24 +141,59 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
-    ap.add_argument("--heldout", type=int, default=24)
+    ap.add_argument("--heldout", type=int, default=24, help="held-out windows scored (0: all)")
     ap.add_argument("--methods", default="fp32,rtn128,awq128,gptq128ao")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: the shared 2-core machine is oversubscribed)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--save", default=None,
+                    help="directory: save each quantized method's decoder parameters as <method>.pt")
+    ap.add_argument("--load", default=None,
+                    help="directory: take each non-fp32 method's decoder parameters from <method>.pt "
+                         "(saved by --save) instead of quantizing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     source = resolve_model(None)
     tok = source.load_tokenizer()
     held = corpus_tokens(tok, "heldout")
-    windows = [held[i * 2048:(i + 1) * 2048] for i in range(args.heldout)]
+    n_held = args.heldout or held.numel() // 2048
+    windows = [held[i * 2048:(i + 1) * 2048] for i in range(n_held)]
     calib = calibration_windows(tok, args.calib, args.calib_len)
     results: dict[str, dict[str, float]] = {}
+
+    def dump() -> None:  # after every method: a cut-short run keeps what it measured
+        if not args.out:
+            return
+        with open(args.out, "w") as f:
+            json.dump({
+                "what": "held-out Shakespeare perplexity, embedded SmolLM2-135M, int4 decoder linears",
+                "date": time.strftime("%Y-%m-%d"), "machine": f"CPU ({platform.processor() or 'x86_64'}), 2 cores",
+                "command": "PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py "
+                           f"--calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout} "
+                           f"--methods {args.methods} --threads {args.threads}"
+                           + (f" --load {args.load}" if args.load else ""),
+                "calibration_files": [os.path.basename(p) for p in corpus_files("calibration")],
+                "heldout_files": [os.path.basename(p) for p in corpus_files("heldout")],
+                "calibration_windows": args.calib, "calibration_window_tokens": args.calib_len,
+                "heldout_windows": n_held, "heldout_window_tokens": 2048,
+                "group_size_policy": "K=576 linears (qkv, o, gate_up) fall back to g64 at g128 "
+                                     "(576 % 128 != 0); down_proj (K=1536) uses g128",
+                "results": results,
+            }, f, indent=1)
+
     for m in args.methods.split(","):
         model = build(source)
         t0 = time.time()
-        if m != "fp32":
+        fname = re.sub(r"[^A-Za-z0-9_.=-]", "_", m) + ".pt"
+        if m != "fp32" and args.load:
+            state = torch.load(os.path.join(args.load, fname), weights_only=True)
+            with torch.no_grad():
+                for n, p in model.model.layers.named_parameters():
+                    p.copy_(state[n])
+            for lin in find_linears(model.model.layers).values():
+                set_linear_weight(lin, lin.weight)  # refresh a oneDNN pack, if any
+        elif m != "fp32":
             kind, g, cfg = parse_method(m)
             if kind == "rtn":
                 rtn_model(model, g, cfg)  # type: ignore[arg-type]
@@ -139,29 +202,25 @@ def main() -> None:
             else:
                 gptq_quantize_model(model, calib, config=cfg)  # type: ignore[arg-type]
         tq = time.time() - t0
-        ppl = perplexity(model, windows)
-        results[m] = {"ppl": ppl, "quantize_s": round(tq, 1)}
+        if m != "fp32" and args.save:
+            os.makedirs(args.save, exist_ok=True)
+            torch.save(_changed_state(model), os.path.join(args.save, fname))
+        nlls = window_nlls(model, windows)
+        ppl = perplexity_of(nlls)
+        results[m] = {"ppl": ppl, "quantize_s": round(tq, 1),
+                      "window_nll": [[round(n, 4), c] for n, c in nlls]}
+        if len(windows) > 4:
+            results[m]["ppl_first4"] = perplexity_of(nlls[:4])
         if m != "fp32":
             results[m]["config"] = str(parse_method(m)[2])
         base = results.get("fp32", {}).get("ppl")
         rel = f" ({100 * (ppl / base - 1):+.2f}% vs fp32)" if base else ""
+        first4 = results[m].get("ppl_first4")
+        if first4 is not None:
+            b4 = results.get("fp32", {}).get("ppl_first4")
+            rel += f"; first 4 windows {first4:.4f}" + (f" ({100 * (first4 / b4 - 1):+.2f}%)" if b4 else "")
         print(f"{m:12s} ppl {ppl:.4f}{rel}  quantize {tq:.1f}s", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({
-                "what": "held-out Shakespeare perplexity, embedded SmolLM2-135M, int4 decoder linears",
-                "date": time.strftime("%Y-%m-%d"), "machine": f"CPU ({platform.processor() or 'x86_64'}), 2 cores",
-                "command": "PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py "
-                           f"--calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout} "
-                           f"--methods {args.methods} --threads {args.threads}",
-                "calibration_files": [os.path.basename(p) for p in corpus_files("calibration")],
-                "heldout_files": [os.path.basename(p) for p in corpus_files("heldout")],
-                "calibration_windows": args.calib, "calibration_window_tokens": args.calib_len,
-                "heldout_windows": args.heldout, "heldout_window_tokens": 2048,
-                "group_size_policy": "K=576 linears (qkv, o, gate_up) fall back to g64 at g128 "
-                                     "(576 % 128 != 0); down_proj (K=1536) uses g128",
-                "results": results,
-            }, f, indent=1)
+        dump()
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from turbollm.compress.awq import (
     AWQConfig, _fold, _scale_groups, awq_quantize_model, search_clip, search_scale,
 )
 from turbollm.compress.calibration import LinearStats, find_linears, forward_window
+from turbollm.compress.tune import TuneConfig
 
 
 def _stats(x: torch.Tensor) -> LinearStats:
@@ -111,11 +112,13 @@ def test_o_proj_group_only_without_gqa() -> None:
     assert [g.linear for g in _scale_groups(no_gqa.model.layers[0])][0] == "self_attn.o_proj"
 
 
-def test_awq_model_returns_codes_and_folded_params_that_rebuild_it() -> None:
+@pytest.mark.parametrize("gptq,tune", [(False, None), (True, None), (True, TuneConfig(epochs=1))])
+def test_awq_model_returns_codes_and_folded_params_that_rebuild_it(gptq: bool, tune: TuneConfig | None) -> None:
+    """Nearest rounding (AutoAWQ), GPTQ rounding, and GPTQ + tuning (the default)."""
     model = tiny_model("tiny-qwen2", num_key_value_heads=4)  # no GQA: o_proj is scaled too
     ref = tiny_model("tiny-qwen2", num_key_value_heads=4)
     windows = random_windows(model.arch.vocab_size, 3, 40)
-    out = awq_quantize_model(model, windows, bits=4, group_size=32)
+    out = awq_quantize_model(model, windows, config=AWQConfig(group_size=32, gptq=gptq, tune=tune))
     layers = find_linears(model.model.layers)
     assert set(out) == {f"model.layers.{n}" for n in layers}
     params = dict(model.named_parameters())

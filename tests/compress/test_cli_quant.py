@@ -198,3 +198,21 @@ def test_calibration_settings_are_checked(capsys: pytest.CaptureFixture[str], tm
         calibration_config("gptq", Int4Config(64, act_order=True), {"static_groups": True})
     with pytest.raises(ValueError, match="--damp does not apply to --method awq"):
         calibration_config("awq", Int4Config(64), {"damp": 0.1})
+
+
+def test_tune_flag(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from turbollm.compress.quantize import calibration_config
+    from turbollm.compress.tune import TuneConfig
+    from turbollm.quant.methods import Int4Config
+
+    out = ["--out", str(tmp_path)]
+    assert main(["quantize", "--method", "rtn", "--tune", "2", *out]) == 2
+    assert "--tune applies to --method awq / gptq only" in capsys.readouterr().err
+    assert main(["quantize", "--method", "gptq", "--tune", "-1", *out]) == 2
+    assert "--tune -1 must be >= 0" in capsys.readouterr().err
+    assert calibration_config("gptq", Int4Config(64)).tune == TuneConfig()  # on by default
+    assert calibration_config("gptq", Int4Config(64), {"tune": None}).tune is None
+    assert calibration_config("awq", Int4Config(64), {"tune": TuneConfig(epochs=3)}).tune.epochs == 3
+    assert calibration_config("awq", Int4Config(64)).gptq  # AWQ rounds with GPTQ by default
+    assert main(["quantize", "--method", "gptq", "--rounding", "nearest", *out]) == 2
+    assert "--rounding applies to --method awq only" in capsys.readouterr().err

@@ -4,10 +4,13 @@ Input channels that carry large activations matter most. For each group of linea
 share an input, AWQ searches a per-input-channel scale s = mean|x|^alpha (alpha on a grid in
 [0, 1), normalized so sqrt(max s * min s) = 1) that minimizes the output error of the
 quantized layer on calibration activations, multiplies W's columns by s and divides the
-producer of x by s (an exact rewrite in float), then searches each group's range (by
-default lo and hi shrunk independently, then a least-squares refit of scale and offset:
-_int4.search_range), then rounds on the int4 grid of compress/_int4.py (by default with a
-float zero point, a free per-group offset; `zero_point="integer"` gives AutoAWQ's grid).
+producer of x by s (an exact rewrite in float), then (default, `gptq`) hands the scaled
+layer to GPTQ (compress/gptq.py) to round it with error compensation, or (AutoAWQ's way)
+searches each group's range (lo and hi shrunk independently, then a least-squares refit of
+scale and offset: _int4.search_range) and rounds to nearest, on the int4 grid of
+compress/_int4.py (by default with a float zero point, a free per-group offset;
+`zero_point="integer"` gives AutoAWQ's grid). By default (`tune`) the grids' scales and
+offsets are then tuned end to end against the float model (compress/tune.py).
 
 The output error of a weight error D [N, K] on inputs X is ||X D^T||^2 = tr(D X^T X D^T), so
 both searches use the Hessian H = 2 X^T X / n from calibration.py instead of the raw
@@ -26,8 +29,9 @@ Layers are processed in order; layer i's statistics come from the outputs of lay
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -35,6 +39,7 @@ from torch import nn
 from turbollm.compress import _int4
 from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
 from turbollm.compress.calibration import LayerwiseRunner, LinearStats, set_linear_weight
+from turbollm.compress.tune import TuneConfig, tune_grids
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,13 @@ class AWQConfig:
     """Search each group's range after scaling (AutoAWQ's auto_clip; _int4.search_range)."""
     clip_search: RangeSearch = RangeSearch()
     """How the range search explores: AutoAWQ's is RangeSearch(asymmetric=False, refine=0)."""
+    tune: TuneConfig | None = TuneConfig()
+    """Afterwards tune every group's scale and offset (codes fixed) end to end against the
+    float model on the calibration windows (compress/tune.py); None: no tuning."""
+    gptq: bool = True
+    """Round the scaled weights with GPTQ (compress/gptq.py, its default GPTQConfig with this
+    bits / group size / zero point: act-order, static groups, range search) instead of the
+    range search (clip) + round to nearest of AutoAWQ."""
 
 
 def output_error(d: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -150,13 +162,10 @@ def _frozen_rows(layer: nn.Module, name: str) -> int:
     return attn.q_size + attn.kv_size if name == "self_attn.qkv_proj" else 0
 
 
-def awq_quantize_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQConfig) -> tuple[
-        dict[str, Int4Weight], set[str]]:
-    """Scale, clip and quantize one decoder layer in place (its linears become W_hat).
-
-    Returns the codes of its linears (module names relative to the layer) and the
-    relative names of float parameters the folding changed.
-    """
+def awq_scale_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQConfig) -> set[str]:
+    """Search and fold the input-channel scales of one decoder layer (in place, exact in
+    float); `stats` (of every linear of the layer) become those of the scaled inputs.
+    Returns the relative names of the float parameters the folding changed."""
     changed: set[str] = set()
     for g in _scale_groups(layer):
         lin = layer.get_submodule(g.linear)
@@ -164,6 +173,17 @@ def awq_quantize_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQ
         s, _ = search_scale(lin.weight.float(), stats[g.linear], cfg, gs)
         _fold(layer, g, s, changed)
         stats[g.linear].scale_inputs(s)  # the linear now sees x / s
+    return changed
+
+
+def awq_quantize_layer(layer: nn.Module, stats: dict[str, LinearStats], cfg: AWQConfig) -> tuple[
+        dict[str, Int4Weight], set[str]]:
+    """Scale, clip and quantize one decoder layer in place (its linears become W_hat).
+
+    Returns the codes of its linears (module names relative to the layer) and the
+    relative names of float parameters the folding changed.
+    """
+    changed = awq_scale_layer(layer, stats, cfg)
     out: dict[str, Int4Weight] = {}
     for name, st in stats.items():
         lin = layer.get_submodule(name)
@@ -195,6 +215,16 @@ def awq_quantize_model(
     cfg = config or AWQConfig(bits=bits, group_size=group_size)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
     cfg.clip_search.check()
+    if cfg.gptq:
+        # gptq.py imports this module (for the scales), so import it here, not at the top
+        from turbollm.compress.gptq import GPTQConfig, gptq_quantize_model
+
+        gcfg = GPTQConfig(bits=cfg.bits, group_size=cfg.group_size, zero_point=cfg.zero_point,
+                          awq=replace(cfg, gptq=False, tune=None), tune=cfg.tune)
+        return gptq_quantize_model(model, calib_windows, config=gcfg)
+    if cfg.tune is not None:
+        cfg.tune.check()
+    teacher = copy.deepcopy(model) if cfg.tune is not None else None
     runner = LayerwiseRunner(model, calib_windows)
     result = QuantizedModel()
     for i in range(runner.num_layers):
@@ -206,4 +236,7 @@ def awq_quantize_model(
         result.float_params.update({prefix + n: params[n].detach().float().cpu().clone()
                                     for n in sorted(changed)})
         runner.run_layer(i, update=True)  # the next layer sees this layer's quantized outputs
+    del runner
+    if teacher is not None:
+        tune_grids(model, teacher, result, calib_windows, cfg.tune)  # type: ignore[arg-type]
     return result

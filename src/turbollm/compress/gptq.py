@@ -14,10 +14,14 @@ with `perm`, so the runtime computes x[:, perm] @ W_stored^T (contract).
 Layers are quantized in order from activations of the already-quantized earlier layers.
 With `true_sequential`, inside a layer qkv_proj, o_proj, gate_up_proj and down_proj are
 also quantized one after another, each from inputs produced by the quantized ones before.
+Options: `awq` first folds AWQ's input-channel scales into the layer (compress/awq.py),
+then GPTQ quantizes the scaled weights; `tune` (on by default) afterwards tunes every
+group's scale and offset end to end against the float model (compress/tune.py).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,7 +30,9 @@ from torch import nn
 
 from turbollm.compress import _int4
 from turbollm.compress._int4 import Int4Weight, QuantizedModel, RangeSearch
+from turbollm.compress.awq import AWQConfig, awq_scale_layer
 from turbollm.compress.calibration import LayerwiseRunner, set_linear_weight
+from turbollm.compress.tune import TuneConfig, tune_grids
 
 SEQUENTIAL_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",),
                      ("mlp.down_proj",))
@@ -57,6 +63,13 @@ class GPTQConfig:
     static_groups: bool = True
     """Fix every group's grid from W before any error update. With act_order the codes then
     stay in input order (no perm at runtime): act-order only sets the processing order."""
+    awq: AWQConfig | None = None
+    """First search and fold AWQ's input-channel scales into each layer (compress/awq.py),
+    then run GPTQ on the scaled weights (llm-compressor's AWQ + GPTQ recipe); its gptq and tune
+    fields are not used here."""
+    tune: TuneConfig | None = TuneConfig()
+    """Afterwards tune every group's scale and offset (codes fixed) end to end against the
+    float model on the calibration windows (compress/tune.py); None: no tuning."""
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -159,10 +172,11 @@ def gptq_quantize_model(
     calibration.calibration_windows). Afterwards the model's linear weights hold W_hat in
     the original column order (it can be evaluated as is). Returns {module name: {"q",
     "scales", "zeros"} + "perm" under act-order} for every decoder linear (see
-    _int4.QuantizedModel); float_params stays empty (GPTQ changes no other parameter).
+    _int4.QuantizedModel); float_params holds the RMSNorm weights / biases that AWQ's
+    scales changed (config.awq), else it stays empty.
     Embeddings and the LM head stay in float. `config` overrides bits / group_size / act_order.
     Defaults (GPTQConfig): act-order with static groups (no "perm": codes in input order),
-    float zero points, the per-group range search.
+    float zero points, the per-group range search, then grid tuning (compress/tune.py).
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)
@@ -170,14 +184,28 @@ def gptq_quantize_model(
         cfg.range_search.check()
     if cfg.damp <= 0:
         raise ValueError(f"GPTQ damp={cfg.damp} must be > 0")
+    if cfg.awq is not None:
+        _int4.check_bits(cfg.awq.bits, cfg.awq.group_size, cfg.awq.zero_point)
+    if cfg.tune is not None:
+        cfg.tune.check()
+    teacher = copy.deepcopy(model) if cfg.tune is not None else None
     runner = LayerwiseRunner(model, calib_windows)
     result = QuantizedModel()
     order = SEQUENTIAL_GROUPS if cfg.true_sequential else (sum(SEQUENTIAL_GROUPS, ()),)
     for i in range(runner.num_layers):
         layer = runner.inner.layers[i]
+        prefix = f"model.layers.{i}."
+        if cfg.awq is not None:
+            changed = awq_scale_layer(layer, runner.layer_stats(i), cfg.awq)
+            params = dict(layer.named_parameters())
+            result.float_params.update({prefix + n: params[n].detach().float().cpu().clone()
+                                        for n in sorted(changed)})
         for names in order:
             codes = _quantize_linears(layer, runner.layer_stats(i, names), cfg)
-            result.update({f"model.layers.{i}.{n}": {k: t.cpu() for k, t in q.as_dict().items()}
+            result.update({prefix + n: {k: t.cpu() for k, t in q.as_dict().items()}
                            for n, q in codes.items()})
         runner.run_layer(i, update=True)
+    del runner
+    if teacher is not None:
+        tune_grids(model, teacher, result, calib_windows, cfg.tune)  # type: ignore[arg-type]
     return result

@@ -8,7 +8,9 @@ runtime tensors as plain fp8 (weight e4m3 + weight_scale), so it loads through t
 path. `--quantization-ignore` keeps matching decoder linears dense (rtn, fp8). awq / gptq
 build the dense model, hand it with calibration windows (the Shakespeare calibration part,
 never the evaluation files) to compress.awq / compress.gptq, and install the int4 grids
-they return. `--method none` keeps the weights as they are.
+they return (by default AWQ rounds its scaled weights with GPTQ, and both then tune the
+grids' scales and offsets against the float model: compress/tune.py; `--rounding nearest`,
+`--tune 0` turn those off). `--method none` keeps the weights as they are.
 `--kv-cache-scales` then calibrates per-layer FP8 KV-cache scales on the (quantized) model
 (compress/kv_scales.py) and writes them beside the weights, so that
 `LLM(model=DIR, kv_cache_dtype="fp8")` uses them. The checkpoint is written by
@@ -31,6 +33,7 @@ from turbollm.compress.corpus import load_corpus
 from turbollm.compress.evaluate import make_windows
 from turbollm.compress.fp8_calib import Fp8CalibConfig, fp8_calibrate_model
 from turbollm.compress.kv_scales import DEFAULT_CALIB, KVScales, apply_kv_scales, calibrate_kv_scales
+from turbollm.compress.tune import TuneConfig
 from turbollm.quant import grids
 from turbollm.layers.linear import QuantizableLinear
 from turbollm.models.build import build_model, resolve_device, resolve_dtype
@@ -201,7 +204,15 @@ def run_quantize(args: argparse.Namespace) -> int:
         config = None
     else:
         config = method_for_cli(args.method, args.bits, args.group_size)
-    settings = {k: v for k in ("zero_point", *_GPTQ_ONLY) if (v := getattr(args, k, None)) is not None}
+    settings = {k: v for k in ("zero_point", "tune", "rounding", *_GPTQ_ONLY) if (v := getattr(args, k, None)) is not None}
+    if "rounding" in settings:  # --rounding (awq only) -> AWQConfig.gptq
+        if args.method != "awq":
+            raise ValueError(f"--rounding applies to --method awq only; got --method {args.method}")
+        settings["gptq"] = settings.pop("rounding") == "gptq"
+    if "tune" in settings:  # --tune EPOCHS -> a TuneConfig, or None for no tuning
+        if settings["tune"] < 0:
+            raise ValueError(f"--tune {settings['tune']} must be >= 0 (0: no tuning)")
+        settings["tune"] = TuneConfig(epochs=settings["tune"]) if settings["tune"] > 0 else None
     if args.method not in _CALIBRATED and settings:
         raise ValueError(f"--{next(iter(settings)).replace('_', '-')} applies to --method awq / gptq only")
     if args.method != "gptq" and (bad := [k for k in _GPTQ_ONLY if k in settings]):
