@@ -210,9 +210,10 @@ def test_tune_flag(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # typ
     assert "--tune applies to --method awq / gptq only" in capsys.readouterr().err
     assert main(["quantize", "--method", "gptq", "--tune", "-1", *out]) == 2
     assert "--tune -1 must be >= 0" in capsys.readouterr().err
-    assert calibration_config("gptq", Int4Config(64)).tune == TuneConfig()  # on by default
-    assert calibration_config("gptq", Int4Config(64), {"tune": None}).tune is None
+    assert calibration_config("gptq", Int4Config(64)).tune is None  # off by default: --method gptq is GPTQ
+    assert calibration_config("gptq", Int4Config(64), {"tune": TuneConfig()}).tune == TuneConfig()
     assert calibration_config("awq", Int4Config(64), {"tune": TuneConfig(epochs=3)}).tune.epochs == 3
-    assert calibration_config("awq", Int4Config(64)).gptq  # AWQ rounds with GPTQ by default
+    assert not calibration_config("awq", Int4Config(64)).gptq  # AWQ rounds to nearest by default (AutoAWQ)
+    assert calibration_config("awq", Int4Config(64), {"gptq": True}).gptq  # --rounding gptq
     assert main(["quantize", "--method", "gptq", "--rounding", "nearest", *out]) == 2
     assert "--rounding applies to --method awq only" in capsys.readouterr().err

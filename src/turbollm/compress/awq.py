@@ -4,13 +4,14 @@ Input channels that carry large activations matter most. For each group of linea
 share an input, AWQ searches a per-input-channel scale s = mean|x|^alpha (alpha on a grid in
 [0, 1), normalized so sqrt(max s * min s) = 1) that minimizes the output error of the
 quantized layer on calibration activations, multiplies W's columns by s and divides the
-producer of x by s (an exact rewrite in float), then (default, `gptq`) hands the scaled
-layer to GPTQ (compress/gptq.py) to round it with error compensation, or (AutoAWQ's way)
-searches each group's range (lo and hi shrunk independently, then a least-squares refit of
+producer of x by s (an exact rewrite in float), then (default, AutoAWQ's way) searches
+each group's range (lo and hi shrunk independently, then a least-squares refit of
 scale and offset: _int4.search_range) and rounds to nearest, on the int4 grid of
 compress/_int4.py (by default with a float zero point, a free per-group offset;
-`zero_point="integer"` gives AutoAWQ's grid). By default (`tune`) the grids' scales and
-offsets are then tuned end to end against the float model (compress/tune.py).
+`zero_point="integer"` gives AutoAWQ's grid). Opt-in: `gptq` hands the scaled layer to
+GPTQ (compress/gptq.py) to round it with error compensation instead (llm-compressor's
+AWQ + GPTQ recipe), and `tune` then tunes the grids' scales and offsets end to end against
+the float model (compress/tune.py).
 
 The output error of a weight error D [N, K] on inputs X is ||X D^T||^2 = tr(D X^T X D^T), so
 both searches use the Hessian H = 2 X^T X / n from calibration.py instead of the raw
@@ -60,10 +61,11 @@ class AWQConfig:
     """Search each group's range after scaling (AutoAWQ's auto_clip; _int4.search_range)."""
     clip_search: RangeSearch = RangeSearch()
     """How the range search explores: AutoAWQ's is RangeSearch(asymmetric=False, refine=0)."""
-    tune: TuneConfig | None = TuneConfig()
+    tune: TuneConfig | None = None
     """Afterwards tune every group's scale and offset (codes fixed) end to end against the
-    float model on the calibration windows (compress/tune.py); None: no tuning."""
-    gptq: bool = True
+    float model on the calibration windows (compress/tune.py; ~3x the fp32 model's memory);
+    None (default): no tuning."""
+    gptq: bool = False
     """Round the scaled weights with GPTQ (compress/gptq.py, its default GPTQConfig with this
     bits / group size / zero point: act-order, static groups, range search) instead of the
     range search (clip) + round to nearest of AutoAWQ."""

@@ -15,8 +15,9 @@ Layers are quantized in order from activations of the already-quantized earlier 
 With `true_sequential`, inside a layer qkv_proj, o_proj, gate_up_proj and down_proj are
 also quantized one after another, each from inputs produced by the quantized ones before.
 Options: `awq` first folds AWQ's input-channel scales into the layer (compress/awq.py),
-then GPTQ quantizes the scaled weights; `tune` (on by default) afterwards tunes every
-group's scale and offset end to end against the float model (compress/tune.py).
+then GPTQ quantizes the scaled weights; `tune` (opt-in: `turbollm quantize --tune 2`)
+afterwards tunes every group's scale and offset end to end against the float model
+(compress/tune.py). Both are off by default, so `--method gptq` is GPTQ.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ class GPTQConfig:
     """First search and fold AWQ's input-channel scales into each layer (compress/awq.py),
     then run GPTQ on the scaled weights (llm-compressor's AWQ + GPTQ recipe); its gptq and tune
     fields are not used here."""
-    tune: TuneConfig | None = TuneConfig()
+    tune: TuneConfig | None = None
     """Afterwards tune every group's scale and offset (codes fixed) end to end against the
-    float model on the calibration windows (compress/tune.py); None: no tuning."""
+    float model on the calibration windows (compress/tune.py; ~3x the fp32 model's memory);
+    None (default): no tuning."""
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -176,7 +178,7 @@ def gptq_quantize_model(
     scales changed (config.awq), else it stays empty.
     Embeddings and the LM head stay in float. `config` overrides bits / group_size / act_order.
     Defaults (GPTQConfig): act-order with static groups (no "perm": codes in input order),
-    float zero points, the per-group range search, then grid tuning (compress/tune.py).
+    float zero points, the per-group range search; grid tuning (compress/tune.py) if asked.
     """
     cfg = config or GPTQConfig(bits=bits, group_size=group_size, act_order=act_order)
     _int4.check_bits(cfg.bits, cfg.group_size, cfg.zero_point)

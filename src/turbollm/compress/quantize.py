@@ -8,9 +8,9 @@ runtime tensors as plain fp8 (weight e4m3 + weight_scale), so it loads through t
 path. `--quantization-ignore` keeps matching decoder linears dense (rtn, fp8). awq / gptq
 build the dense model, hand it with calibration windows (the Shakespeare calibration part,
 never the evaluation files) to compress.awq / compress.gptq, and install the int4 grids
-they return (by default AWQ rounds its scaled weights with GPTQ, and both then tune the
-grids' scales and offsets against the float model: compress/tune.py; `--rounding nearest`,
-`--tune 0` turn those off). `--method none` keeps the weights as they are.
+they return (opt-in: `--rounding gptq` has AWQ round its scaled weights with GPTQ, and
+`--tune EPOCHS` then tunes either method's grid scales and offsets against the float model:
+compress/tune.py). `--method none` keeps the weights as they are.
 `--kv-cache-scales` then calibrates per-layer FP8 KV-cache scales on the (quantized) model
 (compress/kv_scales.py) and writes them beside the weights, so that
 `LLM(model=DIR, kv_cache_dtype="fp8")` uses them. The checkpoint is written by
