@@ -114,7 +114,8 @@ def test_o_proj_group_only_without_gqa() -> None:
 
 @pytest.mark.parametrize("gptq,tune", [(False, None), (True, None), (True, TuneConfig(epochs=1))])
 def test_awq_model_returns_codes_and_folded_params_that_rebuild_it(gptq: bool, tune: TuneConfig | None) -> None:
-    """Nearest rounding (AutoAWQ, the default), GPTQ rounding, and GPTQ + tuning."""
+    """Nearest rounding (AutoAWQ, the default), GPTQ rounding (GPTQConfig.awq: AWQ scales, then
+    GPTQ), and GPTQ + tuning."""
     model = tiny_model("tiny-qwen2", num_key_value_heads=4)  # no GQA: o_proj is scaled too
     ref = tiny_model("tiny-qwen2", num_key_value_heads=4)
     windows = random_windows(model.arch.vocab_size, 3, 40)

@@ -10,7 +10,6 @@ from compressutil import correlated_inputs, random_windows, tiny_model
 from turbollm.compress import _int4
 from turbollm.compress._int4 import RangeSearch
 from turbollm.compress.calibration import LinearStats, find_linears, forward_window
-from turbollm.compress.awq import AWQConfig
 from turbollm.compress.gptq import GPTQConfig, gptq_quantize_model, gptq_quantize_weight
 
 
@@ -161,23 +160,3 @@ def test_bad_options_raise_value_errors() -> None:
     with pytest.raises(ValueError, match="no group size"):
         _int4.group_size_for(80, 128, "x")
     assert _int4.group_size_for(576, 128, "x") == 64 and _int4.group_size_for(1536, 128, "x") == 128
-
-
-def test_awq_scales_then_gptq_returns_folded_params_that_rebuild_it() -> None:
-    model = tiny_model("tiny-qwen2", num_key_value_heads=4)
-    ref = tiny_model("tiny-qwen2", num_key_value_heads=4)
-    windows = random_windows(model.arch.vocab_size, 3, 40)
-    cfg = GPTQConfig(group_size=32, awq=AWQConfig(group_size=32))
-    out = gptq_quantize_model(model, windows, config=cfg)
-    params = dict(model.named_parameters())
-    expected = {f"model.layers.{i}.{n}" for i in range(2) for n in (
-        "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.qkv_proj.bias")}
-    assert set(out.float_params) == expected
-    for name, value in out.float_params.items():
-        torch.testing.assert_close(params[name], value)
-        assert not torch.equal(value, dict(ref.named_parameters())[name])
-    for name, grid in out.items():
-        torch.testing.assert_close(params[name + ".weight"],
-                                   _int4.dequantize(grid["q"], grid["scales"], grid["zeros"], 32))
-    y, y_ref = forward_window(model, windows[0]), forward_window(ref, windows[0])
-    assert torch.nn.functional.cosine_similarity(y, y_ref, dim=-1).mean() > 0.9
