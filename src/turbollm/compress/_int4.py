@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from turbollm.quant.grids import dequantize_int4, group_size_for  # group_size_for: the one policy
 
@@ -79,6 +80,15 @@ class QuantizedModel(dict[str, dict[str, torch.Tensor]]):
     def __init__(self) -> None:
         super().__init__()
         self.float_params: dict[str, torch.Tensor] = {}
+
+    def add_codes(self, prefix: str, codes: dict[str, Int4Weight]) -> None:
+        """Record a layer's grids {relative module name: Int4Weight} under `prefix`, on the CPU."""
+        self.update({prefix + n: {k: t.cpu() for k, t in q.as_dict().items()} for n, q in codes.items()})
+
+    def add_float_params(self, layer: nn.Module, prefix: str, changed: set[str]) -> None:
+        """Record copies of the layer's float parameters named in `changed` under `prefix`."""
+        params = dict(layer.named_parameters())
+        self.float_params.update({prefix + n: params[n].detach().float().cpu().clone() for n in sorted(changed)})
 
 
 def check_bits(bits: int, group_size: int, zero_point: str = "integer") -> None:

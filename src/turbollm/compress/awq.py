@@ -233,10 +233,8 @@ def awq_quantize_model(
         layer = runner.inner.layers[i]
         codes, changed = awq_quantize_layer(layer, runner.layer_stats(i), cfg)
         prefix = f"model.layers.{i}."
-        result.update({prefix + n: {k: t.cpu() for k, t in q.as_dict().items()} for n, q in codes.items()})
-        params = dict(layer.named_parameters())
-        result.float_params.update({prefix + n: params[n].detach().float().cpu().clone()
-                                    for n in sorted(changed)})
+        result.add_codes(prefix, codes)
+        result.add_float_params(layer, prefix, changed)
         runner.run_layer(i, update=True)  # the next layer sees this layer's quantized outputs
     del runner
     if teacher is not None:

@@ -198,14 +198,9 @@ def gptq_quantize_model(
         layer = runner.inner.layers[i]
         prefix = f"model.layers.{i}."
         if cfg.awq is not None:
-            changed = awq_scale_layer(layer, runner.layer_stats(i), cfg.awq)
-            params = dict(layer.named_parameters())
-            result.float_params.update({prefix + n: params[n].detach().float().cpu().clone()
-                                        for n in sorted(changed)})
+            result.add_float_params(layer, prefix, awq_scale_layer(layer, runner.layer_stats(i), cfg.awq))
         for names in order:
-            codes = _quantize_linears(layer, runner.layer_stats(i, names), cfg)
-            result.update({prefix + n: {k: t.cpu() for k, t in q.as_dict().items()}
-                           for n, q in codes.items()})
+            result.add_codes(prefix, _quantize_linears(layer, runner.layer_stats(i, names), cfg))
         runner.run_layer(i, update=True)
     del runner
     if teacher is not None:
