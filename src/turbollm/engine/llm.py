@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -124,12 +126,29 @@ class LLM:
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), desc="Generating", disable=not use_tqdm, unit="req")
         want = set(ids)
-        while len(done) < len(ids):
-            if not self.engine.has_unfinished_requests():
-                raise RuntimeError("the engine stopped before every request finished")
-            for out in self.engine.step():
-                if out.finished and out.request_id in want:
-                    done[out.request_id] = out
-                    bar.update(1)
+        with _no_full_collections():
+            while len(done) < len(ids):
+                if not self.engine.has_unfinished_requests():
+                    raise RuntimeError("the engine stopped before every request finished")
+                for out in self.engine.step():
+                    if out.finished and out.request_id in want:
+                        done[out.request_id] = out
+                        bar.update(1)
         bar.close()
         return [done[i] for i in ids]
+
+
+@contextlib.contextmanager
+def _no_full_collections() -> Iterator[None]:
+    """Keep Python's cyclic GC to its young generations while a batch generates.
+
+    A full collection walks every live request's token and block lists; with 1000 requests
+    of 768 tokens it stopped an offline H100 run for ~200 ms, seven times (the GPU idle
+    meanwhile). The young generations still collect, and the next full collection after the
+    call frees whatever cyclic garbage the batch left (the engine makes little)."""
+    t0, t1, t2 = gc.get_threshold()
+    gc.set_threshold(t0, t1, 1 << 30)
+    try:
+        yield
+    finally:
+        gc.set_threshold(t0, t1, t2)

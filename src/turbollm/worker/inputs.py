@@ -16,6 +16,7 @@ import torch
 from turbollm.core.plan import StepPlan
 from turbollm.layers.attention import AttentionMetadata
 from turbollm.sample.sampler import SamplingState
+from turbollm.worker.cuda_graphs import BUCKETS
 
 
 @dataclass
@@ -69,7 +70,9 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     meta: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampling] int64 row of each sampling request's last token
+    logits_indices: torch.Tensor  # [num_logits] int64 row of each sampling request's last token
+    """On CUDA padded with copies of the last row up to `logits_rows(len(sampling_states))`;
+    the first len(sampling_states) rows are the sampling requests'."""
     sampling_states: list[RequestState]
     """Requests that sample a token this step, in logits_indices order."""
     prompt_logprobs: PromptLogprobsInputs | None = None
@@ -105,6 +108,16 @@ def _upload(lists: list[list[int]], device: torch.device) -> list[torch.Tensor]:
         flat = flat.pin_memory()
     parts = flat.to(device, non_blocking=True).split(padded)
     return [p[: len(x)] for p, x in zip(parts, lists, strict=True)]
+
+
+def logits_rows(num_sampling: int) -> int:
+    """Rows the LM head runs on for `num_sampling` sampling requests on a GPU: the next CUDA-graph
+    bucket (multiples of 256 above the largest). A new matmul shape can make cuBLAS load a
+    kernel module, which waits for the device: a shape per batch size stalled the host for
+    tens of ms a step while the batch drained at the end of an offline run. With a few
+    shapes, all met at start-up (ModelRunner warms them), the padding rows cost less."""
+    bucket = next((b for b in BUCKETS if b >= num_sampling), None)
+    return bucket if bucket is not None else -(-num_sampling // 256) * 256
 
 
 def build_step_inputs(
@@ -163,6 +176,8 @@ def build_step_inputs(
         if len(t) < width:
             padded += [0] * (width - len(t))
     num_decodes = sum(1 for q in query_lens if q == 1)
+    if device.type == "cuda" and logits_idx:
+        logits_idx += [logits_idx[-1]] * (logits_rows(len(logits_idx)) - len(logits_idx))
     lists = [slots, padded, seq_lens, [0, *itertools.accumulate(query_lens)], input_ids, positions,
              logits_idx, pl_rows, pl_targets, ph_rows, ph_src]
     (slot_t, table_t, seq_t, qsl_t, ids_t, pos_t, logits_t, pl_rows_t, pl_targets_t, ph_rows_t,

@@ -28,7 +28,7 @@ from turbollm.sample.sampler import (
     needs_host_tokens,
     unpack_logprobs,
 )
-from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs
+from turbollm.worker.inputs import PromptLogprobsInputs, RequestState, StepInputs, build_step_inputs, logits_rows
 from turbollm.worker.cuda_graphs import DecodeGraphs
 from turbollm.worker.kv_cache import allocate_kv_caches, bytes_per_block, num_blocks_for_budget
 from turbollm.worker.spec_decode import SpecDecoder
@@ -94,7 +94,7 @@ class ModelRunner:
         nblocks = sum(-(-n // self.block_size) for n in lens)
         caches = allocate_kv_caches(self.arch, nblocks, self.block_size, self.kv_dtype, self.device)
         hidden = self._synthetic_forward(lens, lens, caches)
-        rows = min(sched.max_num_seqs, total)
+        rows = min(logits_rows(sched.max_num_seqs), total)  # the LM head's padded rows
         torch.log_softmax(self.model.compute_logits(hidden[:rows]).float(), dim=-1)  # type: ignore[operator]
         torch.cuda.synchronize(self.device)
 
@@ -139,6 +139,17 @@ class ModelRunner:
                 self._synthetic_forward([1, q], [n, n], self.kv_caches)  # a decode beside the chunk
         torch.cuda.synchronize(self.device)
 
+    @torch.inference_mode()
+    def _warm_up_lm_head(self) -> None:
+        """Run the LM head and the greedy argmax once at every row count `logits_rows` can
+        give, so that serving meets no new matmul shape (see inputs.logits_rows)."""
+        counts = {logits_rows(n) for n in range(1, self.config.scheduler.max_num_seqs + 1)}
+        hidden = torch.zeros(max(counts), self.arch.hidden_size, dtype=self.dtype,
+                             device=self.device)  # [max rows, hidden]
+        for rows in sorted(counts):
+            self.model.compute_logits(hidden[:rows]).argmax(dim=-1)  # type: ignore[operator]
+        torch.cuda.synchronize(self.device)
+
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate the cache; on a GPU also capture the decode graphs (one extra scratch block)."""
         use_graphs = self.device.type == "cuda" and not self.config.model.enforce_eager
@@ -148,6 +159,8 @@ class ModelRunner:
             self._warm_up_kernels(num_blocks)
         if self.spec is not None:
             self.spec.init_kv_cache(total)
+        if self.device.type == "cuda":
+            self._warm_up_lm_head()
         if use_graphs:
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.scheduler.max_num_seqs,
                                        self.max_model_len, self.block_size, scratch_block=num_blocks)
@@ -217,7 +230,8 @@ class ModelRunner:
         packed = self._score_prompt(hidden, pl) if pl is not None and pl.target_ids else None
         states = inp.sampling_states
         if states:
-            logits = self.model.compute_logits(hidden[inp.logits_indices])  # [num_sampling, vocab]
+            # [num_sampling, vocab]; the LM head runs on the padded rows (see logits_rows)
+            logits = self.model.compute_logits(hidden[inp.logits_indices])[: len(states)]
             draft = self.sampler.sample(logits, [s.sampling for s in states], extra=packed)
             for row, st in enumerate(states):
                 st.sampling.num_pending += 1

@@ -1,0 +1,111 @@
+"""Compile a Triton kernel for sm_90 on a machine without a GPU and report its IR and SASS.
+
+Usage (CPU machine): python bench/scripts/cpu_sass.py int4_dot [--m 64] [--dump DIR]
+Prints the TTGIR ops that touch shared memory / the tensor cores and the instruction count
+of the main loop (the longest basic block that branches back to itself) by opcode.
+"""
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from turbollm.kernels import _quant_matmul_kernels as qk
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+
+def compile_kernel(fn, signature: dict, constexprs: dict, aligned: list[int], num_warps: int, num_stages: int):
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    src = ASTSource(fn, signature, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def int4_dot(m: int, bn: int, bk: int, warps: int, stages: int, swap: bool, split_x: bool, deq: int):
+    names = ["x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "part_ptr", "M", "N", "K",
+             "stride_xm", "stride_om", "k_per_split"]
+    sig = {n: ("*bf16" if n in ("x_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr") else "*u8" if n == "w_ptr"
+               else "*fp32" if n == "part_ptr" else "i32") for n in names}
+    const = dict(GROUP=128, BLOCK_M=m, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DEQ=deq, MAGIC_BITS=0x4300,
+                 MAGIC_BASE=128.0, SPLIT_X=split_x, SWAP=swap, SPLIT_K=1, HAS_BIAS=False, ROUND_W=False,
+                 ROUND_OUT=False, DOT_PREC="tf32", UPCAST=False, FRAC_Z=False)
+    for k, v in const.items():
+        sig[k] = "constexpr"
+    return compile_kernel(qk.int4_dot_kernel, sig, const, list(range(13)), warps, stages)
+
+
+def sass_of(kernel) -> str:
+    path = "/tmp/_k.cubin"
+    with open(path, "wb") as f:
+        f.write(kernel.asm["cubin"])
+    return subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def loop_report(sass: str) -> None:
+    lines = [l for l in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
+    ops = []
+    for l in lines:
+        m = re.match(r"\s+/\*([0-9a-f]{4})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", l)
+        if m:
+            ops.append((int(m.group(1), 16), m.group(3), l))
+    # backward branches: BRA to an earlier address
+    best = None
+    for addr, op, l in ops:
+        if op.startswith("BRA"):
+            t = re.search(r"0x([0-9a-f]+)", l.split("BRA", 1)[1])
+            if t and int(t.group(1), 16) < addr:
+                lo = int(t.group(1), 16)
+                body = [o for a, o, _ in ops if lo <= a <= addr]
+                if best is None or len(body) > len(best):
+                    best = body
+    if best is None:
+        print("no loop found")
+        return
+    c = collections.Counter(o.split(".")[0] for o in best)
+    print(f"main loop: {len(best)} instructions")
+    print("  " + ", ".join(f"{k} {v}" for k, v in c.most_common()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("kernel", choices=["int4_dot"])
+    ap.add_argument("--m", type=int, default=64)
+    ap.add_argument("--bn", type=int, default=64)
+    ap.add_argument("--bk", type=int, default=128)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--no-swap", action="store_true")
+    ap.add_argument("--split-x", action="store_true")
+    ap.add_argument("--deq", type=int, default=2)
+    ap.add_argument("--dump", default=None)
+    a = ap.parse_args()
+    k = int4_dot(a.m, a.bn, a.bk, a.warps, a.stages, not a.no_swap, a.split_x, a.deq)
+    ttgir = k.asm["ttgir"]
+    keys = ("local_alloc", "local_store", "local_load", "warp_group_dot", "tt.dot", "convert_layout",
+            "async_copy", "ttng.", "ttg.")
+    c = collections.Counter()
+    for line in ttgir.splitlines():
+        for key in keys:
+            if key in line:
+                mm = re.search(r"(tt[gn]?\.[a-z_]+)", line)
+                c[mm.group(1) if mm else key] += 1
+                break
+    print("TTGIR ops:", dict(c))
+    print("shared memory bytes:", k.metadata.shared, " registers:", getattr(k, "n_regs", None))
+    s = sass_of(k)
+    loop_report(s)
+    if a.dump:
+        os.makedirs(a.dump, exist_ok=True)
+        for name in ("ttgir", "ptx"):
+            open(os.path.join(a.dump, f"k.{name}"), "w").write(k.asm[name])
+        open(os.path.join(a.dump, "k.sass"), "w").write(s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
