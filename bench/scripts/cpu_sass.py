@@ -40,6 +40,20 @@ def int4_dot(m: int, bn: int, bk: int, warps: int, stages: int, swap: bool, spli
     return compile_kernel(qk.int4_dot_kernel, sig, const, list(range(13)), warps, stages)
 
 
+def gemv(bn: int, bk: int, warps: int, deq: int, fmt: int, prologue: int):
+    from turbollm.kernels import gemv as g
+    names = ["x_ptr", "res_ptr", "nw_ptr", "new_res_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr",
+             "N", "K", "k_per_split", "stride_wn", "stride_os", "eps"]
+    wt = {2: "*u8", 1: "*i8", 0: "*bf16"}[fmt]
+    sig = {n: "*bf16" for n in names[:9]}
+    sig.update(w_ptr=wt, N="i32", K="i32", k_per_split="i32", stride_wn="i32", stride_os="i32", eps="fp32")
+    const = dict(PROLOGUE=prologue, HAS_RESIDUAL=prologue == 1, HAS_BIAS=False, WFMT=fmt, GROUP=128 if fmt == 2 else 1,
+                 DEQ=deq, BLOCK_N=bn, BLOCK_K=bk, ROUND=False, ROUND_OUT=False)
+    for k in const:
+        sig[k] = "constexpr"
+    return compile_kernel(g._gemv_kernel, sig, const, list(range(14)), warps, 3)
+
+
 def sass_of(kernel) -> str:
     path = "/tmp/_k.cubin"
     with open(path, "wb") as f:
@@ -74,7 +88,9 @@ def loop_report(sass: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kernel", choices=["int4_dot"])
+    ap.add_argument("kernel", choices=["int4_dot", "gemv"])
+    ap.add_argument("--fmt", type=int, default=2, help="gemv: 0 bf16, 1 int8, 2 int4")
+    ap.add_argument("--prologue", type=int, default=0)
     ap.add_argument("--m", type=int, default=64)
     ap.add_argument("--bn", type=int, default=64)
     ap.add_argument("--bk", type=int, default=128)
@@ -85,7 +101,10 @@ def main() -> None:
     ap.add_argument("--deq", type=int, default=2)
     ap.add_argument("--dump", default=None)
     a = ap.parse_args()
-    k = int4_dot(a.m, a.bn, a.bk, a.warps, a.stages, not a.no_swap, a.split_x, a.deq)
+    if a.kernel == "gemv":
+        k = gemv(a.bn, a.bk, a.warps, a.deq, a.fmt, a.prologue)
+    else:
+        k = int4_dot(a.m, a.bn, a.bk, a.warps, a.stages, not a.no_swap, a.split_x, a.deq)
     ttgir = k.asm["ttgir"]
     keys = ("local_alloc", "local_store", "local_load", "warp_group_dot", "tt.dot", "convert_layout",
             "async_copy", "ttng.", "ttg.")
