@@ -64,3 +64,24 @@ def test_bench_throughput_refuses_hf_compare_when_quantized(capsys: pytest.Captu
     rc = main(["bench", "throughput", "--model", "tiny-llama", "--device", "cpu", "--quantization", "int8",
                "--num-prompts", "2"])
     assert rc == 2 and "--compare none" in capsys.readouterr().err
+
+
+def test_transformers_twin_rebuilt_after_the_engine_has_the_same_dummy_weights() -> None:
+    import torch
+
+    from turbollm.bench.throughput import _hf_model_alone, _weights_checksum
+
+    llm = LLM("tiny-llama", device="cpu", num_blocks=16)
+    ex = llm.engine.executor
+    ours = ex.runner.model
+    check = _weights_checksum(ours)
+    hf = _hf_model_alone(ex.source, torch.float32, torch.device("cpu"), llm.engine.config.model.seed, check)
+    theirs = dict(hf.named_parameters())
+    compared = 0
+    for name, t in ours.hf_state_dict():
+        if name in theirs:
+            assert torch.equal(theirs[name], t), name
+            compared += 1
+    assert compared == len(theirs)
+    with pytest.raises(RuntimeError, match="differ"):
+        _hf_model_alone(ex.source, torch.float32, torch.device("cpu"), llm.engine.config.model.seed + 1, check)

@@ -14,7 +14,7 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --output-len tokens")
     p.add_argument("--compare", choices=("hf", "none"), default="hf",
                    help="hf: also run transformers' generate on the same model and weights (dummy "
-                        "weights are copied into it; on a GPU leave room, e.g. --gpu-memory-utilization 0.45)")
+                        "weights are copied into it; on a GPU it runs after turbollm has released the card)")
     p.add_argument("--hf-single-prompts", type=int, default=8,
                    help="prompts for the transformers one-at-a-time baseline (a rate is compared)")
     p.add_argument("--hf-batch-sizes", default="8,16,32",

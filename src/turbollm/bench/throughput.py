@@ -1,8 +1,9 @@
 """`turbollm bench throughput`: N prompts through turbollm and through transformers.
 
 Same model, same weights, same greedy settings, same run. Each system runs --repeats times
-in interleaved rounds and the median is reported (a shared 2-core machine drifts by ±25%
-between minutes). Prints output tokens/s for each and the ratios, checks the greedy tokens
+and the median is reported: on CPU in interleaved rounds (a shared 2-core machine drifts by
+±25% between minutes), on a GPU transformers after turbollm has released the card, so that
+each has all of its memory. Prints output tokens/s for each and the ratios, checks the greedy tokens
 agree, and writes JSON with every sample.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import sys
@@ -24,6 +26,7 @@ from turbollm.bench.prompts import chat_prompts, random_prompts
 from turbollm.core.spec_policy import SpecCounters
 from turbollm.bench.report import write_json
 from turbollm.engine.llm import LLM
+from turbollm.models.build import build_model
 from turbollm.sampling_params import SamplingParams
 
 
@@ -80,33 +83,72 @@ def run_throughput(args: argparse.Namespace, engine_opts: dict[str, Any]) -> int
         prompts = random_prompts(info.arch.vocab_size, args.num_prompts, args.input_len)
     device, dtype = eng.executor.runner.device, eng.executor.runner.dtype
     eos = set(eng.eos_token_ids)
-    runner = eng.executor.runner
-    hf = load_hf_model(eng.executor.source, dtype, device, runner.model) if args.compare == "hf" else None
-    batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b]
+    kv_tokens, kv_dtype = eng.kv_capacity_tokens, eng.config.cache.kv_cache_dtype
+    # On a GPU transformers runs after turbollm has released its memory, so each system has
+    # the whole card (turbollm's KV cache is not cut to make room for a second copy of the
+    # weights); on CPU the rounds interleave, so drifting machine speed hits both alike.
+    hf_after = args.compare == "hf" and device.type == "cuda"
+    hf = None
+    if args.compare == "hf" and not hf_after:
+        hf = load_hf_model(eng.executor.source, dtype, device, eng.executor.runner.model)
     llm.generate([prompts[0][:8]], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up
     samples: dict[str, list[dict[str, Any]]] = {}
-    # Rounds interleave the systems so that drifting machine speed hits all of them alike.
     for rnd in range(args.repeats):
         print(f"round {rnd + 1}/{args.repeats}", file=sys.stderr, flush=True)
         samples.setdefault("turbollm", []).append(_turbollm_run(llm, prompts, args))
-        if hf is None:
-            continue
-        pad = min(eos)
-        configs = ([1] if rnd == 0 else []) + batch_sizes  # one-at-a-time is slow: one round
-        for bs in configs:
-            subset = prompts[: args.hf_single_prompts if bs == 1 else args.hf_num_prompts]
-            r = hf_generate(hf, subset, bs, args.output_len, args.ignore_eos, eos, pad)
-            samples.setdefault(r.name, []).append(vars(r))
+        if hf is not None:
+            _hf_round(hf, prompts, args, rnd, eos, samples)
+    if hf_after:
+        source, seed, ours = eng.executor.source, eng.config.model.seed, eng.executor.runner.model
+        check = _weights_checksum(ours)
+        del llm, eng, ours
+        hf = _hf_model_alone(source, dtype, device, seed, check)
+        for rnd in range(args.repeats):
+            print(f"transformers round {rnd + 1}/{args.repeats}", file=sys.stderr, flush=True)
+            _hf_round(hf, prompts, args, rnd, eos, samples)
     runs = [_median_run(v) for v in samples.values()]
     report = _report(args, info, device, dtype, prompts, runs[0], runs[1:])
     report["quantization"] = quant_label(engine_opts)
-    report["kv_capacity_tokens"] = eng.kv_capacity_tokens
-    report["kv_cache_dtype"] = eng.config.cache.kv_cache_dtype
+    report["kv_capacity_tokens"] = kv_tokens
+    report["kv_cache_dtype"] = kv_dtype
+    report["hf_after_turbollm"] = hf_after
     _print_table(report)
-    print(f"KV cache: {eng.kv_capacity_tokens} tokens ({eng.config.cache.kv_cache_dtype})")
+    print(f"KV cache: {kv_tokens} tokens ({kv_dtype})")
     if args.output_json:
         write_json(args.output_json, report)
     return 0
+
+
+def _hf_round(hf: torch.nn.Module, prompts: list[list[int]], args: argparse.Namespace, rnd: int,
+              eos: set[int], samples: dict[str, list[dict[str, Any]]]) -> None:
+    """One round of every transformers configuration (one-at-a-time only in round 0: slow)."""
+    batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",") if b]
+    for bs in ([1] if rnd == 0 else []) + batch_sizes:
+        subset = prompts[: args.hf_single_prompts if bs == 1 else args.hf_num_prompts]
+        r = hf_generate(hf, subset, bs, args.output_len, args.ignore_eos, eos, min(eos))
+        samples.setdefault(r.name, []).append(vars(r))
+
+
+def _weights_checksum(model: torch.nn.Module) -> list[float]:
+    return [float(p.float().sum()) for p in list(model.parameters())[:4]]
+
+
+def _hf_model_alone(source: Any, dtype: torch.dtype, device: torch.device, seed: int,
+                    check: list[float]) -> torch.nn.Module:
+    """transformers' model once turbollm's engine is gone (the caller dropped it): dummy
+    weights are rebuilt from the same seed (checked against the engine's) and copied over."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    if source.kind != "dummy":
+        return load_hf_model(source, dtype, device)
+    ours = build_model(source, device, dtype, seed)
+    if _weights_checksum(ours) != check:
+        raise RuntimeError("rebuilt dummy weights differ from the engine's; transformers would run other weights")
+    hf = load_hf_model(source, dtype, device, ours)
+    del ours
+    gc.collect()
+    torch.cuda.empty_cache()
+    return hf
 
 
 def _report(args: argparse.Namespace, info: Any, device: torch.device, dtype: torch.dtype,
