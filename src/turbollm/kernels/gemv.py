@@ -142,12 +142,7 @@ if triton is not None:
             offs_t = tl.arange(0, GT)
             sz_rows = rows[:, None] * (K // GROUP)  # [BN, 1]
             for k0 in range(k_lo, k_hi, BLOCK_K):
-                # Tiles start at multiples of BLOCK_K and end at whole groups (>= 32 columns, 16
-                # bytes). Written so, both are visible to the compiler, which then loads 16-byte
-                # vectors; from k0 // 2 and k_hi // 2 it could prove 8 bytes only.
-                kb = tl.multiple_of(k0 // 2, 16)
-                p = tl.load(w_rows + kb + offs_b[None, :],
-                            mask=rmask[:, None] & (kb + offs_b < (k_hi // GROUP) * HALF)[None, :],
+                p = tl.load(w_rows + k0 // 2 + offs_b[None, :], mask=rmask[:, None] & (k0 // 2 + offs_b < k_hi // 2)[None, :],
                             other=0)  # [BN, HB]
                 g = k0 // GROUP + offs_t  # [GT] groups of this tile
                 sz_mask = rmask[:, None] & (g < k_hi // GROUP)[None, :]
