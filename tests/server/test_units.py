@@ -59,3 +59,17 @@ def test_metrics_export_speculative_decoding() -> None:
     assert 'turbollm:spec_decode_acceptance_by_position{position="3"} 0.5' in text
     off = SchedulerStats(1, 0, 0, 0.1, 10, 0, 0)
     assert "spec_decode" not in ServerMetrics(lambda: off).render().decode()
+
+
+def test_startup_heap_is_frozen_out_of_full_collections() -> None:
+    import gc
+
+    from turbollm.server.launcher import freeze_startup_heap
+
+    kept = [[i] for i in range(1000)]  # objects alive at "start-up"
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() >= len(kept)
+        assert not any(o is kept[0] for o in gc.get_objects())  # the frozen are not walked
+    finally:
+        gc.unfreeze()

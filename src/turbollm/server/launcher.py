@@ -10,6 +10,7 @@ connections, the engine thread stops, and the process exits 0. A second signal e
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -82,6 +83,18 @@ def _find_serving(app: Any) -> Serving | None:
     return None
 
 
+def freeze_startup_heap() -> None:
+    """Move every object alive after start-up out of the cyclic GC's reach (gc.freeze).
+
+    A serving process holds ~250k GC-tracked objects once torch, transformers, the model and
+    the app are loaded; each full collection walked them all, ~115 ms on a 2-core CPU even
+    with no request running, a stall in every stream's token timing. Frozen, a full
+    collection walks only what was made since. One engine per process: nothing frozen here
+    is meant to be freed before exit."""
+    gc.collect()
+    gc.freeze()
+
+
 def run_server(engine_options: dict[str, Any], options: ServerOptions) -> int:
     """Load the model, serve until shut down; returns the exit status (0 after a drain)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -89,6 +102,7 @@ def run_server(engine_options: dict[str, Any], options: ServerOptions) -> int:
         raise FileNotFoundError(f"chat template file {options.chat_template!r} does not exist")
     engine = LLMEngine(EngineConfig.from_flat(**engine_options))
     app = build_app(engine, options)
+    freeze_startup_heap()
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=5, access_log=False)
     server = _DrainingServer(config, options)
