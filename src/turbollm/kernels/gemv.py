@@ -37,6 +37,7 @@ weight instead of an I2F).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,8 @@ from turbollm.kernels.rmsnorm import fused_add_rmsnorm_ref
 
 if triton is not None:
     from turbollm.kernels._interpreter import round_bf16
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
     from turbollm.kernels._quant_matmul_kernels import _i8_to_f32, _u4_pairs_packed, _u4_to_f32
 
 HAS_TRITON = triton is not None
@@ -108,7 +111,10 @@ if triton is not None:
         WFMT: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ROUND: tl.constexpr, ROUND_OUT: tl.constexpr,  # interpreter only: see _interpreter.py
+        PDL: tl.constexpr,  # programmatic dependent launch (see _pdl)
     ):
+        if PDL:  # nothing is read or written before the previous kernel has finished
+            gdc_wait()
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
@@ -180,10 +186,16 @@ if triton is not None:
             acc += tl.load(b_ptr + rows, mask=rmask & (split == 0), other=0.0).to(tl.float32)
         if ROUND_OUT:
             acc = round_bf16(acc)
+        if PDL:  # every weight is read: the next kernel may launch and wait for this one
+            gdc_launch_dependents()
         tl.store(out_ptr + split * stride_os + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
 
     @triton.jit
-    def _sum_kernel(part_ptr, out_ptr, N, SPLITS: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    def _sum_kernel(part_ptr, out_ptr, N, SPLITS: tl.constexpr, BLOCK: tl.constexpr, ROUND: tl.constexpr,
+                    PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
         s = tl.load(part_ptr + offs, mask=mask, other=0.0)
@@ -280,6 +292,23 @@ def gemv_config(n: int, k: int, fmt: int = _DENSE) -> Config:
     return 8, 1024, 1, 8, 3
 
 
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _pdl_kwargs(device: torch.device) -> dict[str, bool]:
+    """Programmatic dependent launch on Hopper and later: a GEMV (or its split sum) may be
+    launched while the kernel before it finishes (each waits for its predecessor with
+    griddepcontrol.wait before touching memory, and lets its successor launch once its
+    weights are read). At batch 1 a decode step is ~230 short kernels back to back, and the
+    launch and ramp-up of each otherwise waits for the previous one to drain."""
+    if device.type != "cuda" or triton.knobs.runtime.interpret:
+        return {"PDL": False}
+    on = _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
+
+
 def _launch(
     prologue: int, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
     residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
@@ -311,11 +340,12 @@ def _launch(
         n, k, k_per_split, w.stride(0), part.stride(0) if split > 1 else 0, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         WFMT=fmt, GROUP=group, DEQ=dequant,
-        BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1,
+        BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1, **_pdl_kwargs(x.device),
         num_warps=warps, num_stages=stages,
     )
     if split > 1:
-        _sum_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=split, BLOCK=1024, ROUND=round_, num_warps=4)
+        _sum_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=split, BLOCK=1024, ROUND=round_, num_warps=4,
+                                             **_pdl_kwargs(x.device))
     return out
 
 
