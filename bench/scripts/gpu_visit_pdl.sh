@@ -5,7 +5,7 @@
 set -u
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-PYTHONPATH=/tmp/site:src timeout 240 python3 -m pytest -q -m gpu tests/kernels/test_gemv.py tests/engine/test_cuda_graphs.py tests/worker -p no:cacheprovider 2>&1 | tail -3
+PYTHONPATH=/tmp/site:src timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/kernels/test_gemv.py tests/engine/test_cuda_graphs.py tests/worker} -p no:cacheprovider 2>&1 | tail -3
 L="python3 -m turbollm.cli bench latency --model llama-2-7b --load-format dummy --batch-sizes 1 --input-len 128 --output-len 256"
 for q in none int4; do
   flag=""; [ "$q" != none ] && flag="--quantization $q --group-size 128"

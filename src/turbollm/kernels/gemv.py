@@ -37,7 +37,6 @@ weight instead of an I2F).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +48,7 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None  # type: ignore[assignment]
 
 from turbollm.kernels import quant_matmul
+from turbollm.kernels._pdl import pdl_kwargs
 from turbollm.kernels._interpreter import emulate_bf16_rounding
 from turbollm.kernels.activation import silu_and_mul_ref
 from turbollm.kernels.rmsnorm import fused_add_rmsnorm_ref
@@ -111,7 +111,7 @@ if triton is not None:
         WFMT: tl.constexpr, GROUP: tl.constexpr, DEQ: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ROUND: tl.constexpr, ROUND_OUT: tl.constexpr,  # interpreter only: see _interpreter.py
-        PDL: tl.constexpr,  # programmatic dependent launch (see _pdl)
+        PDL: tl.constexpr,  # programmatic dependent launch (kernels/_pdl.py)
     ):
         if PDL:  # nothing is read or written before the previous kernel has finished
             gdc_wait()
@@ -292,23 +292,6 @@ def gemv_config(n: int, k: int, fmt: int = _DENSE) -> Config:
     return 8, 1024, 1, 8, 3
 
 
-@functools.lru_cache(maxsize=None)
-def _pdl_supported(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def _pdl_kwargs(device: torch.device) -> dict[str, bool]:
-    """Programmatic dependent launch on Hopper and later: a GEMV (or its split sum) may be
-    launched while the kernel before it finishes (each waits for its predecessor with
-    griddepcontrol.wait before touching memory, and lets its successor launch once its
-    weights are read). At batch 1 a decode step is ~230 short kernels back to back, and the
-    launch and ramp-up of each otherwise waits for the previous one to drain."""
-    if device.type != "cuda" or triton.knobs.runtime.interpret:
-        return {"PDL": False}
-    on = _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
-    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
-
-
 def _launch(
     prologue: int, x: torch.Tensor, weight: Weight, bias: torch.Tensor | None,
     residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
@@ -340,12 +323,12 @@ def _launch(
         n, k, k_per_split, w.stride(0), part.stride(0) if split > 1 else 0, eps,
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         WFMT=fmt, GROUP=group, DEQ=dequant,
-        BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1, **_pdl_kwargs(x.device),
+        BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1, **pdl_kwargs(x.device),
         num_warps=warps, num_stages=stages,
     )
     if split > 1:
         _sum_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=split, BLOCK=1024, ROUND=round_, num_warps=4,
-                                             **_pdl_kwargs(x.device))
+                                             **pdl_kwargs(x.device))
     return out
 
 

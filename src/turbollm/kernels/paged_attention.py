@@ -37,6 +37,7 @@ try:
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
 
+from turbollm.kernels._pdl import pdl_kwargs
 from turbollm.kernels.rope_cache import check_kv_scales
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -49,6 +50,7 @@ _DECODE_WARPS = 4
 _DECODE_STAGES: int | None = None  # None: Triton's default
 
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     # Runtime ints that change from step to step are not specialized on (==1, %16), so a new
     # value never triggers a JIT compile in the middle of serving.
@@ -65,8 +67,10 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # programmatic dependent launch (kernels/_pdl.py)
+            gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -120,6 +124,8 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
 
+        if PDL:
+            gdc_launch_dependents()
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         out = acc * (v_scale / l_safe)[:, None]  # [G_PAD, D_PAD]; zero for an empty range
@@ -138,8 +144,11 @@ if triton is not None:
         stride_pb, stride_ph, stride_ps,  # part_out [B, H, S, D] (last stride 1)
         stride_lb, stride_lh,  # part_lse [B, H, S]
         stride_ob, stride_oh,  # out [B, H, D]
-        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         b = tl.program_id(0)
         h = tl.program_id(1)
         offs_s = tl.arange(0, SPLITS_PAD)
@@ -289,7 +298,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N,
         DIRECT=direct, HAS_WINDOW=sliding_window is not None,
-        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), **pdl_kwargs(q.device),
         num_warps=_DECODE_WARPS, **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
     )
     if not direct:
@@ -297,7 +306,7 @@ def paged_decode_attention(
             part_out, part_lse, out, num_splits,
             *pstrides, *lstrides, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=_next_pow2(head_dim), SPLITS_PAD=_next_pow2(num_splits),
-            num_warps=4,
+            num_warps=4, **pdl_kwargs(q.device),
         )
     return out
 

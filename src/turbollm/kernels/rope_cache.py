@@ -45,8 +45,11 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None  # type: ignore[assignment]
 
 from turbollm.kernels._interpreter import emulate_bf16_rounding, emulate_fp8_rounding
+from turbollm.kernels._pdl import pdl_kwargs
 
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
     from turbollm.kernels._interpreter import round_bf16, round_e4m3
 
 HAS_TRITON = triton is not None
@@ -101,7 +104,10 @@ if triton is not None:
         HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
         ROUND: tl.constexpr,  # interpreter only: see _interpreter.py
         CACHE_FP8: tl.constexpr, ROUND_FP8: tl.constexpr, ROTATE: tl.constexpr,
+        PDL: tl.constexpr,  # programmatic dependent launch (kernels/_pdl.py)
     ):
+        if PDL:
+            gdc_wait()
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] over q | k | v heads
         half: tl.constexpr = HEAD_DIM // 2
@@ -113,6 +119,8 @@ if triton is not None:
         src = qkv_ptr + tok * stride_tok + head[:, None] * HEAD_DIM + d[None, :]
         x1 = tl.load(src, mask=mask, other=0.0)  # [BLOCK_H, HALF_PAD]
         x2 = tl.load(src + half, mask=mask, other=0.0)
+        if PDL:
+            gdc_launch_dependents()
         c = tl.load(cos_ptr + tok * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)  # [HALF_PAD]
         s = tl.load(sin_ptr + tok * stride_sin + d, mask=dmask, other=0.0).to(tl.float32)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
@@ -228,7 +236,7 @@ def rope_and_cache(
         HALF_PAD=max(16, _next_pow2(half)), BLOCK_H=_BLOCK_H,
         ROUND=emulate_bf16_rounding(qkv.dtype), CACHE_FP8=kv_cache.dtype == torch.float8_e4m3fn,
         ROUND_FP8=emulate_fp8_rounding(kv_cache.dtype), ROTATE=rotate,
-        num_warps=4,
+        num_warps=4, **pdl_kwargs(qkv.device),
     )
 
 
