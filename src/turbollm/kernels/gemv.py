@@ -48,15 +48,15 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None  # type: ignore[assignment]
 
 from turbollm.kernels import quant_matmul
-from turbollm.kernels._pdl import pdl_kwargs
 from turbollm.kernels._interpreter import emulate_bf16_rounding
+from turbollm.kernels._pdl import pdl_kwargs
 from turbollm.kernels.activation import silu_and_mul_ref
 from turbollm.kernels.rmsnorm import fused_add_rmsnorm_ref
 
 if triton is not None:
-    from turbollm.kernels._interpreter import round_bf16
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+    from turbollm.kernels._interpreter import round_bf16
     from turbollm.kernels._quant_matmul_kernels import _i8_to_f32, _u4_pairs_packed, _u4_to_f32
 
 HAS_TRITON = triton is not None
