@@ -89,6 +89,10 @@ def main() -> None:
     for i in range(args.num_prompts):
         eng.add_request(f"r{i}", [random.randrange(10, 30000) for _ in range(512)], sp)
     times, kernels = [], None
+    # as LLM.generate does: no full GC collections while the batch runs
+    from turbollm.engine.llm import _no_full_collections
+    gc_pause = _no_full_collections()
+    gc_pause.__enter__()
     t_start = time.perf_counter()
     step = 0
     while eng.has_unfinished_requests():
@@ -107,6 +111,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
         step += 1
     total = time.perf_counter() - t_start
+    gc_pause.__exit__(None, None, None)
     # overlapped loop: step i's wall time mostly covers plan i's GPU work
     mixed = [(t, p) for t, p in zip(times, plans) if p[1] > 0 and t == t]
     dec = [(t, p) for t, p in zip(times, plans) if p[1] == 0 and p[0] > 0 and t == t]

@@ -94,6 +94,39 @@ def test_final_only_requests_report_once_finished(llm: LLM) -> None:
     assert last["final"].outputs[0].text == last["every"].outputs[0].text
 
 
+def test_generate_pauses_full_gc_collections_and_restores_them(llm: LLM) -> None:
+    """LLM.generate keeps the cyclic GC to its young generations while it steps (a full
+    collection stalled offline runs), and the thresholds come back afterwards, also when a
+    step raises."""
+    import gc
+
+    before = gc.get_threshold()
+    eng = llm.engine
+    step = eng.step
+    during: list[tuple[int, int, int]] = []
+
+    def spy():  # type: ignore[no-untyped-def]
+        during.append(gc.get_threshold())
+        return step()
+
+    eng.step = spy  # type: ignore[method-assign]
+    try:
+        llm.generate(["The sun is"], GREEDY, use_tqdm=False)
+        assert during and all(t[:2] == before[:2] and t[2] >= 1 << 30 for t in during)
+        assert gc.get_threshold() == before
+
+        def boom():  # type: ignore[no-untyped-def]
+            raise RuntimeError("step failed")
+
+        eng.step = boom  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="step failed"):
+            llm.generate(["The sun is"], GREEDY, use_tqdm=False)
+        assert gc.get_threshold() == before
+    finally:
+        del eng.step
+    assert _all_free(llm)
+
+
 def test_seeded_sampling_reproducible(llm: LLM) -> None:
     p = "Write a sentence about the ocean."
     def run(seed: int | None) -> list[int]:
