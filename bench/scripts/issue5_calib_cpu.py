@@ -141,6 +141,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--calib-offset", type=float, default=0.0,
+                    help="move each calibration window by this fraction of the free space after it (0..1)")
     ap.add_argument("--heldout", type=int, default=24, help="held-out windows scored (0: all)")
     ap.add_argument("--methods", default="fp32,rtn128,awq128,gptq128ao")
     ap.add_argument("--threads", type=int, default=1,
@@ -160,6 +162,11 @@ def main() -> None:
     n_held = args.heldout or held.numel() // 2048
     windows = [held[i * 2048:(i + 1) * 2048] for i in range(n_held)]
     calib = calibration_windows(tok, args.calib, args.calib_len)
+    if args.calib_offset:  # the same spacing, every window moved by a fraction of the stride
+        ids = corpus_tokens(tok, "calibration")
+        stride = ids.numel() // args.calib
+        shift = int(args.calib_offset * (stride - args.calib_len))
+        calib = [ids[i * stride + shift: i * stride + shift + args.calib_len].clone() for i in range(args.calib)]
     results: dict[str, dict[str, float]] = {}
 
     def dump() -> None:  # after every method: a cut-short run keeps what it measured
