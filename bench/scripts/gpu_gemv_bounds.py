@@ -14,12 +14,12 @@ Usage (GPU): python bench/scripts/gpu_gemv_bounds.py   -> prints a table, writes
 """
 import json
 import os
-import statistics
 
 import torch
 import triton
 import triton.language as tl
 
+from gpu_gemv_tune import graph_us  # same directory: CUDA-graph timing of a list of calls
 from turbollm.kernels import gemv
 
 OUT = os.environ.get("OUT", "out")
@@ -36,26 +36,6 @@ def _stream_kernel(w_ptr, out_ptr, KW, BLOCK_N: tl.constexpr, BLOCK_W: tl.conste
     for k0 in range(0, KW, BLOCK_W):
         acc ^= tl.load(base + k0 + offs[None, :])
     tl.store(out_ptr + rows, tl.xor_sum(acc, axis=1))
-
-
-def graph_us(fns, reps: int = 4) -> float:
-    for f in fns:
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            for f in fns:
-                f()
-    ts = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / reps / len(fns))
-    return statistics.median(ts)
 
 
 def main() -> None:
