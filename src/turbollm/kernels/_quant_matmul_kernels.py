@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from turbollm.kernels._interpreter import round_bf16
 
@@ -103,9 +104,12 @@ def _dequant_int4_tile(nib, z, s, zb, sb, wdt: tl.constexpr, DEQ: tl.constexpr, 
 @triton.jit
 def _epilogue(
     acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
-    """acc [BM, BN] fp32 -> out (+ bias, cast) or, when split, the fp32 partial."""
+    """acc [BM, BN] fp32 -> out (+ bias, cast) or, when split, the fp32 partial. PDL: the
+    weights are read, the next kernel may launch (kernels/_pdl.py)."""
+    if PDL:
+        gdc_launch_dependents()
     rows = offs_m.to(tl.int64)[:, None]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT_K == 1:
@@ -122,8 +126,12 @@ def _epilogue(
 def splitk_reduce_kernel(
     part_ptr, b_ptr, out_ptr, M, N, stride_om,
     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[m, n] = sum_s part[s, m, n] (+ bias[n]), summed in split order."""
+    if PDL:  # programmatic dependent launch (kernels/_pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     m = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs_n < N
@@ -155,9 +163,11 @@ def int8_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, part_ptr,
     M, N, K, stride_xm, stride_om, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DEQ: tl.constexpr,
-    PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
+    PREFETCH: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
     """PREFETCH loads the next slab before reducing the current one (two slabs in flight)."""
+    if PDL:  # programmatic dependent launch (kernels/_pdl.py)
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -186,7 +196,7 @@ def int8_gemv_kernel(
             acc = _int8_gemv_step(acc, w, x_ptr, k, k < k_hi, pid_m, M, stride_xm, row_ids, BLOCK_M, DEQ)
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
     acc = acc * scale[None, :]
-    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT)
+    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT, PDL)
 
 
 @triton.jit
@@ -234,7 +244,7 @@ def int4_gemv_kernel(
     M, N, K, stride_xm, stride_om, groups_per_split,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_TILE: tl.constexpr,
     DEQ: tl.constexpr, SPLIT_X: tl.constexpr, PREFETCH: tl.constexpr,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ROUND_OUT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Per group: sum_k (q - z) s x = s (sum_k q x - z sum_k x): one multiply-add per weight.
 
@@ -242,6 +252,8 @@ def int4_gemv_kernel(
     registers); otherwise the nibbles are interleaved back into column order. PREFETCH loads
     the next slab before reducing the current one (two slabs in flight per program).
     """
+    if PDL:  # programmatic dependent launch (kernels/_pdl.py)
+        gdc_wait()
     HALF: tl.constexpr = GROUP // 2  # packed bytes per group
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -274,7 +286,7 @@ def int4_gemv_kernel(
             p, s, z = _int4_gemv_load(w_rows, s_ptr, z_ptr, sz_rows, g, g_hi, n_mask, offs_j, HALF)
             acc = _int4_gemv_step(acc, p, s, z, x_ptr, g, g < g_hi, offs_c, pid_m, M, stride_xm, row_ids,
                                   GROUP, BLOCK_M, GROUPS_PER_TILE, DEQ, SPLIT_X)
-    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT)
+    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT, PDL)
 
 
 @triton.jit
@@ -296,10 +308,12 @@ def int8_dot_kernel(
     M, N, K, stride_xm, stride_om, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DEQ: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROUND_OUT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_OUT: tl.constexpr, PDL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """SWAP computes the transposed tile W x^T: the dequantized weights are the register
     operand A of the tensor-core instruction and x^T the shared-memory operand B."""
+    if PDL:  # programmatic dependent launch (kernels/_pdl.py)
+        gdc_wait()
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -333,7 +347,7 @@ def int8_dot_kernel(
         acc = tl.trans(acc)  # [BM, BN]
     scale = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
     acc = acc * scale[None, :]
-    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT)
+    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT, PDL)
 
 
 @triton.jit
@@ -343,7 +357,7 @@ def int4_dot_kernel(
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DEQ: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_BASE: tl.constexpr,
     SPLIT_X: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROUND_W: tl.constexpr, ROUND_OUT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ROUND_W: tl.constexpr, ROUND_OUT: tl.constexpr, PDL: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     FRAC_Z: tl.constexpr,
 ):
     """BLOCK_K divides GROUP, so each weight tile has one scale / zero per row. SWAP: as in
@@ -351,6 +365,8 @@ def int4_dot_kernel(
     FRAC_Z applies the zeros' fractional parts as a rank-1 correction; without FRAC_Z the
     caller promises integer zeros in 0..15, which needs neither the correction nor the row
     sums of x it takes (a third of the loop's instructions at M = 64)."""
+    if PDL:  # programmatic dependent launch (kernels/_pdl.py)
+        gdc_wait()
     HALF_K: tl.constexpr = BLOCK_K // 2
     pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -409,7 +425,7 @@ def int4_dot_kernel(
                 acc = tl.dot(xt, tl.trans(w), acc, input_precision=DOT_PREC)  # [BM, BN]
     if SWAP:
         acc = tl.trans(acc)  # [BM, BN]
-    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT)
+    _epilogue(acc, offs_m, offs_n, M, N, b_ptr, out_ptr, part_ptr, stride_om, pid_k, SPLIT_K, HAS_BIAS, ROUND_OUT, PDL)
 
 
 @triton.jit

@@ -264,7 +264,7 @@ def fp8_linear_small_m(
         splitk_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
             part, bias if bias is not None else part, out, m, n, out.stride(0),
             SPLIT_K=cfg.split_k, BLOCK_N=_REDUCE_BLOCK, HAS_BIAS=bias is not None,
-            ROUND_OUT=emulate_bf16_rounding(out.dtype), num_warps=4,
+            ROUND_OUT=emulate_bf16_rounding(out.dtype), num_warps=4, PDL=False,
         )
     return out
 

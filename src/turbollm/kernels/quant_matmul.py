@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None  # type: ignore[assignment]
 
 from turbollm.kernels._interpreter import emulate_bf16_rounding
+from turbollm.kernels._pdl import pdl_kwargs
 from turbollm.kernels.quant_matmul_config import DEQUANT_MODES, QuantMatmulConfig, check_config, pick_config
 
 if triton is not None:
@@ -145,7 +146,7 @@ def _finish(part: torch.Tensor | None, out: torch.Tensor, bias: torch.Tensor | N
     _k.splitk_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
         part, bias if bias is not None else part, out, m, n, out.stride(0),
         SPLIT_K=split_k, BLOCK_N=_REDUCE_BLOCK, HAS_BIAS=bias is not None,
-        ROUND_OUT=emulate_bf16_rounding(out.dtype), num_warps=4,
+        ROUND_OUT=emulate_bf16_rounding(out.dtype), num_warps=4, **pdl_kwargs(out.device),
     )
 
 
@@ -164,7 +165,8 @@ def _outputs(x: torch.Tensor, n: int, split_k: int) -> tuple[torch.Tensor, torch
 
 def _common_kwargs(cfg: QuantMatmulConfig, x: torch.Tensor, bias: torch.Tensor | None) -> dict[str, object]:
     return dict(SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None and cfg.split_k == 1,
-                ROUND_OUT=emulate_bf16_rounding(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                ROUND_OUT=emulate_bf16_rounding(x.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **pdl_kwargs(x.device))
 
 
 def _upcast(x: torch.Tensor) -> bool:
