@@ -20,11 +20,15 @@ from turbollm.kernels import _quant_matmul_kernels as qk
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
 
 
+MAXNREG = None  # --maxnreg
+
+
 def compile_kernel(fn, signature: dict, constexprs: dict, aligned: list[int], num_warps: int, num_stages: int):
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(fn, signature, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   **({"maxnreg": MAXNREG} if MAXNREG else {})})
 
 
 def int4_dot(m: int, bn: int, bk: int, warps: int, stages: int, swap: bool, split_x: bool, deq: int):
@@ -100,7 +104,10 @@ def main() -> None:
     ap.add_argument("--split-x", action="store_true")
     ap.add_argument("--deq", type=int, default=2)
     ap.add_argument("--dump", default=None)
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap a thread")
     a = ap.parse_args()
+    global MAXNREG
+    MAXNREG = a.maxnreg
     if a.kernel == "gemv":
         k = gemv(a.bn, a.bk, a.warps, a.deq, a.fmt, a.prologue)
     else:
@@ -118,6 +125,8 @@ def main() -> None:
     print("TTGIR ops:", dict(c))
     print("shared memory bytes:", k.metadata.shared, " registers:", getattr(k, "n_regs", None))
     s = sass_of(k)
+    usage = subprocess.run([CUOBJDUMP, "-res-usage", "/tmp/_k.cubin"], capture_output=True, text=True).stdout
+    print("resources:", " ".join(re.findall(r"(?:REG|STACK|SHARED|LOCAL):\d+", usage)))
     loop_report(s)
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)

@@ -3,8 +3,9 @@ step vs the graph replay), the engine's step time, and prefill attention of an 8
 through the Attention layer's dense route against the paged kernel and plain SDPA.
 
 Prints a short table and writes $OUT/gpu_b1_probe.json (+ the kernel table as .txt).
-Usage: python bench/scripts/gpu_b1_probe.py
+Usage: python bench/scripts/gpu_b1_probe.py [--quantization int4|int8] [--kernels-only]
 """
+import argparse
 import json
 import os
 import time
@@ -161,14 +162,21 @@ def argmax_probe() -> None:
 
 
 def main() -> None:
-    argmax_probe()
-    dense_prefill_probe()
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quantization", default=None, help="e.g. int4 (group 128) or int8: the quantized step")
+    ap.add_argument("--kernels-only", action="store_true", help="skip the argmax and prefill probes")
+    args = ap.parse_args()
+    if not args.kernels_only:
+        argmax_probe()
+        dense_prefill_probe()
     t0 = time.perf_counter()
-    llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=64, max_model_len=4096)
+    quant = {"quantization": args.quantization, "group_size": 128} if args.quantization else {}
+    llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=64, max_model_len=4096, **quant)
     note("cold start", f"{time.perf_counter() - t0:.1f} s")
     engine_steps(llm)
     kernel_breakdown(llm)
-    with open(os.path.join(OUT, "gpu_b1_probe.json"), "w") as f:
+    tag = f"_{args.quantization}" if args.quantization else ""
+    with open(os.path.join(OUT, f"gpu_b1_probe{tag}.json"), "w") as f:
         json.dump(record, f, indent=1)
     print("\n== summary ==")
     for k, v in rows:

@@ -52,16 +52,16 @@ def _u4_to_f32(nib, DEQ: tl.constexpr):
 def _u4_pairs_packed(p):
     """uint8 bytes of two nibbles -> (128 + low nibble, 2048 + high nibble) in fp32 (inline
     PTX). Low nibbles go to bits 16-19 under 0x43000000 (128.0, ulp 1), high nibbles to bits
-    12-15 under 0x45000000 (2048.0, ulp 1), which lets the two share shifts: four shifts and
-    eight lop3 for eight weights."""
+    12-15 under 0x45000000 (2048.0, ulp 1), which lets the two share shifts: three shifts
+    (one a rotation, which brings byte 0's low and byte 3's high nibble into place at once)
+    and eight lop3 for eight weights."""
     return tl.inline_asm_elementwise(
         asm="""
         {
-        .reg .b32 t<4>;
-        shl.b32 t0, $8, 16;
+        .reg .b32 t<3>;
+        shf.l.wrap.b32 t0, $8, $8, 16;
         shl.b32 t1, $8, 8;
         shr.b32 t2, $8, 8;
-        shr.b32 t3, $8, 16;
         lop3.b32 $0, t0, 0x000F0000, 0x43000000, 0xEA;
         lop3.b32 $1, t1, 0x000F0000, 0x43000000, 0xEA;
         lop3.b32 $2, $8, 0x000F0000, 0x43000000, 0xEA;
@@ -69,7 +69,7 @@ def _u4_pairs_packed(p):
         lop3.b32 $4, t1, 0x0000F000, 0x45000000, 0xEA;
         lop3.b32 $5, $8, 0x0000F000, 0x45000000, 0xEA;
         lop3.b32 $6, t2, 0x0000F000, 0x45000000, 0xEA;
-        lop3.b32 $7, t3, 0x0000F000, 0x45000000, 0xEA;
+        lop3.b32 $7, t0, 0x0000F000, 0x45000000, 0xEA;
         }
         """,
         constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
