@@ -65,18 +65,26 @@ def dense_prefill_probe() -> None:
              f"{flops / sd / 1e9:.0f}; max diff {err:.3g}")
 
 
+def replay_b1(llm: LLM, ctx: int = 256) -> float:
+    """ms of one replay of the batch-1 decode graph at context ctx (median of timed batches)."""
+    g = llm.engine.executor.runner.graphs
+    b = g.bucket_for(1)
+    g.seq_lens[:b].fill_(ctx)
+    g.positions[:b].fill_(ctx - 1)
+    g.block_tables[:b].copy_(torch.arange(g.block_tables.shape[1], device=g.block_tables.device))
+    g.slot_mapping[:b].fill_(g.scratch_slot)
+    replay = timeit(lambda: [g.graphs[b].replay() for _ in range(20)], n=20) / 20
+    note(f"graph replay b1 ctx{ctx}", f"{replay * 1e3:.1f} us")
+    return replay
+
+
 def kernel_breakdown(llm: LLM) -> None:
     runner = llm.engine.executor.runner
     g = runner.graphs
     model = runner.model
     ctx = 256
     b = g.bucket_for(1)
-    g.seq_lens[:b].fill_(ctx)
-    g.positions[:b].fill_(ctx - 1)
-    g.block_tables[:b].copy_(torch.arange(g.block_tables.shape[1], device=g.block_tables.device))
-    g.slot_mapping[:b].fill_(g.scratch_slot)
-    replay = timeit(lambda: [g.graphs[b].replay() for _ in range(20)]) / 20
-    note("graph replay b1 ctx256", f"{replay * 1e3:.1f} us")
+    replay = replay_b1(llm, ctx)
     meta = g._meta(b)
     meta.seq_lens_cpu = [ctx]
     with torch.inference_mode():
@@ -165,6 +173,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quantization", default=None, help="e.g. int4 (group 128) or int8: the quantized step")
     ap.add_argument("--kernels-only", action="store_true", help="skip the argmax and prefill probes")
+    ap.add_argument("--replay-only", action="store_true",
+                    help="only the batch-1 graph replay time (ctx 256): the step's GPU time without host work")
     args = ap.parse_args()
     if not args.kernels_only:
         argmax_probe()
@@ -173,6 +183,9 @@ def main() -> None:
     quant = {"quantization": args.quantization, "group_size": 128} if args.quantization else {}
     llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=64, max_model_len=4096, **quant)
     note("cold start", f"{time.perf_counter() - t0:.1f} s")
+    if args.replay_only:
+        replay_b1(llm)
+        return
     engine_steps(llm)
     kernel_breakdown(llm)
     tag = f"_{args.quantization}" if args.quantization else ""
