@@ -65,18 +65,39 @@ def dense_prefill_probe() -> None:
              f"{flops / sd / 1e9:.0f}; max diff {err:.3g}")
 
 
-def replay_b1(llm: LLM, ctx: int = 256) -> float:
-    """ms of one replay of the batch-1 decode graph at context ctx (median of timed batches)."""
+def replay_b1(llm: LLM, ctx: int = 256, batch: int = 1) -> float:
+    """ms of one replay of the decode graph of `batch` (default 1) at context ctx for every
+    row, each row reading its own blocks (median of timed batches)."""
     g = llm.engine.executor.runner.graphs
-    b = g.bucket_for(1)
+    b = g.bucket_for(batch)
     g.seq_lens[:b].fill_(ctx)
     g.positions[:b].fill_(ctx - 1)
+    per = -(-ctx // g.block_size)  # blocks a row reads
     g.block_tables[:b].copy_(torch.arange(g.block_tables.shape[1], device=g.block_tables.device))
+    g.block_tables[:b, :per] = torch.arange(b * per, device=g.block_tables.device).view(b, per)
     g.slot_mapping[:b].fill_(g.scratch_slot)
     replay = timeit(lambda: [g.graphs[b].replay() for _ in range(20)], n=20) / 20
-    note(f"graph replay b1 ctx{ctx}", f"{replay * 1e3:.1f} us")
+    note(f"graph replay b{b} ctx{ctx}", f"{replay * 1e3:.1f} us")
     return replay
 
+
+def replay_kernels(llm: LLM, batch: int) -> None:
+    """GPU time per replay of the decode graph by kernel name (CUPTI sees the graph's kernels)."""
+    g = llm.engine.executor.runner.graphs
+    b = g.bucket_for(batch)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            g.graphs[b].replay()
+        torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += e.device_time / 5
+            per[e.name][1] += 1 / 5
+    total = sum(v[0] for v in per.values())
+    lines = [f"{v[0]:9.1f} us {v[1]:6.0f}x  {k[:100]}" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])]
+    print("\n".join(lines[:14]), flush=True)
+    note(f"replay b{b} kernels", f"{sum(v[1] for v in per.values()):.0f} kernels, {total:.1f} us summed")
 
 def kernel_breakdown(llm: LLM) -> None:
     runner = llm.engine.executor.runner
@@ -174,7 +195,9 @@ def main() -> None:
     ap.add_argument("--quantization", default=None, help="e.g. int4 (group 128) or int8: the quantized step")
     ap.add_argument("--kernels-only", action="store_true", help="skip the argmax and prefill probes")
     ap.add_argument("--replay-only", action="store_true",
-                    help="only the batch-1 graph replay time (ctx 256): the step's GPU time without host work")
+                    help="only the graph replay time (ctx 256): the step's GPU time without host work")
+    ap.add_argument("--batch", type=int, default=1, help="--replay-only: the batch whose graph is replayed")
+    ap.add_argument("--profile-replay", action="store_true", help="--replay-only: kernels of the replay by name")
     args = ap.parse_args()
     if not args.kernels_only:
         argmax_probe()
@@ -184,7 +207,9 @@ def main() -> None:
     llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=64, max_model_len=4096, **quant)
     note("cold start", f"{time.perf_counter() - t0:.1f} s")
     if args.replay_only:
-        replay_b1(llm)
+        replay_b1(llm, batch=args.batch)
+        if args.profile_replay:
+            replay_kernels(llm, args.batch)
         return
     engine_steps(llm)
     kernel_breakdown(llm)
