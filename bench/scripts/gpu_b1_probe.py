@@ -198,7 +198,19 @@ def main() -> None:
                     help="only the graph replay time (ctx 256): the step's GPU time without host work")
     ap.add_argument("--batch", type=int, default=1, help="--replay-only: the batch whose graph is replayed")
     ap.add_argument("--profile-replay", action="store_true", help="--replay-only: kernels of the replay by name")
+    ap.add_argument("--int4-band64", default=None,
+                    help="BLOCK_N,waves,max_split: replaces the int4 M <= 64 tensor-core band (tuning aid)")
     args = ap.parse_args()
+    if args.int4_band64:
+        from dataclasses import replace
+
+        from turbollm.kernels import quant_matmul_config as qc
+        bn, waves, split = args.int4_band64.split(",")
+        bands = list(qc._BANDS["int4"])
+        i = next(j for j, b in enumerate(bands) if b.max_m == 64)
+        bands[i] = replace(bands[i], cfg=replace(bands[i].cfg, block_n=int(bn)), waves=float(waves), max_split=int(split))
+        qc._BANDS["int4"] = tuple(bands)
+        note("int4 M<=64 band", str(bands[i]))
     if not args.kernels_only:
         argmax_probe()
         dense_prefill_probe()
