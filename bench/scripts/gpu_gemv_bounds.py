@@ -11,9 +11,12 @@ If shipped ~ compute + memory, loads and math do not overlap; if ~ max(compute, 
 they do and the larger one is the bound.
 
 Usage (GPU): python bench/scripts/gpu_gemv_bounds.py   -> prints a table, writes $OUT/gemv_bounds.json
+       python bench/scripts/gpu_gemv_bounds.py --memory-sweep   -> the memory-only twin over tile shapes
 """
+import itertools
 import json
 import os
+import sys
 
 import torch
 import triton
@@ -38,8 +41,40 @@ def _stream_kernel(w_ptr, out_ptr, KW, BLOCK_N: tl.constexpr, BLOCK_W: tl.conste
     tl.store(out_ptr + rows, tl.xor_sum(acc, axis=1))
 
 
+def memory_sweep() -> None:
+    """The memory-only twin over tile shapes: how fast a Triton loop of plain loads streams
+    rows of int4 / int8 / bf16 weight bytes (Llama-2-7B qkv, gate_up, down), by rows a
+    program, row bytes a step and warps."""
+    res = {}
+    for fmt, per in (("int4", 0.5), ("int8", 1), ("bf16", 2)):
+        for name in ("qkv", "gate_up", "down"):
+            n, k = SHAPES[name]
+            kw = int(k * per) // 4  # int32 words a row
+            copies = max(1, -(-160_000_000 // (n * kw * 4)))
+            words = [torch.randint(0, 1 << 30, (n, kw), device="cuda", dtype=torch.int32) for _ in range(copies)]
+            out = torch.empty(n, device="cuda", dtype=torch.int32)
+            rows = []
+            widths = [w for w in (128, 256, 512) if kw % w == 0] or [32]  # down's rows: 1,376 words (int4)
+            for bn, bw, warps in itertools.product((4, 8, 16, 32), widths, (4, 8)):
+                if kw % bw:
+                    continue
+                t = graph_us([(lambda w=w: _stream_kernel[(triton.cdiv(n, bn),)](w, out, kw, BLOCK_N=bn, BLOCK_W=bw,
+                                                                                   num_warps=warps)) for w in words])
+                rows.append((t, (bn, bw * 4, warps)))
+            rows.sort()
+            gbs = n * kw * 4 / 1e3
+            res[f"{fmt} {name}"] = [(t, list(c)) for t, c in rows]
+            print(f"{fmt} {name} ({n * kw * 4 / 1e6:.1f} MB): best " + "; ".join(
+                f"{t:.1f} us {c} ({gbs / t:.0f} GB/s)" for t, c in rows[:3]) + f"; worst {rows[-1][0]:.1f}", flush=True)
+            del words
+    json.dump(res, open(os.path.join(OUT, "gemv_memory_sweep.json"), "w"), indent=1)
+
+
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
+    if "--memory-sweep" in sys.argv:
+        memory_sweep()
+        return
     res = {}
     print(f"{'shape':8} {'MB':>6} {'shipped':>8} {'compute':>8} {'memory':>8} {'sum':>6} {'max':>6} {'copy':>6}  (µs)")
     for name, (n, k) in SHAPES.items():
