@@ -22,7 +22,16 @@ instructions a weight (cpu: `sass`), but no faster than the shipped GEMV: best q
 o 8.7, gate_up 24.0, down 14.5 µs against 13.2 / 5.6 / 22.5 / 13.4, each mma time
 including the ~2 µs memset of its fp32 output (raw bench/results/proto-int4-mma-gemv-h100-2026-11-27.json).
 Split-K over programs was needed (one program a row block over all of K: 29-88 µs); the
-prefetch of the next group's words did not help. Not wired into the model.
+prefetch of the next group's words did not help. A second visit (raw
+proto-int4-mma-gemv-v2-h100-2026-11-27.json) timed the kernel without the memset:
+- G2 groups a loop step with every load issued first: no better;
+- x permuted by the caller for 16-byte loads (XP): no better;
+- best of nine variants: qkv 16.8 µs, against 13.1 shipped.
+The memset alone is 2.7-3.9 µs in a graph. The likely limit is bytes in flight: a lane holds
+32 B of weights a step, against the shipped tile's 128 B. Raising R (row blocks a warp) to
+carry more costs registers and duplicated x loads as written. Next: x loaded once per warp
+and broadcast over R, a deterministic split reduce instead of the atomics and the memset,
+and R = 4 with the row blocks' MMAs interleaved in one asm block. Not wired into the model.
 
 CPU:  python bench/scripts/proto_int4_mma_gemv.py sass [--r 2 --nw 4]
 GPU:  python bench/scripts/proto_int4_mma_gemv.py bench   -> checks against kernels/gemv.gemv_ref, times
@@ -118,9 +127,42 @@ def _second(v):
 
 
 @gluon.jit
+def _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8, rows, grp, g_hi,
+           XP: gl.constexpr, L: gl.constexpr):
+    """Everything group `grp` reads; past g_hi the scales load as 0, so it adds nothing."""
+    ok = grp < g_hi
+    w = gl.load(w_ptrs + grp * 256, mask=(x_off >= 0) & ok, other=0)  # [R, NW, 32, 8] int32
+    if XP:  # x permuted by the caller: a lane's 16 B registers of the group are 64 contiguous bytes
+        xp = gl.load(x32_ptr + grp * 64 + x_off16, mask=(x_off16 >= 0) & ok, other=0)  # [R, NW, 32, 16]
+        b0, b1 = gl.split(gl.reshape(xp, [xp.shape[0], xp.shape[1], xp.shape[2], 8, 2]))
+        b0 = gl.convert_layout(b0, L)
+        b1 = gl.convert_layout(b1, L)
+    else:
+        b0 = gl.load(x32_ptr + grp * 64 + x_off, mask=(x_off >= 0) & ok, other=0)
+        b1 = gl.load(x32_ptr + grp * 64 + x_off + 4, mask=(x_off >= 0) & ok, other=0)
+    m3 = (rows >= 0) & ok
+    xs = gl.load(xs_ptr + grp + rows * 0, mask=m3, other=0.0)  # [R, NW, 32] sum of x over the group
+    s0 = gl.load(s_ptr + sz0 + grp, mask=m3, other=0.0).to(gl.float32)
+    s8 = gl.load(s_ptr + sz8 + grp, mask=m3, other=0.0).to(gl.float32)
+    z0 = gl.load(z_ptr + sz0 + grp, mask=m3, other=0.0).to(gl.float32)
+    z8 = gl.load(z_ptr + sz8 + grp, mask=m3, other=0.0).to(gl.float32)
+    return w, b0, b1, xs, s0, s8, z0, z8
+
+
+@gluon.jit
+def _step(acc0, acc8, w, b0, b1, xs, s0, s8, z0, z8, L3: gl.constexpr):
+    c = _group_mma(w, b0, b1)  # [R, NW, 32, 8]: (C[g], C[g + 8], 0 ...)
+    c0 = gl.convert_layout(_first(c), L3)
+    c8 = gl.convert_layout(_second(c), L3)
+    acc0 += s0 * (c0 - (128.0 + z0) * xs)
+    acc8 += s8 * (c8 - (128.0 + z8) * xs)
+    return acc0, acc8
+
+
+@gluon.jit
 def int4_mma_gemv(
     x32_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, groups_per_split,
-    R: gl.constexpr, NW: gl.constexpr, PREFETCH: gl.constexpr,
+    R: gl.constexpr, NW: gl.constexpr, G2: gl.constexpr, XP: gl.constexpr,
 ):
     """out[n] = sum_g s[n, g] (sum_{k in g} q[n, k] x[k] - z[n, g] sum_{k in g} x[k]).
     Program: 16 R NW rows (warp w: row blocks w R .. w R + R - 1), all of K, one group a step."""
@@ -136,6 +178,13 @@ def int4_mma_gemv(
     rb = pid * (R * NW) + i_w * R + i_r  # [R, NW, 1, 1] row block
     w_ptrs = w_ptr + ((rb.to(gl.int64) * KG) * 32 + i_l) * 8 + i_j  # [R, NW, 32, 8] group 0
     x_off = i_j * 8 + (i_l % 4) + i_r * 0 + i_w * 0  # [R, NW, 32, 8] int32 pair of x, group 0
+    L16: gl.constexpr = gl.BlockedLayout(size_per_thread=[R, 1, 1, 16], threads_per_warp=[1, 1, 32, 1],
+                                         warps_per_cta=[1, NW, 1, 1], order=[3, 2, 1, 0])
+    u_r = gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, L16))))[:, None, None, None]
+    u_w = gl.arange(0, NW, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L16))))[None, :, None, None]
+    u_l = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, L16))))[None, None, :, None]
+    u_j = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L16))))[None, None, None, :]
+    x_off16 = (u_l % 4) * 16 + u_j + u_r * 0 + u_w * 0  # [R, NW, 32, 16]: permuted x (XP)
     j_r = gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))[:, None, None]
     j_w = gl.arange(0, NW, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))[None, :, None]
     j_l = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))[None, None, :]
@@ -146,34 +195,31 @@ def int4_mma_gemv(
     acc8 = gl.zeros([R, NW, 32], gl.float32, L3)
     g_lo = gl.program_id(1) * groups_per_split
     g_hi = gl.minimum(g_lo + groups_per_split, KG)
-    if PREFETCH:
-        w = gl.load(w_ptrs + g_lo * 256)
-    for grp in range(g_lo, g_hi):
-        if PREFETCH:
-            w_cur = w
-            w = gl.load(w_ptrs + gl.minimum(grp + 1, KG - 1) * 256)  # the next group's words
-        else:
-            w_cur = gl.load(w_ptrs + grp * 256)  # [R, NW, 32, 8] int32
-        b0 = gl.load(x32_ptr + grp * 64 + x_off)
-        b1 = gl.load(x32_ptr + grp * 64 + x_off + 4)
-        c = _group_mma(w_cur, b0, b1)  # [R, NW, 32, 8]: (C[g], C[g + 8], 0 ...)
-        c0 = gl.convert_layout(_first(c), L3)
-        c8 = gl.convert_layout(_second(c), L3)
-        xs = gl.load(xs_ptr + grp + rows * 0)  # [R, NW, 32] sum of x over the group
-        s0 = gl.load(s_ptr + sz0 + grp).to(gl.float32)
-        s8 = gl.load(s_ptr + sz8 + grp).to(gl.float32)
-        z0 = gl.load(z_ptr + sz0 + grp).to(gl.float32)
-        z8 = gl.load(z_ptr + sz8 + grp).to(gl.float32)
-        acc0 += s0 * (c0 - (128.0 + z0) * xs)
-        acc8 += s8 * (c8 - (128.0 + z8) * xs)
+    for grp in range(g_lo, g_hi, G2):  # G2 groups a step, every load issued before any math
+        wa, b0a, b1a, xsa, s0a, s8a, z0a, z8a = _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8,
+                                                        rows, grp, g_hi, XP, L)
+        if G2 >= 2:
+            wb, b0b, b1b, xsb, s0b, s8b, z0b, z8b = _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8,
+                                                            rows, grp + 1, g_hi, XP, L)
+        if G2 >= 4:
+            wc, b0c, b1c, xsc, s0c, s8c, z0c, z8c = _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8,
+                                                            rows, grp + 2, g_hi, XP, L)
+            wd, b0d, b1d, xsd, s0d, s8d, z0d, z8d = _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8,
+                                                            rows, grp + 3, g_hi, XP, L)
+        acc0, acc8 = _step(acc0, acc8, wa, b0a, b1a, xsa, s0a, s8a, z0a, z8a, L3)
+        if G2 >= 2:
+            acc0, acc8 = _step(acc0, acc8, wb, b0b, b1b, xsb, s0b, s8b, z0b, z8b, L3)
+        if G2 >= 4:
+            acc0, acc8 = _step(acc0, acc8, wc, b0c, b1c, xsc, s0c, s8c, z0c, z8c, L3)
+            acc0, acc8 = _step(acc0, acc8, wd, b0d, b1d, xsd, s0d, s8d, z0d, z8d, L3)
     first = (j_l % 4) == 0  # lanes t = 0 store (all four hold the same sums)
     gl.atomic_add(out_ptr + rows, acc0, mask=first)  # fp32 out (prototype: order of splits not fixed)
     gl.atomic_add(out_ptr + rows + 8, acc8, mask=first)
 
 
 def launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tensor, r: int, nw: int,
-           xs: torch.Tensor | None = None, split: int = 1, prefetch: bool = False,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           xs: torch.Tensor | None = None, split: int = 1, g2: int = 1,
+           out: torch.Tensor | None = None, xp: bool = False) -> torch.Tensor:
     """fp32 [1, N] (zeroed here unless `out` is given already zeroed)."""
     n = words.shape[0] * 16
     k = words.shape[1] * GROUP
@@ -182,9 +228,12 @@ def launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tenso
         xs = x.float().view(kg, GROUP).sum(1)
     if out is None:
         out = torch.zeros(1, n, device=x.device, dtype=torch.float32)
+    x32 = x.view(torch.int32)
+    if xp:  # [group, t, 16]: (pair t + 8 j, pair t + 4 + 8 j) for j = 0..7
+        x32 = x32.view(kg, 8, 2, 4).permute(0, 3, 1, 2).contiguous()
     per = -(-kg // split)
-    int4_mma_gemv[(n // (16 * r * nw), -(-kg // per))](x.view(torch.int32), xs, words, s, z, out, n, k, per,
-                                                      R=r, NW=nw, PREFETCH=prefetch, num_warps=nw)
+    int4_mma_gemv[(n // (16 * r * nw), -(-kg // per))](x32, xs, words, s, z, out, n, k, per,
+                                                      R=r, NW=nw, G2=g2, XP=xp, num_warps=nw)
     return out
 
 
@@ -198,7 +247,7 @@ def sass(a) -> None:  # type: ignore[no-untyped-def]
     names = ["x32_ptr", "xs_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K"]
     names.append("groups_per_split")
     sig = dict(zip(names, ["*i32", "*fp32", "*i32", "*bf16", "*bf16", "*fp32", "i32", "i32", "i32"]))
-    const = dict(R=a.r, NW=a.nw, PREFETCH=True)
+    const = dict(R=a.r, NW=a.nw, G2=a.g2, XP=a.xp)
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(int4_mma_gemv, sig, const, {(i,): [["tt.divisibility", 16]] for i in range(8)})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.nw})
@@ -227,13 +276,13 @@ def bench(a) -> None:  # type: ignore[no-untyped-def]
         z = torch.randint(0, 16, (n, k // GROUP), generator=g).cuda().bfloat16()
         x = torch.randn(1, k, generator=g).cuda().bfloat16()
         ref = gemv.gemv_ref(x, gemv.QuantWeight(q, s, z, GROUP)).float()
-        for r, nw, split, pf in ((1, 4, 1, False), (2, 4, 4, True), (1, 4, 8, True)):
+        for r, nw, split, g2, xp in ((1, 4, 1, 1, False), (2, 4, 4, 2, True), (1, 4, 3, 4, True)):
             if n % (16 * r * nw):
                 continue
-            got = launch(x, repack(q), s, z, r, nw, split=split, prefetch=pf).float()
+            got = launch(x, repack(q), s, z, r, nw, split=split, g2=g2, xp=xp).float()
             err = ((got - ref).abs().max() / ref.abs().max()).item()
-            print(f"check {n}x{k} R={r} NW={nw} S={split} pf={pf}: max rel err {err:.2e}", flush=True)
-            res[f"check {n}x{k} R{r} NW{nw} S{split} pf{pf}"] = err
+            print(f"check {n}x{k} R={r} NW={nw} S={split} G={g2} xp={xp}: max rel err {err:.2e}", flush=True)
+            res[f"check {n}x{k} R{r} NW{nw} S{split} G{g2} xp{xp}"] = err
     shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
     for name, (n, k) in shapes.items():
         if k % GROUP:
@@ -249,16 +298,17 @@ def bench(a) -> None:  # type: ignore[no-untyped-def]
         words = [repack(qq) for qq in qs]
         row = {"shipped_us": shipped}
         outs = torch.zeros(1, n, device="cuda", dtype=torch.float32)
-        for r, nw, split, pf in ((1, 4, 4, False), (1, 4, 8, False), (1, 4, 8, True), (2, 4, 8, True),
-                                 (1, 2, 8, True), (1, 4, 16, True), (1, 8, 8, True), (1, 4, 4, True)):
+        for r, nw, split, g2, xp in ((1, 4, 8, 1, False), (1, 4, 8, 1, True), (1, 4, 4, 2, True), (1, 4, 8, 2, True),
+                                     (1, 4, 16, 1, True), (2, 4, 8, 1, True), (1, 8, 8, 1, True), (1, 2, 8, 2, True),
+                                     (1, 4, 2, 4, True)):
             if n % (16 * r * nw):
                 continue
-            key = f"mma R{r} NW{nw} S{split}{' pf' if pf else ''}"
-            try:  # the zeroing is the caller's: one memset of N floats is timed with it
-                row[key] = graph_us([(lambda w=w: launch(x, w, s, z, r, nw, xs, split, pf, outs.zero_()))
-                                     for w in words])
+            key = f"mma R{r} NW{nw} S{split} G{g2}{' xp' if xp else ''}"
+            try:  # kernel only (the output is not zeroed between calls: times, not values)
+                row[key] = graph_us([(lambda w=w: launch(x, w, s, z, r, nw, xs, split, g2, outs, xp)) for w in words])
             except Exception as e:  # noqa: BLE001
                 row[key] = str(e)[:80]
+        row["memset_us"] = graph_us([lambda: outs.zero_()])
         res[name] = row
         mb = n * k / 2e6
         print(f"{name} {n}x{k} ({mb:.1f} MB): " + "; ".join(
@@ -273,6 +323,8 @@ def main() -> None:
     ap.add_argument("mode", choices=["sass", "bench", "repack-check"])
     ap.add_argument("--r", type=int, default=2)
     ap.add_argument("--nw", type=int, default=4)
+    ap.add_argument("--g2", type=int, default=2, help="groups a loop step")
+    ap.add_argument("--xp", action="store_true", help="x permuted by the caller (vector loads)")
     ap.add_argument("--dump", default=None)
     a = ap.parse_args()
     if a.mode == "sass":
