@@ -32,6 +32,12 @@ The memset alone is 2.7-3.9 µs in a graph. The likely limit is bytes in flight:
 carry more costs registers and duplicated x loads as written. Next: x loaded once per warp
 and broadcast over R, a deterministic split reduce instead of the atomics and the memset,
 and R = 4 with the row blocks' MMAs interleaved in one asm block. Not wired into the model.
+Third visit (raw proto-int4-mma-gemv-v3-h100-2026-11-27.json): masks had split the word loads
+into 32-bit ones. With whole steps a program (EVEN, 16-byte loads again), 11 variants took
+qkv 14.9-23.7 µs, o 7.8-14.9, gate_up 24.7-38.8 and down 16.5-25.1, against 13.4 / 5.7 / 22.5 / 13.5
+shipped. So the instruction count was not what held it back. Known bug of the masked
+(not EVEN) path: x and its group sums are read unmasked past K, and 0 * NaN poisons the sum
+(the 64 x 256, S = 3, G2 = 4 check printed nan).
 
 CPU:  python bench/scripts/proto_int4_mma_gemv.py sass [--r 2 --nw 4]
 GPU:  python bench/scripts/proto_int4_mma_gemv.py bench   -> checks against kernels/gemv.gemv_ref, times
@@ -128,24 +134,32 @@ def _second(v):
 
 @gluon.jit
 def _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8, rows, grp, g_hi,
-           XP: gl.constexpr, L: gl.constexpr):
-    """Everything group `grp` reads; past g_hi the scales load as 0, so it adds nothing."""
-    ok = grp < g_hi
-    w = gl.load(w_ptrs + grp * 256, mask=(x_off >= 0) & ok, other=0)  # [R, NW, 32, 8] int32
+           XP: gl.constexpr, L: gl.constexpr, EVEN: gl.constexpr):
+    """Everything group `grp` reads; past g_hi the scales load as 0, so it adds nothing.
+    EVEN: the caller's split puts a whole number of steps in every program (no masks, which
+    also keeps the word loads 16 bytes wide)."""
+    if EVEN:
+        w = gl.load(w_ptrs + grp * 256)  # [R, NW, 32, 8] int32
+    else:
+        w = gl.load(w_ptrs + grp * 256, mask=(x_off >= 0) & (grp < g_hi), other=0)
     if XP:  # x permuted by the caller: a lane's 16 B registers of the group are 64 contiguous bytes
-        xp = gl.load(x32_ptr + grp * 64 + x_off16, mask=(x_off16 >= 0) & ok, other=0)  # [R, NW, 32, 16]
+        xp = gl.load(x32_ptr + grp * 64 + x_off16)  # [R, NW, 32, 16] (in bounds: grp < K / 128)
         b0, b1 = gl.split(gl.reshape(xp, [xp.shape[0], xp.shape[1], xp.shape[2], 8, 2]))
         b0 = gl.convert_layout(b0, L)
         b1 = gl.convert_layout(b1, L)
     else:
-        b0 = gl.load(x32_ptr + grp * 64 + x_off, mask=(x_off >= 0) & ok, other=0)
-        b1 = gl.load(x32_ptr + grp * 64 + x_off + 4, mask=(x_off >= 0) & ok, other=0)
-    m3 = (rows >= 0) & ok
-    xs = gl.load(xs_ptr + grp + rows * 0, mask=m3, other=0.0)  # [R, NW, 32] sum of x over the group
-    s0 = gl.load(s_ptr + sz0 + grp, mask=m3, other=0.0).to(gl.float32)
-    s8 = gl.load(s_ptr + sz8 + grp, mask=m3, other=0.0).to(gl.float32)
-    z0 = gl.load(z_ptr + sz0 + grp, mask=m3, other=0.0).to(gl.float32)
-    z8 = gl.load(z_ptr + sz8 + grp, mask=m3, other=0.0).to(gl.float32)
+        b0 = gl.load(x32_ptr + grp * 64 + x_off)
+        b1 = gl.load(x32_ptr + grp * 64 + x_off + 4)
+    xs = gl.load(xs_ptr + grp + rows * 0)  # [R, NW, 32] sum of x over the group
+    if EVEN:
+        s0 = gl.load(s_ptr + sz0 + grp).to(gl.float32)
+        s8 = gl.load(s_ptr + sz8 + grp).to(gl.float32)
+    else:
+        m3 = (rows >= 0) & (grp < g_hi)
+        s0 = gl.load(s_ptr + sz0 + grp, mask=m3, other=0.0).to(gl.float32)
+        s8 = gl.load(s_ptr + sz8 + grp, mask=m3, other=0.0).to(gl.float32)
+    z0 = gl.load(z_ptr + sz0 + grp).to(gl.float32)
+    z8 = gl.load(z_ptr + sz8 + grp).to(gl.float32)
     return w, b0, b1, xs, s0, s8, z0, z8
 
 
@@ -162,7 +176,7 @@ def _step(acc0, acc8, w, b0, b1, xs, s0, s8, z0, z8, L3: gl.constexpr):
 @gluon.jit
 def int4_mma_gemv(
     x32_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, groups_per_split,
-    R: gl.constexpr, NW: gl.constexpr, G2: gl.constexpr, XP: gl.constexpr,
+    R: gl.constexpr, NW: gl.constexpr, G2: gl.constexpr, XP: gl.constexpr, EVEN: gl.constexpr,
 ):
     """out[n] = sum_g s[n, g] (sum_{k in g} q[n, k] x[k] - z[n, g] sum_{k in g} x[k]).
     Program: 16 R NW rows (warp w: row blocks w R .. w R + R - 1), all of K, one group a step."""
@@ -197,15 +211,15 @@ def int4_mma_gemv(
     g_hi = gl.minimum(g_lo + groups_per_split, KG)
     for grp in range(g_lo, g_hi, G2):  # G2 groups a step, every load issued before any math
         wa, b0a, b1a, xsa, s0a, s8a, z0a, z8a = _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8,
-                                                        rows, grp, g_hi, XP, L)
+                                                        rows, grp, g_hi, XP, L, EVEN)
         if G2 >= 2:
             wb, b0b, b1b, xsb, s0b, s8b, z0b, z8b = _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8,
-                                                            rows, grp + 1, g_hi, XP, L)
+                                                            rows, grp + 1, g_hi, XP, L, EVEN)
         if G2 >= 4:
             wc, b0c, b1c, xsc, s0c, s8c, z0c, z8c = _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8,
-                                                            rows, grp + 2, g_hi, XP, L)
+                                                            rows, grp + 2, g_hi, XP, L, EVEN)
             wd, b0d, b1d, xsd, s0d, s8d, z0d, z8d = _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8,
-                                                            rows, grp + 3, g_hi, XP, L)
+                                                            rows, grp + 3, g_hi, XP, L, EVEN)
         acc0, acc8 = _step(acc0, acc8, wa, b0a, b1a, xsa, s0a, s8a, z0a, z8a, L3)
         if G2 >= 2:
             acc0, acc8 = _step(acc0, acc8, wb, b0b, b1b, xsb, s0b, s8b, z0b, z8b, L3)
@@ -232,8 +246,10 @@ def launch(x: torch.Tensor, words: torch.Tensor, s: torch.Tensor, z: torch.Tenso
     if xp:  # [group, t, 16]: (pair t + 8 j, pair t + 4 + 8 j) for j = 0..7
         x32 = x32.view(kg, 8, 2, 4).permute(0, 3, 1, 2).contiguous()
     per = -(-kg // split)
+    per = -(-per // g2) * g2  # whole steps a program
+    even = kg % per == 0
     int4_mma_gemv[(n // (16 * r * nw), -(-kg // per))](x32, xs, words, s, z, out, n, k, per,
-                                                      R=r, NW=nw, G2=g2, XP=xp, num_warps=nw)
+                                                      R=r, NW=nw, G2=g2, XP=xp, EVEN=even, num_warps=nw)
     return out
 
 
@@ -247,7 +263,7 @@ def sass(a) -> None:  # type: ignore[no-untyped-def]
     names = ["x32_ptr", "xs_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K"]
     names.append("groups_per_split")
     sig = dict(zip(names, ["*i32", "*fp32", "*i32", "*bf16", "*bf16", "*fp32", "i32", "i32", "i32"]))
-    const = dict(R=a.r, NW=a.nw, G2=a.g2, XP=a.xp)
+    const = dict(R=a.r, NW=a.nw, G2=a.g2, XP=a.xp, EVEN=not a.masked)
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(int4_mma_gemv, sig, const, {(i,): [["tt.divisibility", 16]] for i in range(8)})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.nw})
@@ -299,8 +315,8 @@ def bench(a) -> None:  # type: ignore[no-untyped-def]
         row = {"shipped_us": shipped}
         outs = torch.zeros(1, n, device="cuda", dtype=torch.float32)
         for r, nw, split, g2, xp in ((1, 4, 8, 1, False), (1, 4, 8, 1, True), (1, 4, 4, 2, True), (1, 4, 8, 2, True),
-                                     (1, 4, 16, 1, True), (2, 4, 8, 1, True), (1, 8, 8, 1, True), (1, 2, 8, 2, True),
-                                     (1, 4, 2, 4, True)):
+                                     (1, 4, 4, 4, True), (1, 4, 8, 4, True), (1, 8, 8, 2, True), (1, 4, 2, 4, True),
+                                     (1, 4, 16, 1, True), (1, 4, 43, 1, True), (1, 4, 43, 2, True)):
             if n % (16 * r * nw):
                 continue
             key = f"mma R{r} NW{nw} S{split} G{g2}{' xp' if xp else ''}"
@@ -325,6 +341,7 @@ def main() -> None:
     ap.add_argument("--nw", type=int, default=4)
     ap.add_argument("--g2", type=int, default=2, help="groups a loop step")
     ap.add_argument("--xp", action="store_true", help="x permuted by the caller (vector loads)")
+    ap.add_argument("--masked", action="store_true", help="sass: the masked (not EVEN) variant")
     ap.add_argument("--dump", default=None)
     a = ap.parse_args()
     if a.mode == "sass":
