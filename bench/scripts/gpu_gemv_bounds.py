@@ -12,6 +12,7 @@ they do and the larger one is the bound.
 
 Usage (GPU): python bench/scripts/gpu_gemv_bounds.py   -> prints a table, writes $OUT/gemv_bounds.json
        python bench/scripts/gpu_gemv_bounds.py --memory-sweep   -> the memory-only twin over tile shapes
+       python bench/scripts/gpu_gemv_bounds.py --int8   -> the same table for the int8 GEMV
 """
 import itertools
 import json
@@ -76,34 +77,43 @@ def main() -> None:
         memory_sweep()
         return
     res = {}
+    int8 = "--int8" in sys.argv  # the int8 GEMV instead (per-row scales)
+    row_bytes = (lambda k: k) if int8 else (lambda k: k // 2)
     print(f"{'shape':8} {'MB':>6} {'shipped':>8} {'compute':>8} {'memory':>8} {'sum':>6} {'max':>6} {'copy':>6}  (µs)")
     for name, (n, k) in SHAPES.items():
-        copies = max(1, -(-160_000_000 // (n * k // 2)))
-        qs = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(copies)]
-        s = torch.rand(n, k // 128, device="cuda", dtype=torch.bfloat16) / 100
-        z = torch.randint(0, 16, (n, k // 128), device="cuda").bfloat16()
+        copies = max(1, -(-160_000_000 // (n * row_bytes(k))))
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ws = [gemv.QuantWeight(q, s, z, 128) for q in qs]
+        if int8:
+            qs = [torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8) for _ in range(copies)]
+            s = torch.rand(n, device="cuda", dtype=torch.bfloat16) / 500
+            ws = [gemv.QuantWeight(q, s) for q in qs]
+            one = gemv.QuantWeight(qs[0][:1].expand(n, k), s)
+        else:
+            qs = [torch.randint(0, 256, (n, k // 2), device="cuda", dtype=torch.uint8) for _ in range(copies)]
+            s = torch.rand(n, k // 128, device="cuda", dtype=torch.bfloat16) / 100
+            z = torch.randint(0, 16, (n, k // 128), device="cuda").bfloat16()
+            ws = [gemv.QuantWeight(q, s, z, 128) for q in qs]
+            one = gemv.QuantWeight(qs[0][:1].expand(n, k // 2), s, z, 128)
         shipped = graph_us([(lambda w=w: gemv.gemv(x, w)) for w in ws])
         # compute only: a row stride of 0 (gemv._launch skips gemv()'s contiguity check)
-        one = gemv.QuantWeight(qs[0][:1].expand(n, k // 2), s, z, 128)
         compute = graph_us([lambda: gemv._launch(gemv._PLAIN, x, one, None)])
         # memory only: the same bytes as int32 words, 32 rows x 1024 words a program
         out = torch.empty(n, device="cuda", dtype=torch.int32)
         words = [q.view(torch.int32) for q in qs]
+        kw = row_bytes(k) // 4
         bw = 256
-        while (k // 8) % bw:  # the widest power-of-two step dividing a row's words
+        while kw % bw:  # the widest power-of-two step dividing a row's words
             bw //= 2
-        memory = graph_us([(lambda w=w: _stream_kernel[(triton.cdiv(n, 32),)](w, out, k // 8, BLOCK_N=32, BLOCK_W=bw))
+        memory = graph_us([(lambda w=w: _stream_kernel[(triton.cdiv(n, 32),)](w, out, kw, BLOCK_N=32, BLOCK_W=bw))
                            for w in words])
         dst = torch.empty_like(qs[0])
         copy = graph_us([(lambda q=q: dst.copy_(q)) for q in qs])
-        mb = n * k / 2 / 1e6
+        mb = n * row_bytes(k) / 1e6
         res[name] = dict(n=n, k=k, mb=mb, shipped_us=shipped, compute_us=compute, memory_us=memory, copy_us=copy)
         print(f"{name:8} {mb:6.1f} {shipped:8.1f} {compute:8.1f} {memory:8.1f} {compute + memory:6.1f} "
               f"{max(compute, memory):6.1f} {copy:6.1f}", flush=True)
         del qs, ws, words
-    json.dump(res, open(os.path.join(OUT, "gemv_bounds.json"), "w"), indent=1)
+    json.dump(res, open(os.path.join(OUT, f"gemv_bounds{'_int8' if int8 else ''}.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":
