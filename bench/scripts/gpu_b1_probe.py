@@ -89,15 +89,20 @@ def replay_kernels(llm: LLM, batch: int) -> None:
         for _ in range(5):
             g.graphs[b].replay()
         torch.cuda.synchronize()
+    lines, total, n = _by_kernel(prof, 5)
+    print("\n".join(lines[:14]), flush=True)
+    note(f"replay b{b} kernels", f"{n:.0f} kernels, {total:.1f} us summed")
+
+
+def _by_kernel(prof, reps: int) -> tuple[list[str], float, float]:  # type: ignore[no-untyped-def]
+    """(lines "us per rep, calls per rep, name" slowest first, us summed, kernels) per repetition."""
     per = defaultdict(lambda: [0.0, 0])
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name][0] += e.device_time / 5
-            per[e.name][1] += 1 / 5
-    total = sum(v[0] for v in per.values())
-    lines = [f"{v[0]:9.1f} us {v[1]:6.0f}x  {k[:100]}" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])]
-    print("\n".join(lines[:14]), flush=True)
-    note(f"replay b{b} kernels", f"{sum(v[1] for v in per.values()):.0f} kernels, {total:.1f} us summed")
+            per[e.name][0] += e.device_time / reps
+            per[e.name][1] += 1 / reps
+    lines = [f"{v[0]:9.1f} us {v[1]:6.0f}x  {k[:110]}" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])]
+    return lines, sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
 
 def kernel_breakdown(llm: LLM) -> None:
     runner = llm.engine.executor.runner
@@ -116,14 +121,7 @@ def kernel_breakdown(llm: LLM) -> None:
             for _ in range(5):
                 model(g.input_ids[:b], g.positions[:b], runner.kv_caches, meta)
             torch.cuda.synchronize()
-    per = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name][0] += e.device_time / 5
-            per[e.name][1] += 1 / 5
-    total = sum(v[0] for v in per.values())
-    n = sum(v[1] for v in per.values())
-    lines = [f"{v[0]:9.1f} us {v[1]:6.0f}x  {k[:110]}" for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])]
+    lines, total, n = _by_kernel(prof, 5)
     with open(os.path.join(OUT, "b1_kernels.txt"), "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines[:25]), flush=True)

@@ -115,21 +115,14 @@ def _group_mma(w, b0, b1):
 
 
 @gluon.jit
-def _first(v):
-    """[A, B, C, 8] -> element 0 of the last dimension, [A, B, C] (register renaming only)."""
+def _elem(v, ODD: gl.constexpr):
+    """[A, B, C, 8] -> element 0 (ODD False) or 1 of the last dimension, [A, B, C]: three
+    splits of in-thread dimensions, register renaming only."""
     e, o = gl.split(gl.reshape(v, [v.shape[0], v.shape[1], v.shape[2], 4, 2]))
-    e0, e1 = gl.split(gl.reshape(e, [v.shape[0], v.shape[1], v.shape[2], 2, 2]))
-    f0, f1 = gl.split(e0)
-    return f0
-
-
-@gluon.jit
-def _second(v):
-    """[A, B, C, 8] -> element 1 of the last dimension."""
-    e, o = gl.split(gl.reshape(v, [v.shape[0], v.shape[1], v.shape[2], 4, 2]))
-    o0, o1 = gl.split(gl.reshape(o, [v.shape[0], v.shape[1], v.shape[2], 2, 2]))
-    f0, f1 = gl.split(o0)
-    return f0
+    pick = o if ODD else e
+    f0, f1 = gl.split(gl.reshape(pick, [v.shape[0], v.shape[1], v.shape[2], 2, 2]))
+    g0, g1 = gl.split(f0)
+    return g0
 
 
 @gluon.jit
@@ -166,8 +159,8 @@ def _loads(w_ptrs, x32_ptr, x_off, x_off16, xs_ptr, s_ptr, z_ptr, sz0, sz8, rows
 @gluon.jit
 def _step(acc0, acc8, w, b0, b1, xs, s0, s8, z0, z8, L3: gl.constexpr):
     c = _group_mma(w, b0, b1)  # [R, NW, 32, 8]: (C[g], C[g + 8], 0 ...)
-    c0 = gl.convert_layout(_first(c), L3)
-    c8 = gl.convert_layout(_second(c), L3)
+    c0 = gl.convert_layout(_elem(c, False), L3)
+    c8 = gl.convert_layout(_elem(c, True), L3)
     acc0 += s0 * (c0 - (128.0 + z0) * xs)
     acc8 += s8 * (c8 - (128.0 + z8) * xs)
     return acc0, acc8

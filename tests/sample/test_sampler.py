@@ -20,20 +20,6 @@ from turbollm.sampling_params import SamplingParams
 _HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(
-    params=[
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")],
-        ),
-    ]
-)
-def device(request: pytest.FixtureRequest) -> torch.device:
-    torch.manual_seed(0)
-    return torch.device(request.param)
-
-
 def make_state(
     prompt: list[int] | None = None,
     output: list[int] | None = None,

@@ -29,20 +29,6 @@ from turbollm.sampling_params import SamplingParams
 _HAS_CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(
-    params=[
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")],
-        ),
-    ]
-)
-def device(request: pytest.FixtureRequest) -> torch.device:
-    torch.manual_seed(0)
-    return torch.device(request.param)
-
-
 def randn(rows: int, vocab: int, device: torch.device, scale: float = 1.0) -> torch.Tensor:
     return torch.randn(rows, vocab, device=device) * scale  # [rows, vocab]
 
