@@ -124,15 +124,21 @@ def main() -> None:
                 break
     print("TTGIR ops:", dict(c))
     print("shared memory bytes:", k.metadata.shared, " registers:", getattr(k, "n_regs", None))
+    report(k, a.dump)
+
+
+def report(k, dump: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Registers / stack / shared memory and the main loop's instructions of compiled kernel k;
+    with `dump`, its TTGIR, PTX and SASS written there."""
     s = sass_of(k)
     usage = subprocess.run([CUOBJDUMP, "-res-usage", "/tmp/_k.cubin"], capture_output=True, text=True).stdout
     print("resources:", " ".join(re.findall(r"(?:REG|STACK|SHARED|LOCAL):\d+", usage)))
     loop_report(s)
-    if a.dump:
-        os.makedirs(a.dump, exist_ok=True)
+    if dump:
+        os.makedirs(dump, exist_ok=True)
         for name in ("ttgir", "ptx"):
-            open(os.path.join(a.dump, f"k.{name}"), "w").write(k.asm[name])
-        open(os.path.join(a.dump, "k.sass"), "w").write(s)
+            open(os.path.join(dump, f"k.{name}"), "w").write(k.asm[name])
+        open(os.path.join(dump, "k.sass"), "w").write(s)
 
 
 if __name__ == "__main__":

@@ -250,9 +250,7 @@ def sass(a) -> None:  # type: ignore[no-untyped-def]
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     sys.path.insert(0, os.path.dirname(__file__))
-    from cpu_sass import CUOBJDUMP, loop_report, sass_of
-    import re
-    import subprocess
+    from cpu_sass import report
     names = ["x32_ptr", "xs_ptr", "w_ptr", "s_ptr", "z_ptr", "out_ptr", "N", "K"]
     names.append("groups_per_split")
     sig = dict(zip(names, ["*i32", "*fp32", "*i32", "*bf16", "*bf16", "*fp32", "i32", "i32", "i32"]))
@@ -260,14 +258,7 @@ def sass(a) -> None:  # type: ignore[no-untyped-def]
     sig.update({k: "constexpr" for k in const})
     src = GluonASTSource(int4_mma_gemv, sig, const, {(i,): [["tt.divisibility", 16]] for i in range(8)})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": a.nw})
-    s = sass_of(k)
-    usage = subprocess.run([CUOBJDUMP, "-res-usage", "/tmp/_k.cubin"], capture_output=True, text=True).stdout
-    print("resources:", " ".join(re.findall(r"(?:REG|STACK|SHARED|LOCAL):\d+", usage)))
-    loop_report(s)
-    if a.dump:
-        os.makedirs(a.dump, exist_ok=True)
-        open(os.path.join(a.dump, "k.sass"), "w").write(s)
-        open(os.path.join(a.dump, "k.ttgir"), "w").write(k.asm["ttgir"])
+    report(k, a.dump)
 
 
 def bench(a) -> None:  # type: ignore[no-untyped-def]

@@ -19,3 +19,4 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     """Each test once on CPU and once on CUDA (the GPU run skips without one)."""
     torch.manual_seed(0)
     return torch.device(request.param)
+

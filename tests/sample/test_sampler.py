@@ -7,7 +7,6 @@ the `gpu` marker). Random draws use fixed seeds, so the statistical checks are d
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 
 import pytest
@@ -16,6 +15,8 @@ import torch
 from turbollm.sample import Sampler, SamplingState
 from turbollm.sample.logits_processors import apply_penalties
 from turbollm.sampling_params import SamplingParams
+
+from sample_support import host_syncs
 
 _HAS_CUDA = torch.cuda.is_available()
 
@@ -357,13 +358,5 @@ def test_one_host_sync_per_call() -> None:
     sampler = Sampler()
     for batch in (states, [make_state(temperature=0.0)] * 3):
         sampler(logits, batch)  # warm up (lazy CUDA init may sync)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                sampler(logits, batch)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        syncs = [w for w in caught if "synchroniz" in str(w.message)]
-        assert len(syncs) == 1, [str(w.message) for w in syncs]
+        syncs = host_syncs(lambda: sampler(logits, batch))
+        assert len(syncs) == 1, syncs

@@ -9,7 +9,6 @@ present, on a CUDA device (the `cuda` cases carry the `gpu` marker).
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -25,6 +24,8 @@ from turbollm.sample.logits_processors import (
     top_p_mass_tolerance,
 )
 from turbollm.sampling_params import SamplingParams
+
+from sample_support import host_syncs
 
 _HAS_CUDA = torch.cuda.is_available()
 
@@ -224,13 +225,5 @@ def test_top_p_candidates_sync_once() -> None:
     logits = _mixed_batch(32000, seed=1).cuda()  # [rows, 32000]
     ps = [_TOP_PS[r % len(_TOP_PS)] for r in range(logits.shape[0])]
     apply_top_p_candidates(logits, ps)  # warm up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            apply_top_p_candidates(logits, ps)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    syncs = host_syncs(lambda: apply_top_p_candidates(logits, ps))
+    assert len(syncs) == 1, syncs
