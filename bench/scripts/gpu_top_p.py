@@ -1,5 +1,6 @@
-"""Top-p (nucleus) filter on one GPU: the full sort (`apply_top_p`, what the sampler uses)
-against the candidate path (`apply_top_p_candidates`: topk, one host sync, the full sort for
+"""Top-p (nucleus) filter on one GPU: the full sort (`apply_top_p`, the reference), the
+sort-free search kernel (kernels/top_p.py, what the sampler runs on a GPU: `kernel`, with the
+count of tokens it decides differently from the sort in `diff`), and the candidate path (`apply_top_p_candidates`: topk, one host sync, the full sort for
 the rows it cannot decide). End-to-end effect in the engine: gpu_top_p_engine.py.
 
     export PYTHONPATH=src && python3 bench/scripts/gpu_top_p.py            # H100 / H200
@@ -31,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from turbollm.kernels.top_p import top_p_filter
 from turbollm.sample.logits_processors import (
     TOP_P_CANDIDATES,
     _top_p_candidates,
@@ -73,9 +75,15 @@ def bench_case(batch: int, vocab: int, top_p: float, scale: float, candidates: i
     new_us = timed_us(lambda: apply_top_p_candidates(logits, ps, num_candidates=candidates),
                       device, warmup, iters)
     cand_us = timed_us(lambda: _top_p_candidates(logits, p_dev, candidates), device, warmup, iters)
-    return dict(batch=batch, vocab=vocab, top_p=top_p, scale=scale, candidates=candidates,
-                old_us=old_us, new_us=new_us, cand_us=cand_us, decided=decided,
-                same=bool(torch.equal(old, new)))
+    row = dict(batch=batch, vocab=vocab, top_p=top_p, scale=scale, candidates=candidates,
+               old_us=old_us, new_us=new_us, cand_us=cand_us, decided=decided,
+               same=bool(torch.equal(old, new)))
+    if device.type == "cuda":  # the sort-free search the sampler runs on a GPU (kernels/top_p.py)
+        p_vec = p_dev[:, 0].contiguous()
+        kernel = top_p_filter(logits, p_vec)
+        row["kernel_us"] = timed_us(lambda: top_p_filter(logits, p_vec), device, warmup, iters)
+        row["kernel_diff_tokens"] = int(((kernel == float("-inf")) != (old == float("-inf"))).sum())
+    return row
 
 
 def probe_rounding(vocab: int, device: torch.device, scales: list[float]) -> list[dict]:
@@ -134,12 +142,14 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     print(f"device: {name}, torch {torch.__version__}; median of {iters} calls, microseconds")
     print(f"{'batch':>5} {'vocab':>6} {'top_p':>5} {'scale':>5} {'C':>5} {'sorted':>9} "
-          f"{'topk+sync':>9} {'speedup':>7} {'cand':>8} {'decided':>7} same")
+          f"{'topk+sync':>9} {'speedup':>7} {'cand':>8} {'decided':>7} same {'kernel':>8} {'vs sort':>7} diff")
     for r in rows:
+        kern = (f" {r['kernel_us']:8.1f} {r['old_us'] / r['kernel_us']:6.2f}x {r['kernel_diff_tokens']}"
+                if "kernel_us" in r else "")
         print(f"{r['batch']:5d} {r['vocab']:6d} {r['top_p']:5.2f} {r['scale']:5g} "
               f"{r['candidates']:5d} {r['old_us']:9.1f} {r['new_us']:9.1f} "
               f"{r['old_us'] / r['new_us']:6.2f}x {r['cand_us']:8.1f} {r['decided']:7.2f} "
-              f"{r['same']}")
+              f"{r['same']}{kern}")
     for r in probe:
         print(f"rounding vocab {r['vocab']:6d} {r['rows']:>22}: {r['max_err']:.2e} "
               f"= {r['fraction_of_tol']:.3f} of the tolerance")

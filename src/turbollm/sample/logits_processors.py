@@ -146,8 +146,10 @@ def apply_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
 
     A token is kept when the probability of the tokens strictly better than it is below
     top_p, so the top token (preceded by mass 0) always survives. Sorts the full row: call it
-    only on rows with top_p < 1. `apply_top_p_candidates` gives the same result mostly without
-    the sort, but needs a host sync, which costs the overlapped engine more than the sort.
+    only on rows with top_p < 1. On a GPU the sampler runs kernels/top_p.py instead, a search
+    without a sort and without a host sync. `apply_top_p_candidates` gives the same result
+    mostly without the sort, but needs a host sync, which costs the overlapped engine more
+    than the sort.
     """
     # Stable: tied tokens keep index order, so the cut through a tie is the same in any batch.
     sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)  # [num_rows, vocab]
