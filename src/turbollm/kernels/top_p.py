@@ -1,4 +1,5 @@
-"""Nucleus (top-p) filter without sorting the vocabulary: Triton kernel, launcher, torch reference.
+"""Nucleus (top-p) filter without sorting the vocabulary: Triton kernel and launcher. The torch
+reference is sample.logits_processors.apply_top_p.
 
 The reference (sample/logits_processors.apply_top_p) sorts each row stably, value descending
 and then index ascending, and keeps a token when the probability mass of the tokens before
@@ -19,7 +20,7 @@ The same set can be found with a search instead of the sort. One program takes a
 
 The result is the reference's up to float rounding: M is summed in another order than the
 reference's cumsum. Only a token whose preceding mass lies within rounding of p can land on
-the other side; tests/kernels/test_top_p_kernel.py checks equality on every other row.
+the other side; tests/kernels/test_top_p_kernel.py checks equality on every other token.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
 HAS_TRITON = triton is not None
 _BLOCK = 2048  # elements of a row a loop step
 _PASSES = 12  # 8-way narrowing passes: 8**12 > 2**32 keys
-_LOG2E = 1.4426950408889634
 
 if triton is not None:
 
