@@ -12,8 +12,8 @@ so the result is again a grid (s, z) = (s0 e^a, z0 - b e^-a): same codes, same r
 This is the "P step" of PV-tuning / EfficientQAT's E2E-QP, kept small: per-group affine
 parameters only (2.9 M for SmolLM2-135M: 1.45 M groups), a few passes over the calibration
 windows. GPTQ and AWQ fit each linear's own output; this fits the model's output, where
-their layer-wise errors add up (docs/performance.md: GPTQ +3.54% -> +2.66% on one calibration,
-+4.19% -> +3.78% and +4.83% -> +4.51% on two others).
+their layer-wise errors add up (docs/performance.md, all 101 held-out windows: GPTQ +3.52% ->
++1.76%, +3.84% -> +2.32% and +3.68% -> +2.26% on three calibrations).
 
 Owns nothing persistent: the student's weights are rebuilt from (q, s, z) by a plain
 PyTorch forward in float32 (attention by scaled_dot_product_attention) on the model's
