@@ -177,7 +177,8 @@ def main() -> None:
                 "what": "held-out Shakespeare perplexity, embedded SmolLM2-135M, int4 decoder linears",
                 "date": time.strftime("%Y-%m-%d"), "machine": f"CPU ({platform.processor() or 'x86_64'}), 2 cores",
                 "command": "PYTHONPATH=src python bench/scripts/issue5_calib_cpu.py "
-                           f"--calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout} "
+                           f"--calib {args.calib} --calib-len {args.calib_len} --calib-offset {args.calib_offset} "
+                           f"--heldout {args.heldout} "
                            f"--methods {args.methods} --threads {args.threads}"
                            + (f" --load {args.load}" if args.load else ""),
                 "calibration_files": [os.path.basename(p) for p in corpus_files("calibration")],
