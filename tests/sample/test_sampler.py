@@ -7,7 +7,9 @@ the `gpu` marker). Random draws use fixed seeds, so the statistical checks are d
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -16,7 +18,6 @@ from turbollm.sample import Sampler, SamplingState
 from turbollm.sample.logits_processors import apply_penalties
 from turbollm.sampling_params import SamplingParams
 
-from sample_support import host_syncs
 
 _HAS_CUDA = torch.cuda.is_available()
 
@@ -343,6 +344,20 @@ def test_mixed_batch_bfloat16(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- host syncs
+
+
+def host_syncs(fn: Callable[[], object]) -> list[str]:
+    """The host-sync warnings CUDA's sync debug mode raises while fn runs (warm fn up first:
+    lazy initialisation may sync)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
 
 @pytest.mark.gpu
