@@ -52,7 +52,8 @@ def gemv(bn: int, bk: int, warps: int, deq: int, fmt: int, prologue: int):
     sig = {n: "*bf16" for n in names[:9]}
     sig.update(w_ptr=wt, N="i32", K="i32", k_per_split="i32", stride_wn="i32", stride_os="i32", eps="fp32")
     const = dict(PROLOGUE=prologue, HAS_RESIDUAL=prologue == 1, HAS_BIAS=False, WFMT=fmt, GROUP=128 if fmt == 2 else 1,
-                 DEQ=deq, BLOCK_N=bn, BLOCK_K=bk, ROUND=False, ROUND_OUT=False, PDL=True)
+                 DEQ=deq, BLOCK_N=bn, BLOCK_K=bk, ROUND=False, ROUND_OUT=False, PDL=True,
+                 EARLY=g._EARLY_TILE[fmt][prologue], TRIGGER_FIRST=g._TRIGGER_FIRST[fmt])
     for k in const:
         sig[k] = "constexpr"
     return compile_kernel(g._gemv_kernel, sig, const, list(range(14)), warps, 3)

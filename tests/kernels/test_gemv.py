@@ -217,3 +217,36 @@ def test_gpu_quantized_real_shapes(n: int, k: int, kind: str, group: int) -> Non
     ref, _ = gemv_rmsnorm_ref(x, None, nw, 1e-5, w)
     torch.testing.assert_close(out.float(), ref.float(), **_tol(torch.bfloat16))
 
+
+
+@pytest.mark.parametrize("early,trigger_first", [(1, False), (2, False), (2, True), (0, True)])
+@pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
+def test_early_tile_and_trigger_change_no_bit(
+    monkeypatch: pytest.MonkeyPatch, early: int, trigger_first: bool, kind: str
+) -> None:
+    """Loading the first weight tile ahead (before the RMSNorm pre-pass, or before the PDL
+    wait) and letting the next kernel launch first only move loads: the same sums in the same
+    order, so every prologue's output is bit-identical to the in-loop default's."""
+    from turbollm.kernels import gemv as gemv_module
+
+    g = torch.Generator().manual_seed(early + 3 * trigger_first)
+    n, k = 37, 384
+    w = torch.randn(n, k, generator=g).to(DEVICE) if kind == "dense" else _quant_weight(kind, 64, n, k, g)
+    x, r = (torch.randn(1, k, generator=g).to(DEVICE) for _ in range(2))
+    nw = (torch.rand(k, generator=g) + 0.5).to(DEVICE)
+    gu = torch.randn(1, 2 * k, generator=g).to(DEVICE)
+    config = (8, 128, 2, 4, 1)  # two K splits: each split's first tile is loaded ahead
+
+    def run() -> list[torch.Tensor]:
+        return [gemv(x, w, config=config), *gemv_rmsnorm(x, r, nw, 1e-6, w, config=config),
+                gemv_silu_mul(gu, w, config=config)]
+
+    def place(early: int, trigger_first: bool) -> None:
+        monkeypatch.setattr(gemv_module, "_EARLY_TILE", {f: (early,) * 3 for f in gemv_module._EARLY_TILE})
+        monkeypatch.setattr(gemv_module, "_TRIGGER_FIRST", {f: trigger_first for f in gemv_module._TRIGGER_FIRST})
+
+    place(0, False)
+    base = run()
+    place(early, trigger_first)
+    for got, want in zip(run(), base, strict=True):
+        assert torch.equal(got, want)

@@ -131,3 +131,26 @@ def test_gpu_sampler_nucleus_uses_the_search(monkeypatch: pytest.MonkeyPatch) ->
     amb = _ambiguous(logits, top_ps)
     ref = apply_top_p(logits, top_ps)
     assert not (((ref == _NEG_INF) != (got == _NEG_INF)) & ~amb).any()
+
+
+def _compiled_variants(fn: object) -> int:
+    """Compiled specializations of a Triton kernel over all devices (Triton 3.6's JITFunction
+    keeps (kernel_cache, ...) per device in `device_caches`)."""
+    return sum(len(cache[0]) for cache in fn.device_caches.values())  # type: ignore[attr-defined]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("vocab", [32000, 49159])
+def test_gpu_sampler_warm_up_compiles_what_sampling_runs(vocab: int) -> None:
+    """After Sampler.warm_up, the sampler's top-p on many rows meets no new compile."""
+    from turbollm.kernels import top_p as top_p_module
+    from turbollm.sample import sampler
+
+    sampler.Sampler().warm_up(vocab, torch.device("cuda"))
+    warmed = _compiled_variants(top_p_module._top_p_kernel)
+    assert warmed >= 1
+    logits = (torch.randn(64, vocab, generator=torch.Generator().manual_seed(vocab)) * 4).cuda()
+    sampler._nucleus(logits, [0.9] * 64)
+    torch.cuda.synchronize()
+    assert _compiled_variants(top_p_module._top_p_kernel) == warmed

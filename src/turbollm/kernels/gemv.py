@@ -162,9 +162,9 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         ROUND: tl.constexpr, ROUND_OUT: tl.constexpr,  # interpreter only: see _interpreter.py
         PDL: tl.constexpr,  # programmatic dependent launch (kernels/_pdl.py)
+        EARLY: tl.constexpr,  # where the first weight tile is loaded: _EARLY_TILE
+        TRIGGER_FIRST: tl.constexpr,  # PDL: let the next kernel launch at the start (_TRIGGER_FIRST)
     ):
-        if PDL:  # nothing is read or written before the previous kernel has finished
-            gdc_wait()
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
@@ -178,11 +178,13 @@ if triton is not None:
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
         HB: tl.constexpr = BLOCK_K // 2 if WFMT == 2 else BLOCK_K  # weight columns a tile loads (int4: bytes)
         offs_w = tl.arange(0, HB)
-        # int4 under RMSNorm: the first weight tile is loaded before the sum of squares, which
-        # then runs while it is on its way (H100: qkv 16.1 -> 14.7 us, batch-1 step -2.6%; a
-        # bf16 tile gained nothing, an int8 one lost 4% of the int8 step)
-        EARLY: tl.constexpr = PROLOGUE == 1 and WFMT == 2
-        if EARLY:
+        if EARLY == 2:  # weights are never written by a kernel: they may be read before the wait
+            w_first = _w_tile(w_rows, k_lo, k_hi, rmask, offs_w, WFMT)
+        if PDL:  # nothing else is read or written before the previous kernel has finished
+            gdc_wait()
+            if TRIGGER_FIRST:
+                gdc_launch_dependents()
+        if EARLY == 1:
             w_first = _w_tile(w_rows, k_lo, k_hi, rmask, offs_w, WFMT)
         if PROLOGUE == 1:  # RMSNorm: the whole row's sum of squares first
             sq = tl.zeros([BLOCK_K], tl.float32)
@@ -199,7 +201,7 @@ if triton is not None:
             rstd = tl.rsqrt(tl.sum(sq, 0) / K + eps)
         acc = tl.zeros([BLOCK_N], tl.float32)
         k_start = k_lo
-        if EARLY:  # the first tile, loaded before the sum of squares
+        if EARLY > 0:  # the first tile, loaded ahead
             acc = _tile_step(acc, w_first, k_lo, k_hi, rows, rmask, offs_k, x_ptr, res_ptr, nw_ptr, new_res_ptr,
                              s_ptr, z_ptr, K, rstd, write_res, PROLOGUE, HAS_RESIDUAL, ROUND, WFMT, GROUP, DEQ,
                              BLOCK_N, BLOCK_K)
@@ -215,7 +217,7 @@ if triton is not None:
             acc += tl.load(b_ptr + rows, mask=rmask & (split == 0), other=0.0).to(tl.float32)
         if ROUND_OUT:
             acc = round_bf16(acc)
-        if PDL:  # every weight is read: the next kernel may launch and wait for this one
+        if PDL and not TRIGGER_FIRST:  # every weight is read: the next kernel may launch and wait
             gdc_launch_dependents()
         tl.store(out_ptr + split * stride_os + rows, acc.to(out_ptr.dtype.element_ty), mask=rmask)
 
@@ -290,6 +292,20 @@ conversion instructions, 1 fp32 bit tricks, 3 "packed" with inline PTX, which th
 interpreter runs as 1: kernels/_quant_matmul_kernels.py)."""
 
 
+_EARLY_TILE = {_DENSE: (0, 0, 0), _INT8: (0, 0, 0), _INT4: (2, 2, 2)}
+"""Where the first weight tile is loaded, by format and prologue (_PLAIN, _RMSNORM, _SILU_MUL):
+0 in the loop; 1 after the PDL wait, before the RMSNorm pre-pass, which then runs while it is
+on its way; 2 before the PDL wait (weights are never written by a kernel), so with
+_TRIGGER_FIRST the load overlaps the previous kernel's tail. H100, Llama-2-7B batch-1
+decode-graph replay (bench/scripts/gpu_pdl_early.py, docs/performance.md): int4 2 + trigger
+first 2,306 -> 2,241 us (-2.8%), 1 (the earlier default) -> 2: +0.7% alone; int8 2: +8%
+(and 1 on the RMSNorm prologue: +4%); bf16: no gain from 1 or 2. Prefetching the first one to
+four tiles into L2 instead (prefetch.global.L2, no registers) was slower in every format."""
+_TRIGGER_FIRST = {_DENSE: False, _INT8: True, _INT4: True}
+"""PDL, by format: let the next kernel launch right after the wait instead of after the last
+tile (same measurements: int4 -1.0% alone, int8 -0.6%, bf16 +0.2%)."""
+
+
 def _quant_config(n: int, k: int, fmt: int) -> Config:
     """Tiling of a quantized weight (BLOCK_K counts weight columns, int4: two a byte), from
     bench/scripts/gpu_gemv_tune.py --fmt int4 / int8 on Llama-2-7B shapes (H100 sweeps).
@@ -353,7 +369,7 @@ def _launch(
         PROLOGUE=prologue, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None,
         WFMT=fmt, GROUP=group, DEQ=dequant,
         BLOCK_N=block_n, BLOCK_K=block_k, ROUND=round_, ROUND_OUT=round_ and split == 1, **pdl_kwargs(x.device),
-        num_warps=warps, num_stages=stages,
+        EARLY=_EARLY_TILE[fmt][prologue], TRIGGER_FIRST=_TRIGGER_FIRST[fmt], num_warps=warps, num_stages=stages,
     )
     if split > 1:
         _sum_kernel[(triton.cdiv(n, 1024),)](part, out, n, SPLITS=split, BLOCK=1024, ROUND=round_, num_warps=4,

@@ -143,6 +143,14 @@ class Sampler:
         num_extra = extra.numel() if extra is not None else 0
         return SamplerDraft(token_ids, packed, lp_rows, ks, max_k, num_extra)
 
+    def warm_up(self, vocab: int, device: torch.device) -> None:
+        """Compile, before serving, the Triton kernel sampling may launch on `device` (the top-p
+        search that `nucleus_by_search` picks for many rows), for logits rows of `vocab`, so no
+        step waits on its JIT compile. Nothing to do off the GPU."""
+        if device.type == "cuda" and top_p_kernel.HAS_TRITON:
+            logits = torch.zeros(1, vocab, device=device)  # [1, vocab] float32, like _nucleus's rows
+            top_p_kernel.top_p_filter(logits, torch.full((1,), 0.9, device=device))
+
     def _choose(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
         """Greedy rows take the argmax, the others are sampled: [num_reqs] int64 on the device."""
         sample_rows = [i for i, s in enumerate(states) if not s.params.greedy]

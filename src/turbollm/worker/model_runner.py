@@ -142,12 +142,15 @@ class ModelRunner:
     @torch.inference_mode()
     def _warm_up_lm_head(self) -> None:
         """Run the LM head and the greedy argmax once at every row count `logits_rows` can
-        give, so that serving meets no new matmul shape (see inputs.logits_rows)."""
+        give, so that serving meets no new matmul shape (see inputs.logits_rows); then
+        compile the sampler's top-p kernel for the logits' width."""
         counts = {logits_rows(n) for n in range(1, self.config.scheduler.max_num_seqs + 1)}
         hidden = torch.zeros(max(counts), self.arch.hidden_size, dtype=self.dtype,
                              device=self.device)  # [max rows, hidden]
         for rows in sorted(counts):
-            self.model.compute_logits(hidden[:rows]).argmax(dim=-1)  # type: ignore[operator]
+            logits = self.model.compute_logits(hidden[:rows])  # type: ignore[operator]  # [rows, vocab]
+            logits.argmax(dim=-1)
+        self.sampler.warm_up(logits.shape[-1], self.device)
         torch.cuda.synchronize(self.device)
 
     def init_kv_cache(self, num_blocks: int) -> None:
