@@ -4,8 +4,12 @@ start), measured as the decode-graph replay of Llama-2-7B (dummy weights, ctx 25
 int4 g128 and int8. Variants alternate within one process per format; each recaptures the
 batch-1 graph. Outputs of every variant are checked bit-identical to the shipped one's.
 
+With --attention it compares instead decode attention and the rotary / KV-write kernel
+loading before their PDL wait (kernels/_pdl.LOAD_BEFORE_WAIT) against waiting first.
+
 Prints a table and writes $OUT/gpu_pdl_early.json.
-Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,int8]
+Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,int8] [--attention]
+    [--batches 1,64]
 """
 import argparse
 import gc
@@ -19,63 +23,77 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_b1_probe import replay_b1  # noqa: E402
 
 from turbollm import LLM  # noqa: E402
+from turbollm.kernels import _pdl  # noqa: E402
 from turbollm.kernels import gemv as G  # noqa: E402
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
 SHIPPED = {f: (G._EARLY_TILE[f], G._TRIGGER_FIRST[f]) for f in G._EARLY_TILE}
 FMTS = {"bf16": G._DENSE, "int4": G._INT4, "int8": G._INT8}
-VARIANTS = {  # format -> name -> (EARLY for every prologue, or None: as shipped; trigger first)
-    "bf16": {"shipped": (None, None), "trigger first": (None, True), "pre-wait tile + trigger first": (2, True)},
-    "int4": {"shipped": (None, None), "tile after the wait (earlier default)": ((0, 1, 0), False),
-             "pre-wait tile, trigger after the loop": (2, False), "tile after the wait + trigger first": ((0, 1, 0), True)},
-    "int8": {"shipped": (None, None), "trigger after the loop (earlier default)": (None, False),
-             "pre-wait tile + trigger first": (2, True)},
+# format -> name -> (GEMV EARLY for every prologue, or None: as shipped; GEMV trigger first, or
+# None: as shipped; attention / rotary loads before their wait (_pdl.LOAD_BEFORE_WAIT))
+GEMV_VARIANTS = {
+    "bf16": {"shipped": (None, None, True), "trigger first": (None, True, True),
+             "pre-wait tile + trigger first": (2, True, True)},
+    "int4": {"shipped": (None, None, True), "tile after the wait (earlier default)": ((0, 1, 0), False, True),
+             "pre-wait tile, trigger after the loop": (2, False, True),
+             "tile after the wait + trigger first": ((0, 1, 0), True, True)},
+    "int8": {"shipped": (None, None, True), "trigger after the loop (earlier default)": (None, False, True),
+             "pre-wait tile + trigger first": (2, True, True)},
 }
+ATTENTION_VARIANTS = {f: {"shipped": (None, None, True), "attention / rotary wait first": (None, None, False)}
+                      for f in FMTS}
 
 
-def apply(fmt: str, early: int | tuple[int, int, int] | None, trigger_first: bool | None) -> None:
+def apply(fmt: str, early: int | tuple[int, int, int] | None, trigger_first: bool | None, loads: bool) -> None:
     f = FMTS[fmt]
     e = SHIPPED[f][0] if early is None else early if isinstance(early, tuple) else (early,) * 3
     G._EARLY_TILE = {**G._EARLY_TILE, f: e}
     G._TRIGGER_FIRST = {**G._TRIGGER_FIRST, f: SHIPPED[f][1] if trigger_first is None else trigger_first}
+    _pdl.LOAD_BEFORE_WAIT = loads
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--formats", default="bf16,int4,int8")
+    ap.add_argument("--attention", action="store_true",
+                    help="compare attention / rotary loads before their wait instead of the GEMV variants")
+    ap.add_argument("--batches", default="1", help="decode-graph batches to replay, e.g. 1,64")
     args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    table = ATTENTION_VARIANTS if args.attention else GEMV_VARIANTS
     record: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "us": {}}
     for fmt in args.formats.split(","):
         quant = {} if fmt == "bf16" else {"quantization": fmt, "group_size": 128}
-        llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=1, max_model_len=4096,
+        llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=max(batches), max_model_len=4096,
                   gpu_memory_utilization=0.5, **quant)
         g = llm.engine.executor.runner.graphs
-        ref = None
+        ref: dict[int, torch.Tensor] = {}
         for r in range(args.rounds):
-            for name, variant in VARIANTS[fmt].items():
+            for name, variant in table[fmt].items():
                 apply(fmt, *variant)
                 g.capture()
-                ms = replay_b1(llm)
-                out = g.outputs[1].clone()
-                if ref is None:
-                    ref = out
-                same = torch.equal(out.view(torch.int16), ref.view(torch.int16))  # bits (NaN too)
-                record["us"].setdefault(fmt, {}).setdefault(name, []).append(ms * 1e3)
-                print(f"{fmt:5s} round {r} {name:30s} {ms * 1e3:8.1f} us  bit-identical {same}", flush=True)
-                assert same, f"{fmt} {name}: output differs from the shipped variant's"
-        apply(fmt, None, None)
+                for bs in batches:
+                    ms = replay_b1(llm, batch=bs)
+                    out = g.outputs[g.bucket_for(bs)].clone()
+                    ref.setdefault(bs, out)
+                    same = torch.equal(out.view(torch.int16), ref[bs].view(torch.int16))  # bits (NaN too)
+                    key = f"{fmt} b{bs}"
+                    record["us"].setdefault(key, {}).setdefault(name, []).append(ms * 1e3)
+                    print(f"{key:8s} round {r} {name:38s} {ms * 1e3:8.1f} us  bit-identical {same}", flush=True)
+                    assert same, f"{key} {name}: output differs from the shipped variant's"
+        apply(fmt, None, None, True)
         del llm, g
         gc.collect()
         torch.cuda.empty_cache()
     with open(os.path.join(OUT, "gpu_pdl_early.json"), "w") as f:
         json.dump(record, f, indent=1)
-    print("\n== batch-1 decode-graph replay, us (rounds) ==")
-    for fmt, per in record["us"].items():
+    print("\n== decode-graph replay (ctx 256), us (rounds) ==")
+    for key, per in record["us"].items():
         base = min(per["shipped"])
         for name, v in per.items():
-            print(f"{fmt:5s} {name:30s} {' / '.join(f'{x:.1f}' for x in v):>22s}  best vs shipped {min(v) / base:.4f}")
+            print(f"{key:8s} {name:38s} {' / '.join(f'{x:.1f}' for x in v):>22s}  best vs shipped {min(v) / base:.4f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ PDL, a kernel may start while the one before it finishes: its programs are place
 multiprocessors early and wait in `gdc_wait` (griddepcontrol.wait) until the previous kernel
 has completed and its writes are visible. A kernel lets its successor launch with
 `gdc_launch_dependents` once it has issued its main reads. The contract for every kernel that
-takes PDL: call `gdc_wait` before touching any memory (so a kernel two back has finished too).
+takes PDL: call `gdc_wait` before touching memory that the kernel just before may write, and
+trigger only after the wait. Then a kernel two back has finished when a kernel starts, so data
+written before that (weights, the step's inputs, cos / sin, the KV cache of earlier tokens)
+may be read before the wait, overlapping the previous kernel's tail.
 Kernels without it (cuBLAS, torch ops) keep plain stream order on both sides.
 """
 
@@ -19,6 +22,12 @@ try:
     import triton
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
+
+
+LOAD_BEFORE_WAIT = True
+"""Decode attention and the rotary / KV-write kernel issue their loads of data no recent kernel
+writes (step inputs, cos / sin, old keys and values) before `gdc_wait` (each kernel says which).
+False puts the wait first (measurement switch: bench/scripts/gpu_pdl_early.py)."""
 
 
 @functools.lru_cache(maxsize=None)
