@@ -4,12 +4,11 @@ start), measured as the decode-graph replay of Llama-2-7B (dummy weights, ctx 25
 int4 g128 and int8. Variants alternate within one process per format; each recaptures the
 batch-1 graph. Outputs of every variant are checked bit-identical to the shipped one's.
 
-With --attention it compares instead decode attention and the rotary / KV-write kernel
-loading before their PDL wait (kernels/_pdl.LOAD_BEFORE_WAIT) against waiting first.
+(At commit d36b3ad its --attention mode compared decode attention and the rotary / KV-write
+kernel loading before their wait; reverted since, see docs/performance.md.)
 
 Prints a table and writes $OUT/gpu_pdl_early.json.
-Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,int8] [--attention]
-    [--batches 1,64]
+Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,int8] [--batches 1,64]
 """
 import argparse
 import gc
@@ -23,7 +22,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_b1_probe import replay_b1  # noqa: E402
 
 from turbollm import LLM  # noqa: E402
-from turbollm.kernels import _pdl  # noqa: E402
 from turbollm.kernels import gemv as G  # noqa: E402
 
 OUT = os.environ.get("OUT", "out")
@@ -31,38 +29,32 @@ os.makedirs(OUT, exist_ok=True)
 SHIPPED = {f: (G._EARLY_TILE[f], G._TRIGGER_FIRST[f]) for f in G._EARLY_TILE}
 FMTS = {"bf16": G._DENSE, "int4": G._INT4, "int8": G._INT8}
 # format -> name -> (GEMV EARLY for every prologue, or None: as shipped; GEMV trigger first, or
-# None: as shipped; attention / rotary loads before their wait (_pdl.LOAD_BEFORE_WAIT))
+# None: as shipped)
 GEMV_VARIANTS = {
-    "bf16": {"shipped": (None, None, True), "trigger first": (None, True, True),
-             "pre-wait tile + trigger first": (2, True, True)},
-    "int4": {"shipped": (None, None, True), "tile after the wait (earlier default)": ((0, 1, 0), False, True),
-             "pre-wait tile, trigger after the loop": (2, False, True),
-             "tile after the wait + trigger first": ((0, 1, 0), True, True)},
-    "int8": {"shipped": (None, None, True), "trigger after the loop (earlier default)": (None, False, True),
-             "pre-wait tile + trigger first": (2, True, True)},
+    "bf16": {"shipped": (None, None), "trigger first": (None, True),
+             "pre-wait tile + trigger first": (2, True)},
+    "int4": {"shipped": (None, None), "tile after the wait (earlier default)": ((0, 1, 0), False),
+             "pre-wait tile, trigger after the loop": (2, False),
+             "tile after the wait + trigger first": ((0, 1, 0), True)},
+    "int8": {"shipped": (None, None), "trigger after the loop (earlier default)": (None, False),
+             "pre-wait tile + trigger first": (2, True)},
 }
-ATTENTION_VARIANTS = {f: {"shipped": (None, None, True), "attention / rotary wait first": (None, None, False)}
-                      for f in FMTS}
 
 
-def apply(fmt: str, early: int | tuple[int, int, int] | None, trigger_first: bool | None, loads: bool) -> None:
+def apply(fmt: str, early: int | tuple[int, int, int] | None, trigger_first: bool | None) -> None:
     f = FMTS[fmt]
     e = SHIPPED[f][0] if early is None else early if isinstance(early, tuple) else (early,) * 3
     G._EARLY_TILE = {**G._EARLY_TILE, f: e}
     G._TRIGGER_FIRST = {**G._TRIGGER_FIRST, f: SHIPPED[f][1] if trigger_first is None else trigger_first}
-    _pdl.LOAD_BEFORE_WAIT = loads
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--formats", default="bf16,int4,int8")
-    ap.add_argument("--attention", action="store_true",
-                    help="compare attention / rotary loads before their wait instead of the GEMV variants")
     ap.add_argument("--batches", default="1", help="decode-graph batches to replay, e.g. 1,64")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    table = ATTENTION_VARIANTS if args.attention else GEMV_VARIANTS
     record: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "us": {}}
     for fmt in args.formats.split(","):
         quant = {} if fmt == "bf16" else {"quantization": fmt, "group_size": 128}
@@ -71,7 +63,7 @@ def main() -> None:
         g = llm.engine.executor.runner.graphs
         ref: dict[int, torch.Tensor] = {}
         for r in range(args.rounds):
-            for name, variant in table[fmt].items():
+            for name, variant in GEMV_VARIANTS[fmt].items():
                 apply(fmt, *variant)
                 g.capture()
                 for bs in batches:
@@ -83,7 +75,7 @@ def main() -> None:
                     record["us"].setdefault(key, {}).setdefault(name, []).append(ms * 1e3)
                     print(f"{key:8s} round {r} {name:38s} {ms * 1e3:8.1f} us  bit-identical {same}", flush=True)
                     assert same, f"{key} {name}: output differs from the shipped variant's"
-        apply(fmt, None, None, True)
+        apply(fmt, None, None)
         del llm, g
         gc.collect()
         torch.cuda.empty_cache()

@@ -7,8 +7,10 @@ has completed and its writes are visible. A kernel lets its successor launch wit
 `gdc_launch_dependents` once it has issued its main reads. The contract for every kernel that
 takes PDL: call `gdc_wait` before touching memory that the kernel just before may write, and
 trigger only after the wait. Then a kernel two back has finished when a kernel starts, so data
-written before that (weights, the step's inputs, cos / sin, the KV cache of earlier tokens)
-may be read before the wait, overlapping the previous kernel's tail.
+written before that may be read before the wait, overlapping the previous kernel's tail: the
+batch-1 GEMV loads its first weight tile so (kernels/gemv.py). Decode attention and the rotary
+/ KV-write kernel doing the same with the step's inputs, cos / sin and old keys gained nothing
+(H100, docs/performance.md), so they wait first.
 Kernels without it (cuBLAS, torch ops) keep plain stream order on both sides.
 """
 
@@ -22,12 +24,6 @@ try:
     import triton
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
-
-
-LOAD_BEFORE_WAIT = True
-"""Decode attention and the rotary / KV-write kernel issue their loads of data no recent kernel
-writes (step inputs, cos / sin, old keys and values) before `gdc_wait` (each kernel says which).
-False puts the wait first (measurement switch: bench/scripts/gpu_pdl_early.py)."""
 
 
 @functools.lru_cache(maxsize=None)

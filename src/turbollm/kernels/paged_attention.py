@@ -37,7 +37,6 @@ try:
 except ImportError:  # pragma: no cover - CPU-only torch builds ship without triton
     triton = None  # type: ignore[assignment]
 
-from turbollm.kernels import _pdl
 from turbollm.kernels._pdl import pdl_kwargs
 from turbollm.kernels.rope_cache import check_kv_scales
 
@@ -52,29 +51,6 @@ _DECODE_STAGES: int | None = None  # None: Triton's default
 
 if triton is not None:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-
-    @triton.jit
-    def _kv_base(bt_row, tok, valid, max_blocks, kvh, stride_blk, stride_slot, stride_head,
-                 BLOCK_SIZE: tl.constexpr):
-        """[BLOCK_N] offsets of tokens `tok` of head kvh in the k plane of the paged cache."""
-        blk_idx = tok // BLOCK_SIZE
-        blk = tl.load(bt_row + blk_idx, mask=valid & (blk_idx < max_blocks), other=0).to(tl.int64)
-        return blk * stride_blk + (tok % BLOCK_SIZE) * stride_slot + kvh * stride_head
-
-    @triton.jit
-    def _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PREC: tl.constexpr):
-        """Online softmax over one tile: q [G, D], k / v [N, D] (cache dtype), valid [N] ->
-        the running max m_i [G], sum l_i [G] and output acc [G, D] (fp32) with the tile in."""
-        k = k.to(q.dtype)  # an FP8 cache widens to q's dtype (a no-op otherwise)
-        v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [G_PAD, N] log2 units
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])  # [G_PAD, N]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        return m_new, l_i, acc
 
     # Runtime ints that change from step to step are not specialized on (==1, %16), so a new
     # value never triggers a JIT compile in the middle of serving.
@@ -91,13 +67,14 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, EARLY_LOADS: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):
-        if PDL and not EARLY_LOADS:
+        if PDL:  # programmatic dependent launch (kernels/_pdl.py)
             gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_DIM_PAD)
         offs_n = tl.arange(0, BLOCK_N)
@@ -105,12 +82,12 @@ if triton is not None:
         d_mask = offs_d < HEAD_DIM
         heads = kvh * GROUP + offs_g  # [G_PAD]
         q_mask = g_mask[:, None] & d_mask[None, :]
-        # Before the PDL wait, only what the kernel just before (rotary + cache write) cannot be
-        # writing: this step's lengths and block tables (its inputs, copied before the graph's
-        # first kernel) and the keys / values of earlier tokens (written by earlier steps). With
-        # PDL this kernel starts while that one runs (kernels/_pdl.py), so the first tile of
-        # old keys is on its way before q and the current token's k / v exist.
-        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0
+        )  # [G_PAD, D_PAD]
+        if UPCAST:
+            q = q.to(tl.float32)
+
         # The visible keys are [first_key, seq_len); split s takes a partition of them sized
         # from this request's own length (a multiple of BLOCK_N), so a short context under a
         # graph planned for max_seq_len spreads over few splits and the rest exit at once.
@@ -122,39 +99,30 @@ if triton is not None:
         partition = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
         start = first_key + split * partition
         end = tl.minimum(start + partition, seq_len)
-        bt_row = bt_ptr + b * stride_btb
-        tok = start + offs_n  # [BLOCK_N] the first tile's positions
-        valid = tok < end
-        base = _kv_base(bt_row, tok, valid, max_blocks, kvh, stride_blk, stride_slot, stride_head, BLOCK_SIZE)
-        kv_mask = valid[:, None] & d_mask[None, :]
-        cur = tok == seq_len - 1  # [BLOCK_N] the current token: its k / v are being written
-        k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=kv_mask & ~cur[:, None], other=0.0)  # [N, D]
-        v = tl.load(kv_ptr + stride_kv + base[:, None] + offs_d[None, :], mask=kv_mask & ~cur[:, None], other=0.0)
-        if PDL and EARLY_LOADS:  # programmatic dependent launch (kernels/_pdl.py)
-            gdc_wait()
-        q = tl.load(
-            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0
-        )  # [G_PAD, D_PAD]
-        if UPCAST:
-            q = q.to(tl.float32)
-        cur_mask = kv_mask & cur[:, None]
-        k = tl.where(cur_mask, tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=cur_mask, other=0.0), k)
-        v = tl.where(cur_mask, tl.load(kv_ptr + stride_kv + base[:, None] + offs_d[None, :], mask=cur_mask,
-                                       other=0.0), v)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
-        if start < end:  # the first tile, loaded above
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PREC)
-        for t0 in range(start + BLOCK_N, end, BLOCK_N):
+        bt_row = bt_ptr + b * stride_btb
+        for t0 in range(start, end, BLOCK_N):
             tok = t0 + offs_n  # [BLOCK_N] token positions
             valid = tok < end
-            base = _kv_base(bt_row, tok, valid, max_blocks, kvh, stride_blk, stride_slot, stride_head, BLOCK_SIZE)
+            blk_idx = tok // BLOCK_SIZE
+            blk = tl.load(bt_row + blk_idx, mask=valid & (blk_idx < max_blocks), other=0).to(tl.int64)
+            base = blk * stride_blk + (tok % BLOCK_SIZE) * stride_slot + kvh * stride_head  # [BLOCK_N]
             kv_mask = valid[:, None] & d_mask[None, :]
             k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
             v = tl.load(kv_ptr + stride_kv + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            m_i, l_i, acc = _attend_tile(q, k, v, valid, m_i, l_i, acc, qk_scale, DOT_PREC)
+            k = k.to(q.dtype)  # an FP8 cache widens to q's dtype (a no-op otherwise)
+            v = v.to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [G_PAD, N] log2 units
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])  # [G_PAD, N]
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
 
         if PDL:
             gdc_launch_dependents()
@@ -331,7 +299,6 @@ def paged_decode_attention(
         HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N,
         DIRECT=direct, HAS_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), **pdl_kwargs(q.device),
-        EARLY_LOADS=_pdl.LOAD_BEFORE_WAIT,
         num_warps=_DECODE_WARPS, **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
     )
     if not direct:

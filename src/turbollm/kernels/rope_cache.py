@@ -45,7 +45,6 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without tri
     triton = None  # type: ignore[assignment]
 
 from turbollm.kernels._interpreter import emulate_bf16_rounding, emulate_fp8_rounding
-from turbollm.kernels import _pdl
 from turbollm.kernels._pdl import pdl_kwargs
 
 if triton is not None:
@@ -106,9 +105,8 @@ if triton is not None:
         ROUND: tl.constexpr,  # interpreter only: see _interpreter.py
         CACHE_FP8: tl.constexpr, ROUND_FP8: tl.constexpr, ROTATE: tl.constexpr,
         PDL: tl.constexpr,  # programmatic dependent launch (kernels/_pdl.py)
-        EARLY_LOADS: tl.constexpr,  # _pdl.LOAD_BEFORE_WAIT
     ):
-        if PDL and not EARLY_LOADS:
+        if PDL:
             gdc_wait()
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] over q | k | v heads
@@ -118,18 +116,13 @@ if triton is not None:
         total: tl.constexpr = NUM_HEADS + 2 * NUM_KV
         hmask = head < total
         mask = hmask[:, None] & dmask[None, :]  # [BLOCK_H, HALF_PAD]
-        # Before the PDL wait, only what the kernel just before (the qkv projection) cannot be
-        # writing: cos / sin and the slots, made before the layers run (kernels/_pdl.py).
-        c = tl.load(cos_ptr + tok * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)  # [HALF_PAD]
-        s = tl.load(sin_ptr + tok * stride_sin + d, mask=dmask, other=0.0).to(tl.float32)
-        slot = tl.load(slot_ptr + tok)
-        if PDL:  # the next kernel (attention) loads old keys before its own wait: let it launch
-            if EARLY_LOADS:
-                gdc_wait()
-            gdc_launch_dependents()
         src = qkv_ptr + tok * stride_tok + head[:, None] * HEAD_DIM + d[None, :]
         x1 = tl.load(src, mask=mask, other=0.0)  # [BLOCK_H, HALF_PAD]
         x2 = tl.load(src + half, mask=mask, other=0.0)
+        if PDL:
+            gdc_launch_dependents()
+        c = tl.load(cos_ptr + tok * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)  # [HALF_PAD]
+        s = tl.load(sin_ptr + tok * stride_sin + d, mask=dmask, other=0.0).to(tl.float32)
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         r1 = f1 * c[None, :] - f2 * s[None, :]
         r2 = f2 * c[None, :] + f1 * s[None, :]
@@ -155,6 +148,7 @@ if triton is not None:
         tl.store(src, o1, mask=qkmask)
         tl.store(src + half, o2, mask=qkmask)
         # k and v heads: into the cache at this token's slot (plane 0 = k, 1 = v).
+        slot = tl.load(slot_ptr + tok)
         kv_head = tl.where(is_v, head - NUM_HEADS - NUM_KV, head - NUM_HEADS)
         plane = is_v.to(tl.int64)
         dst = (cache_ptr + plane[:, None] * stride_plane + slot * stride_slot
@@ -242,7 +236,7 @@ def rope_and_cache(
         HALF_PAD=max(16, _next_pow2(half)), BLOCK_H=_BLOCK_H,
         ROUND=emulate_bf16_rounding(qkv.dtype), CACHE_FP8=kv_cache.dtype == torch.float8_e4m3fn,
         ROUND_FP8=emulate_fp8_rounding(kv_cache.dtype), ROTATE=rotate,
-        num_warps=4, **pdl_kwargs(qkv.device), EARLY_LOADS=_pdl.LOAD_BEFORE_WAIT,
+        num_warps=4, **pdl_kwargs(qkv.device),
     )
 
 
