@@ -4,13 +4,14 @@ start), measured as the decode-graph replay of Llama-2-7B (dummy weights, ctx 25
 int4 g128 and int8. Variants alternate within one process per format; each recaptures the
 batch-1 graph. Outputs of every variant are checked bit-identical to the shipped one's.
 
-With --down it compares tilings of the down projection (split K or not) instead; their
-outputs' relative difference to the shipped tiling's is printed, not checked.
+With --down it compares tilings of the down projection (split K or not) instead, and with
+--tiles int4 tilings of each shape, one shape at a time; their outputs' relative difference
+to the shipped tiling's is printed, not checked.
 (At commit d36b3ad its --attention mode compared decode attention and the rotary / KV-write
 kernel loading before their wait; reverted since, see docs/performance.md.)
 
 Prints a table and writes $OUT/gpu_pdl_early.json.
-Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,int8] [--batches 1,64] [--down]
+Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,int8] [--batches 1,64] [--down | --tiles]
 """
 import argparse
 import gc
@@ -51,13 +52,27 @@ DOWN_VARIANTS = {  # format -> name -> GEMV config of Llama-2-7B's down_proj (40
     "int8": {"shipped": None, "8 x 1024, no split, 4 warps": (8, 1024, 1, 4, 3, 1),
              "16 x 1024, no split, 8 warps": (16, 1024, 1, 8, 3, 1), "8 x 2048, no split, 8 warps": (8, 2048, 1, 8, 3, 1)},
 }
+_SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+TILE_VARIANTS = {  # --tiles: one Llama-2-7B shape's int4 tiling at a time, the others as shipped
+    "int4": {"shipped": None,
+             **{f"qkv {c[:4]}": ("qkv", c) for c in ((16, 2048, 1, 4, 3, _P), (32, 512, 1, 4, 3, _P),
+                                                      (16, 1024, 1, 4, 3, _P), (32, 1024, 1, 8, 3, _P))},
+             **{f"o {c[:4]}": ("o", c) for c in ((16, 2048, 1, 4, 3, _P), (16, 1024, 1, 4, 3, _P),
+                                                  (32, 2048, 1, 8, 3, _P))},
+             **{f"gate_up {c[:4]}": ("gate_up", c) for c in ((64, 512, 1, 4, 3, _P), (16, 1024, 1, 4, 3, _P),
+                                                              (16, 2048, 1, 4, 3, _P))},
+             **{f"down {c[:4]}": ("down", c) for c in ((16, 1024, 2, 4, 3, _P), (16, 2048, 2, 4, 3, _P),
+                                                        (32, 1024, 2, 8, 3, _P))}},
+}
 _SHIPPED_CONFIG = G.gemv_config
 
 
-def down_config(cfg: tuple[int, ...] | None) -> None:
-    """Replace the GEMV tiling of the 4096 x 11008 down projection (None: the shipped one)."""
+def shape_config(shape: str, cfg: tuple[int, ...] | None) -> None:
+    """Replace the GEMV tiling of one Llama-2-7B shape (None: every shape as shipped)."""
+    nk = _SHAPES[shape]
+
     def config(n: int, k: int, fmt: int = G._DENSE) -> tuple[int, ...]:
-        return cfg if cfg is not None and (n, k) == (4096, 11008) else _SHIPPED_CONFIG(n, k, fmt)
+        return cfg if cfg is not None and (n, k) == nk else _SHIPPED_CONFIG(n, k, fmt)
     G.gemv_config = config
 
 
@@ -75,6 +90,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1", help="decode-graph batches to replay, e.g. 1,64")
     ap.add_argument("--down", action="store_true",
                     help="compare tilings of the down projection (DOWN_VARIANTS) instead of GEMV_VARIANTS")
+    ap.add_argument("--tiles", action="store_true", help="compare int4 tilings of each shape (TILE_VARIANTS)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     record: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "us": {}}
@@ -85,9 +101,12 @@ def main() -> None:
         g = llm.engine.executor.runner.graphs
         ref: dict[int, torch.Tensor] = {}
         for r in range(args.rounds):
-            for name, variant in (DOWN_VARIANTS if args.down else GEMV_VARIANTS)[fmt].items():
-                if args.down:
-                    down_config(variant)
+            table = TILE_VARIANTS if args.tiles else DOWN_VARIANTS if args.down else GEMV_VARIANTS
+            for name, variant in table[fmt].items():
+                if args.tiles:
+                    shape_config(*(variant or ("down", None)))
+                elif args.down:
+                    shape_config("down", variant)
                 else:
                     apply(fmt, *variant)
                 g.capture()
@@ -97,13 +116,14 @@ def main() -> None:
                     ref.setdefault(bs, out)
                     # another tiling sums in another order: reported, not bit-identical
                     err = ((out.float() - ref[bs].float()).norm() / ref[bs].float().norm()).item()
-                    same = args.down or torch.equal(out.view(torch.int16), ref[bs].view(torch.int16))  # bits
+                    same = args.down or args.tiles or torch.equal(out.view(torch.int16),
+                                                                  ref[bs].view(torch.int16))  # bits
                     key = f"{fmt} b{bs}"
                     record["us"].setdefault(key, {}).setdefault(name, []).append(ms * 1e3)
                     print(f"{key:8s} round {r} {name:38s} {ms * 1e3:8.1f} us  relative difference {err:.2e}", flush=True)
                     assert same, f"{key} {name}: output differs from the shipped variant's"
         apply(fmt, None, None)
-        down_config(None)
+        shape_config("down", None)
         del llm, g
         gc.collect()
         torch.cuda.empty_cache()
