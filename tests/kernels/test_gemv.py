@@ -218,7 +218,6 @@ def test_gpu_quantized_real_shapes(n: int, k: int, kind: str, group: int) -> Non
     torch.testing.assert_close(out.float(), ref.float(), **_tol(torch.bfloat16))
 
 
-
 @pytest.mark.parametrize("early,trigger_first", [(1, False), (2, False), (2, True), (0, True)])
 @pytest.mark.parametrize("kind", ["dense", "int8", "int4"])
 def test_early_tile_and_trigger_change_no_bit(

@@ -297,10 +297,11 @@ _EARLY_TILE = {_DENSE: (0, 0, 0), _INT8: (0, 0, 0), _INT4: (2, 2, 2)}
 0 in the loop; 1 after the PDL wait, before the RMSNorm pre-pass, which then runs while it is
 on its way; 2 before the PDL wait (weights are never written by a kernel), so with
 _TRIGGER_FIRST the load overlaps the previous kernel's tail. H100, Llama-2-7B batch-1
-decode-graph replay (bench/scripts/gpu_pdl_early.py, docs/performance.md): int4 2 + trigger
-first 2,306 -> 2,241 us (-2.8%), 1 (the earlier default) -> 2: +0.7% alone; int8 2: +8%
-(and 1 on the RMSNorm prologue: +4%); bf16: no gain from 1 or 2. Prefetching the first one to
-four tiles into L2 instead (prefetch.global.L2, no registers) was slower in every format."""
+decode-graph replay (bench/scripts/gpu_pdl_early.py, docs/performance.md): int4 from 1 (the
+earlier default) to 2 with trigger first 2,306 -> 2,241 us (-2.8%), to 2 without it +0.7%;
+int8 2: +8% (and 1 on the RMSNorm prologue: +4%): the held tile costs occupancy; bf16: no gain
+from 1 or 2. Prefetching the first one to four tiles into L2 instead (prefetch.global.L2, no
+registers) was slower in every format."""
 _TRIGGER_FIRST = {_DENSE: False, _INT8: True, _INT4: True}
 """PDL, by format: let the next kernel launch right after the wait instead of after the last
 tile (same measurements: int4 -1.0% alone, int8 -0.6%, bf16 +0.2%)."""
