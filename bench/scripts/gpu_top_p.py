@@ -1,7 +1,8 @@
 """Top-p (nucleus) filter on one GPU: the full sort (`apply_top_p`, the reference), the
 sort-free search kernel (kernels/top_p.py, what the sampler runs on a GPU: `kernel`, with the
-count of tokens it decides differently from the sort in `diff`), and the candidate path (`apply_top_p_candidates`: topk, one host sync, the full sort for
-the rows it cannot decide). End-to-end effect in the engine: gpu_top_p_engine.py.
+count of tokens it decides differently from the sort in `diff`), and the candidate path
+(`sample.logits_processors.apply_top_p_candidates`: topk, one host sync, the full sort for the
+rows it cannot decide; what the sampler runs on the CPU). End-to-end effect in the engine: gpu_top_p_engine.py.
 
     export PYTHONPATH=src && python3 bench/scripts/gpu_top_p.py            # H100 / H200
     PYTHONPATH=src python3 bench/scripts/gpu_top_p.py --device cpu          # smoke check
@@ -33,132 +34,13 @@ from collections.abc import Callable
 import torch
 
 from turbollm.kernels.top_p import top_p_filter
-from turbollm.sample.logits_processors import _NEG_INF, apply_top_p, to_device
-
-# The candidate path below was built in the sampler (seventh session), measured slower than the
-# sort in the overlapped engine (its host sync), superseded by kernels/top_p.py, and moved here
-# as the benchmark's second contender. Its exactness tests were tests/sample/test_top_p.py at
-# commit 063a779.
-
-TOP_P_CANDIDATES = 1024
-"""Tokens per row `apply_top_p_candidates` takes with `topk`. A row whose nucleus needs more (a
-flat distribution) goes to the full sort. On an H100, 256 and 4096 decided no more rows for less."""
-
-
-def apply_top_p_candidates(
-    logits: torch.Tensor, top_p: list[float], num_candidates: int = TOP_P_CANDIDATES
-) -> torch.Tensor:
-    """`apply_top_p`'s result, cutting among each row's `num_candidates` best tokens (topk).
-
-    A row the candidates decide (`_top_p_candidates`) equals `apply_top_p`'s in any batch. The
-    others are redone by `apply_top_p` on the sub-batch of those rows. On CPU that equals the
-    full batch's result too. On CUDA the full sort's cumsum picks its kernel by row count
-    (CUB's device scan for one row), so its float32 rounding, and with it a cut that falls
-    within rounding of top_p (e.g. 0.999999, deep in the tail), can depend on the number of
-    rows: as it already does when the sampler's top-p sub-batch changes size.
-
-    float32 only: other dtypes, and vocabularies of at most `num_candidates` tokens, go
-    straight to the full sort.
-
-    Host sync: one, the `.tolist()` of the per-row decided flags, to learn which rows need the
-    full sort; the exception to this module's no-sync rule. The sampler does not use this. On
-    an H100 (bench/scripts/gpu_top_p.py, bench/results/top-p-*.json) it beats the sort only at
-    about 256 rows of 128k with peaked rows (2.3x); it loses on smaller batches (launch-bound;
-    CUDA's `topk` itself sorts when there are at most 10 rows of 100k+) and on flat rows (all
-    fall back). And its sync stalls the overlapped engine: Llama-3-8B decode (dummy weights)
-    ran 4-14% slower with it at batch 64 and 256, even with 94% of rows decided.
-    """
-    num_rows, vocab = logits.shape
-    if num_rows == 0 or vocab <= num_candidates or logits.dtype != torch.float32:
-        return apply_top_p(logits, top_p)
-    p = to_device(top_p, torch.float32, logits.device)[:, None]  # [num_rows, 1]
-    out, decided = _top_p_candidates(logits, p, num_candidates)
-    redo = [i for i, ok in enumerate(decided.tolist()) if not ok]  # the host sync
-    if not redo:
-        return out
-    if len(redo) == num_rows:
-        return apply_top_p(logits, top_p)
-    index = to_device(redo, torch.long, logits.device)  # [num_redo]
-    sub = apply_top_p(logits.index_select(0, index), [top_p[i] for i in redo])
-    return out.index_copy_(0, index, sub)
-
-
-def top_p_mass_tolerance(vocab: int, device: torch.device) -> float:
-    """How near top_p a cut may fall before the candidate path defers to the full sort.
-
-    The full sort's float32 softmax normalizer carries rounding error that depends on the
-    sorted order, so the candidate path cannot reproduce it; within this margin only the full
-    sort can say on which side of top_p a token falls. The softmax sums a row in float32
-    accumulators that each add `terms` values in sequence: one per vector lane on CPU (at
-    least 4 lanes), one per thread on CUDA (min(vocab, 1024) threads). A sequential float32 sum
-    of n terms is off by at most n units of 2**-24 of the total, and so is every mass it
-    divides; 64 more units cover the reduction tree, the exps, the division and the cumsum
-    (float32 on CUDA, at most 1024 / 32 + 10 roundings per candidate). CUDA takes twice that:
-    its kernels' shapes were read from PyTorch's source, not derived. Worst measured, on
-    tie-heavy rows: 0.21 of the tolerance on CPU (AVX-512), 0.11 on an H100
-    (the removed tests/sample/test_top_p.py; this script's --probe).
-    """
-    if device.type == "cuda":
-        return 2 * (vocab / 1024 + 64) * 2.0**-24
-    return (vocab / 4 + 64) * 2.0**-24
-
-
-def _top_p_candidates(
-    logits: torch.Tensor, p: torch.Tensor, num_candidates: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-p cut among each row's `num_candidates` best tokens; no host sync.
-
-    logits: float32 [num_rows, vocab]; p: float32 [num_rows, 1]. Returns the filtered logits
-    [num_rows, vocab] and `decided` [num_rows] bool; where False, the row's result may differ
-    from `apply_top_p`'s and the caller must use that instead.
-
-    Why a decided row matches the full sort. Let v_min be the smallest candidate value and g
-    the number of candidates above it. `topk` returns every token above v_min, so candidates
-    0..g-1, put in the full sort's order (value descending, then index ascending), are exactly
-    its first g positions, with the same mass before each. Its position g is the first token
-    tied at v_min, preceded by the mass of those g. Which tied tokens `topk` picked is
-    unspecified, so a row is decided only when:
-    - every position before g is further than the tolerance from top_p, so float32 rounding in
-      the full sort cannot move it across the cut; and
-    - position g is dropped by more than the tolerance, so the tie group and everything below
-      it are dropped too (the full sort's mass before is non-decreasing up to rounding far
-      below the tolerance); or v_min is -inf (rows after top-k): then every finite token is a
-      candidate, and the others are -inf whether kept or dropped; and
-    - the row's normalizer is finite (not for NaN or +inf logits, nor an all -inf row).
-    """
-    vocab = logits.shape[1]
-    tol = top_p_mass_tolerance(vocab, logits.device)
-    # topk's order among tied values is unspecified: sort the candidates by token id, then
-    # stably by value, which is the full sort's order.
-    values, ids = logits.topk(num_candidates, dim=-1, sorted=False)  # [num_rows, C]
-    ids, by_id = ids.sort(dim=-1)  # [num_rows, C]
-    values, order = values.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
-    ids = ids.gather(1, order)  # [num_rows, C], best first
-
-    # The whole row's softmax normalizer, without a sort: sum of exp(x - max).
-    top = values[:, :1]  # [num_rows, 1]; the row max
-    total = (logits - top).exp().sum(dim=-1, keepdim=True)  # [num_rows, 1]
-    # float64 from here: the candidate path's own rounding stays far below the tolerance.
-    probs = (values - top).exp().double() / total.double()  # [num_rows, C]
-    mass_before = probs.cumsum(dim=-1) - probs  # [num_rows, C]
-    p64 = p.double()  # [num_rows, 1]
-
-    v_min = values[:, -1:]  # [num_rows, 1]
-    above = values > v_min  # [num_rows, C]; True at positions 0..g-1
-    g = above.sum(dim=-1, keepdim=True)  # [num_rows, 1]
-    clear = (mass_before - p64).abs() > tol  # [num_rows, C]; False where NaN
-    tie_dropped = mass_before.gather(1, g) > p64 + tol  # [num_rows, 1]
-    decided = (
-        (clear | ~above).all(dim=-1)
-        & (tie_dropped | (v_min == _NEG_INF)).squeeze(1)
-        & torch.isfinite(total).squeeze(1)
-    )  # [num_rows]
-
-    keep = above & (mass_before < p64)  # [num_rows, C]
-    kept_values = values.masked_fill(~keep, _NEG_INF)  # [num_rows, C]
-    out = torch.full_like(logits, _NEG_INF).scatter_(1, ids, kept_values)  # [num_rows, vocab]
-    return out, decided
-
+from turbollm.sample.logits_processors import (
+    TOP_P_CANDIDATES,
+    _top_p_candidates,
+    apply_top_p,
+    apply_top_p_candidates,
+    top_p_mass_tolerance,
+)
 
 def timed_us(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
     """Median microseconds of one call of `fn`."""

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from turbollm.kernels.top_p import top_p_filter
-from turbollm.sample.logits_processors import apply_top_p
+from turbollm.sample.logits_processors import apply_top_p, near_top_p
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -20,14 +20,8 @@ _TIE_MARGIN = 1e-5  # |mass before - p| below this: either side is a correct rou
 
 
 def _ambiguous(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-    """[rows, vocab] bool: tokens whose mass before them (float64, stable full-sort order) is
-    within _TIE_MARGIN of their row's p."""
-    sorted_logits, order = logits.double().sort(dim=-1, descending=True, stable=True)
-    probs = sorted_logits.softmax(dim=-1)
-    before = probs.cumsum(dim=-1) - probs
-    p = torch.tensor(top_p, dtype=torch.float64, device=logits.device)[:, None]
-    near_sorted = (before - p).abs() < _TIE_MARGIN
-    return torch.empty_like(near_sorted).scatter_(1, order, near_sorted)
+    """[rows, vocab] bool: tokens whose mass before them is within _TIE_MARGIN of their row's p."""
+    return near_top_p(logits, top_p, _TIE_MARGIN)
 
 
 def _check(logits: torch.Tensor, top_p: list[float]) -> int:

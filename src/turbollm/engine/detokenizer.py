@@ -2,8 +2,9 @@
 
 Decoding only a short window of recent tokens each step keeps the cost per token constant,
 and holding back text while the window ends in an incomplete UTF-8 sequence ("\ufffd")
-keeps multi-token characters intact. A few prompt tokens seed the window so the first
-output token decodes with the spacing it has in context.
+keeps multi-token characters intact; `flush` adds what is still held back when the output
+ends, so the final text equals a full decode of the output tokens. A few prompt tokens seed
+the window so the first output token decodes with the spacing it has in context.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ class IncrementalDetokenizer:
                         self.num_consumed = i + 1
                         return hit
         return None
+
+    def flush(self) -> None:
+        """At the end of the output: append text held back for an incomplete UTF-8 sequence
+        (as "\ufffd", which a full decode of the tokens gives too)."""
+        if self.tokenizer is None or self.read_offset == len(self.tokens):
+            return
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
+        self.text += full[len(prefix) :]
+        self.prefix_offset = self.read_offset = len(self.tokens)
 
     def _find_stop(self, new_from: int) -> str | None:
         """Earliest stop string overlapping the text added since `new_from`."""

@@ -247,6 +247,8 @@ class LLMEngine:
             req.stop_reason = hit
             if kept < len(new_tokens):
                 req.truncate_output(req.num_output_tokens - (len(new_tokens) - kept))
+        elif hit is None and req.is_finished:
+            child.detok.flush()  # its last tokens may end inside a character
         child.num_seen = req.num_output_tokens
 
     def _make_output(self, group: _Group, now: float) -> RequestOutput:
