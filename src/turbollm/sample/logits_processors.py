@@ -167,14 +167,16 @@ def apply_top_p_candidates(
     """`apply_top_p`'s result, cutting among each row's `num_candidates` best tokens (topk).
 
     A row the candidates decide (`_top_p_candidates`) equals `apply_top_p`'s in any batch. The
-    others are redone by `apply_top_p` on the sub-batch of those rows. `exact=False` decides
-    every row whose candidates hold its nucleus, also where a token's mass before it lies
-    within float32 rounding of top_p: such a token may then fall on the other side than in the
-    full sort, whose own rounding is no truer (the candidate masses are float64). On CPU that equals the
+    others are redone by `apply_top_p` on the sub-batch of those rows. On CPU that equals the
     full batch's result too. On CUDA the full sort's cumsum picks its kernel by row count
     (CUB's device scan for one row), so its float32 rounding, and with it a cut that falls
     within rounding of top_p (e.g. 0.999999, deep in the tail), can depend on the number of
     rows: as it already does when the sampler's top-p sub-batch changes size.
+
+    `exact=False` decides every row whose candidates hold its nucleus, also where a token's
+    mass before it lies within float32 rounding of top_p: such a token may then fall on the
+    other side than in the full sort, whose own rounding is no truer (the candidate masses are
+    float64). The sampler runs it so on the CPU (sampler.CPU_TOP_P_CANDIDATES).
 
     float32 only: other dtypes, and vocabularies of at most `num_candidates` tokens, go
     straight to the full sort.
@@ -217,7 +219,7 @@ def top_p_mass_tolerance(vocab: int, device: torch.device) -> float:
     (float32 on CUDA, at most 1024 / 32 + 10 roundings per candidate). CUDA takes twice that:
     its kernels' shapes were read from PyTorch's source, not derived. Worst measured, on
     tie-heavy rows: 0.21 of the tolerance on CPU (AVX-512), 0.11 on an H100
-    (the removed tests/sample/test_top_p.py; this script's --probe).
+    (tests/sample/test_top_p.py; bench/scripts/gpu_top_p.py --probe).
     """
     if device.type == "cuda":
         return 2 * (vocab / 1024 + 64) * 2.0**-24
