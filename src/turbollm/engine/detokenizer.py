@@ -46,11 +46,10 @@ class IncrementalDetokenizer:
             return None
         for i, tok in enumerate(new_token_ids):
             self.tokens.append(tok)
-            prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
-            full = self._decode(self.tokens[self.prefix_offset :])
-            if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            new = self._unread_text()
+            if new and not new.endswith("\ufffd"):
                 before = len(self.text)
-                self.text += full[len(prefix) :]
+                self.text += new
                 self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
                 if check_stop and self.stop:
                     hit = self._find_stop(before)
@@ -64,10 +63,13 @@ class IncrementalDetokenizer:
         (as "\ufffd", which a full decode of the tokens gives too)."""
         if self.tokenizer is None or self.read_offset == len(self.tokens):
             return
-        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
-        full = self._decode(self.tokens[self.prefix_offset :])
-        self.text += full[len(prefix) :]
+        self.text += self._unread_text()
         self.prefix_offset = self.read_offset = len(self.tokens)
+
+    def _unread_text(self) -> str:
+        """Text the tokens after read_offset add, decoded in the window from prefix_offset."""
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        return self._decode(self.tokens[self.prefix_offset :])[len(prefix) :]
 
     def _find_stop(self, new_from: int) -> str | None:
         """Earliest stop string overlapping the text added since `new_from`."""

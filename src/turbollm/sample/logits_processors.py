@@ -288,7 +288,7 @@ def near_top_p(logits: torch.Tensor, top_p: list[float], margin: float) -> torch
     """[rows, vocab] bool: tokens whose mass before them (float64, in the full sort's order)
     lies within `margin` of their row's top_p. There, top-p filters that round differently
     (`apply_top_p`, kernels/top_p.py, `apply_top_p_candidates(exact=False)`) may disagree; the
-    tests and benchmarks compare them everywhere else."""
+    tests compare them everywhere else."""
     sorted_logits, order = logits.double().sort(dim=-1, descending=True, stable=True)
     probs = sorted_logits.softmax(dim=-1)  # [rows, vocab]
     before = probs.cumsum(dim=-1) - probs
