@@ -132,6 +132,8 @@ class QuantizationConfig:
     """int4: input columns per scale/zero group (32, 64 or 128; must divide every layer's width)."""
     quantization_ignore: str | None = None
     """Decoder linears kept dense when quantizing at load: comma-separated glob patterns over module names (model.layers.29.*, *.down_proj; q/k/v and gate/up are merged: *.qkv_proj, *.gate_up_proj)."""
+    quantize_lm_head: bool = False
+    """Also quantize the LM head (RTN, at load) with the model's method; checkpoints keep it dense. Off by default, as in vLLM; gpt-fast and torchao quantize it."""
 
     def __post_init__(self) -> None:
         if self.quantization_ignore is not None and self.quantization in (None, "none"):

@@ -143,7 +143,7 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
                 payload.setdefault("kv_scales", {})[q.quantization] = _scales_dict(q)
             else:
                 q = load_eval_model(name, method, group_size=group, quantization_ignore=args.quantization_ignore,
-                                    **opts)
+                                    quantize_lm_head=args.quantize_lm_head, **opts)
         except ValueError as e:  # e.g. a group size that does not divide a layer's width
             label = f"{method} g{group}" if method == "int4" else method
             payload["quantized"].append({"quantization": label, "error": str(e)})
@@ -173,7 +173,8 @@ def run_eval_compare(args: argparse.Namespace) -> int:
     opts = {"device": args.device, "dtype": args.dtype}
     a = load_eval_model(_model_name(args.model_a), None, **opts)
     b = load_eval_model(_model_name(args.model_b), method, group_size=group,
-                        kv_cache_dtype=args.kv_cache_dtype, quantization_ignore=args.quantization_ignore, **opts)
+                        kv_cache_dtype=args.kv_cache_dtype, quantization_ignore=args.quantization_ignore,
+                        quantize_lm_head=args.quantize_lm_head, **opts)
     if args.kv_cache_dtype == "fp8":
         set_kv_scales(b, hows[0], rots[0])
     windows = _windows(args, a)

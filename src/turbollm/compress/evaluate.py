@@ -58,16 +58,17 @@ class EvalModel:
 def load_eval_model(
     model: str | None, quantization: str | None = None, group_size: int = 128, device: str = "auto",
     dtype: str = "auto", load_format: str = "auto", tokenizer: str | None = None,
-    kv_cache_dtype: str = "auto", quantization_ignore: str | None = None,
+    kv_cache_dtype: str = "auto", quantization_ignore: str | None = None, quantize_lm_head: bool = False,
 ) -> EvalModel:
     """Build a model as the engine would (optionally quantized at load, `quantization_ignore`
-    linears kept dense) for evaluation."""
+    linears kept dense, the LM head quantized too) for evaluation."""
     source = resolve_model(model, load_format)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     plan = resolve_quantization(quantization, group_size, source.quantization_config, dev,
                                 str(source.path or "the preset model"),
-                                gguf_linear_types=source.gguf_linear_types(), ignore=quantization_ignore)
+                                gguf_linear_types=source.gguf_linear_types(), ignore=quantization_ignore,
+                                lm_head=quantize_lm_head)
     tok = source.load_tokenizer(tokenizer)
     if tok is None:
         raise ValueError(f"{model}: evaluation needs a tokenizer; pass one with --tokenizer")

@@ -22,6 +22,8 @@ def add_eval_args(p: argparse.ArgumentParser, pair: bool) -> None:
     p.add_argument("--quantization-ignore", default=None,
                    help="decoder linears kept dense when quantizing: comma-separated glob patterns over module "
                         "names (model.layers.29.*, *.down_proj)")
+    p.add_argument("--quantize-lm-head", action="store_true",
+                   help="also quantize the LM head (RTN) with the same method")
     p.add_argument("--kv-cache-dtype", default="auto",
                    help="auto | fp8: also evaluate (ppl) / give model B (compare) an FP8 (e4m3) KV cache")
     p.add_argument("--kv-scales", default="auto",

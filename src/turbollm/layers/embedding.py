@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from turbollm.distributed.parallel import ParallelContext
+from turbollm.distributed.parallel import SINGLE, ParallelContext
 from turbollm.layers.cpu_gemm import packed_linear, prepack
-from turbollm.layers.linear import _param, dense_linear
+from turbollm.layers.linear import ColumnParallelLinear, LinearMethod, _param, dense_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -44,18 +44,41 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden -> logits over the full vocabulary; may share the embedding's weight."""
+    """hidden -> logits over the full vocabulary; may share the embedding's weight.
+
+    `quantize` makes it run through a LinearMethod instead (quantize_lm_head): the head then
+    owns a quantized copy of this rank's rows, and its dense weight is kept only when the
+    embedding shares it."""
 
     def __init__(self, vocab_size: int, hidden_size: int, ctx: ParallelContext) -> None:
         super().__init__(vocab_size, hidden_size, ctx)
         self.packed: torch.Tensor | None = None
         """oneDNN-packed copy of the weight on CPU (the dense one stays for tied embeddings)."""
+        self.quantized: ColumnParallelLinear | None = None
+        """This rank's rows as a quantized linear, after `quantize`."""
+
+    @torch.no_grad()
+    def quantize(self, method: LinearMethod, tied: bool) -> None:
+        """Quantize the loaded weight with `method` (a quantize-at-load LinearMethod); with
+        tied False the dense weight is freed (the embedding has its own)."""
+        weight = self.weight  # [vocab / tp, hidden]
+        with torch.device("meta"):  # the float weight it would register is replaced just below
+            # The rows are this rank's already: the linear itself is not split again.
+            layer = ColumnParallelLinear(weight.shape[1], [weight.shape[0]], False, SINGLE, method)
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)  # the method quantizes and drops it
+        method.process_weights_after_loading(layer)
+        self.quantized = layer
+        if not tied:
+            self.weight = nn.Parameter(weight.new_empty(0, weight.shape[1]), requires_grad=False)  # freed
 
     def prepack_cpu(self) -> None:
-        self.packed = prepack(self.weight)
+        if self.quantized is None:  # a quantized head packs its own dequantized weight
+            self.packed = prepack(self.weight)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.quantized is not None:
+            local = self.quantized(hidden)  # [n, vocab / tp]
+        elif self.packed is not None:
             local = packed_linear(hidden, self.packed)  # [n, vocab / tp]
         else:
             local = dense_linear(hidden, self.weight)  # [n, vocab / tp]

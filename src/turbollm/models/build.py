@@ -20,6 +20,7 @@ from torch import nn
 from turbollm.distributed.parallel import SINGLE, ParallelContext
 from turbollm.errors import ModelLoadError
 from turbollm.layers.cpu_gemm import prepack_cpu_linears
+from turbollm.layers.embedding import ParallelLMHead
 from turbollm.layers.linear import LinearMethod, QuantizableLinear
 from turbollm.models.loader import ModelSource
 from turbollm.models.registry import get_model_class
@@ -34,6 +35,8 @@ class ModelQuantization(Protocol):
     blocks from a GGUF file (ModelSource.iter_weights); empty: everything dequantized."""
     keep_dense: tuple[str, ...]
     """Glob patterns of decoder-linear module names built dense instead (keep_dense_linears)."""
+    lm_head_method: LinearMethod | None
+    """Quantizes the LM head after loading (ParallelLMHead.quantize), or None: it stays dense."""
 
     def convert_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Checkpoint tensors -> tensors in the layout `linear_method` registered."""
@@ -105,6 +108,11 @@ def build_model(
         except (KeyError, ValueError) as e:
             raise ModelLoadError(f"{source.path}: weights do not fit the model: {e}") from e
     process_weights_after_loading(model)
+    if quantization is not None and quantization.lm_head_method is not None:
+        head = getattr(model, "lm_head", None)
+        if not isinstance(head, ParallelLMHead):
+            raise ValueError(f"{type(model).__name__} has no LM head to quantize (quantize_lm_head)")
+        head.quantize(quantization.lm_head_method, tied=source.arch.tie_word_embeddings)
     if device.type == "cpu" and prepack_cpu:
         prepack_cpu_linears(model)
     return model.eval()

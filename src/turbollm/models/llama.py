@@ -236,6 +236,8 @@ class LlamaForCausalLM(nn.Module):
         """
         if self.model.embed_tokens.ctx.tp_size != 1:
             raise ValueError("hf_state_dict needs the whole model: tensor-parallel size 1")
+        if self.lm_head.quantized is not None:
+            raise ValueError("a model with a quantized LM head (quantize_lm_head) has no HF layout to give")
         split = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
         attns = [layer.self_attn.attn for layer in self.model.layers]
         if any((a.k_scale, a.v_scale) != (1.0, 1.0) for a in attns):  # FP8 KV-cache scales were set

@@ -8,6 +8,7 @@ Q4_0 / Q4_1 blocks for a GGUF file kept in its quantized form, quant/gguf_format
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,10 +50,18 @@ class QuantPlan:
     """What `describe` says, when the method and group size alone would not tell (gguf)."""
     keep_dense: tuple[str, ...] = ()
     """Glob patterns of decoder-linear module names that stay dense (quantize-at-load only)."""
+    lm_head: bool = False
+    """Also quantize the LM head at load with the same method (quantize_lm_head)."""
 
     @property
     def linear_method(self) -> LinearMethod:
         return self.config.linear_method(self.prequantized)
+
+    @property
+    def lm_head_method(self) -> LinearMethod | None:
+        """The quantize-at-load method of the LM head, or None to keep it dense. Checkpoints
+        (ours, HF, GGUF) store the head dense, so it is always quantized from float (RTN)."""
+        return self.config.linear_method(False) if self.lm_head else None
 
     def convert_weights(self, weights: WeightStream) -> Iterator[tuple[str, torch.Tensor]]:
         return self.converter(weights)
@@ -61,6 +70,7 @@ class QuantPlan:
         if self.label is not None:
             return self.label
         text = f"{self.config.name}" + (f" g{self.config.group_size}" if hasattr(self.config, "group_size") else "")
+        text += " + LM head" if self.lm_head else ""
         return text + (f" (dense: {','.join(self.keep_dense)})" if self.keep_dense else "")
 
 
@@ -100,6 +110,7 @@ def resolve_quantization(
     where: str = "checkpoint",
     gguf_linear_types: dict[str, str] | None = None,
     ignore: str | None = None,
+    lm_head: bool = False,
 ) -> QuantPlan | None:
     """The plan for the user's option and the checkpoint, or None for a dense model.
 
@@ -132,8 +143,11 @@ def resolve_quantization(
                 f"cannot apply: leave it unset or pass {plan.config.name!r}"
             )
     elif quantization in (None, "none"):
+        if lm_head:
+            raise ValueError(f"quantize_lm_head quantizes the LM head like the decoder linears; {where} is "
+                             "not quantized: pass a quantization method (int8, int4, fp8) too")
         return None
     else:
         plan = QuantPlan(make_config(quantization, group_size), prequantized=False, keep_dense=keep_dense)
     check_device_support(plan.config, device)
-    return plan
+    return dataclasses.replace(plan, lm_head=True) if lm_head else plan

@@ -65,7 +65,8 @@ class ModelRunner:
         q = self.config.quantization
         plan = resolve_quantization(q.quantization, q.group_size, source.quantization_config,
                                     self.device, where=str(source.path or "the preset model"),
-                                    gguf_linear_types=source.gguf_linear_types(), ignore=q.quantization_ignore)
+                                    gguf_linear_types=source.gguf_linear_types(), ignore=q.quantization_ignore,
+                                    lm_head=q.quantize_lm_head)
         return build_model(source, self.device, self.dtype, self.config.model.seed, plan, self.ctx)
 
     # ---- KV cache ------------------------------------------------------------------------
