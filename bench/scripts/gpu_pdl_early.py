@@ -7,11 +7,15 @@ batch-1 graph. Outputs of every variant are checked bit-identical to the shipped
 With --down it compares tilings of the down projection (split K or not) instead, and with
 --tiles int4 tilings of each shape, one shape at a time; their outputs' relative difference
 to the shipped tiling's is printed, not checked.
+With --ablate it recaptures the graph with kernels left out or changed (the rotary / KV-write
+kernel, decode attention with its split combine, decode attention on one split) to measure what
+each costs the step under PDL, where kernel durations overlap; outputs are not checked.
 (At commit d36b3ad its --attention mode compared decode attention and the rotary / KV-write
 kernel loading before their wait; reverted since, see docs/performance.md.)
 
 Prints a table and writes $OUT/gpu_pdl_early.json.
-Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,int8] [--batches 1,64] [--down | --tiles]
+Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,int8] [--batches 1,64]
+       [--down | --tiles | --ablate]
 """
 import argparse
 import gc
@@ -26,6 +30,8 @@ from gpu_b1_probe import replay_b1  # noqa: E402
 
 from turbollm import LLM  # noqa: E402
 from turbollm.kernels import gemv as G  # noqa: E402
+from turbollm.kernels import paged_attention as PA  # noqa: E402
+from turbollm.kernels import rope_cache as RC  # noqa: E402
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
@@ -39,8 +45,8 @@ GEMV_VARIANTS = {
     "int4": {"shipped": (None, None), "tile after the wait (earlier default)": ((0, 1, 0), False),
              "pre-wait tile, trigger after the loop": (2, False),
              "tile after the wait + trigger first": ((0, 1, 0), True)},
-    "int8": {"shipped": (None, None), "trigger after the loop (earlier default)": (None, False),
-             "pre-wait tile + trigger first": (2, True)},
+    "int8": {"shipped": (None, None), "pre-wait tile on o only": ((2, 0, 0), True),
+             "pre-wait tile on o and down": ((2, 0, 2), True)},
 }
 
 _P = G._PACKED
@@ -65,6 +71,29 @@ TILE_VARIANTS = {  # --tiles: one Llama-2-7B shape's int4 tiling at a time, the 
                                                         (32, 1024, 2, 8, 3, _P))}},
 }
 _SHIPPED_CONFIG = G.gemv_config
+_SHIPPED_KERNELS = {"rope": RC.rope_and_cache, "attn": PA.paged_decode_attention, "splits": PA.choose_num_splits}
+
+
+def _no_attention(q, *args, **kwargs):  # type: ignore[no-untyped-def]
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # no kernel: an allocation in the graph pool
+
+
+ABLATIONS = {  # --ablate: name -> replacements of module functions (None: as shipped)
+    "shipped": {},
+    "no rotary / KV write": {"rope": lambda *a, **k: None},
+    "no decode attention": {"attn": _no_attention},
+    "neither": {"rope": lambda *a, **k: None, "attn": _no_attention},
+    "attention on 1 split": {"splits": lambda *a, **k: 1},
+    "attention on 4 splits": {"splits": lambda *a, **k: 4},
+}
+
+
+def ablate(change: dict) -> None:
+    """Put the shipped functions back, then replace those named in `change`."""
+    funcs = {**_SHIPPED_KERNELS, **change}
+    RC.rope_and_cache = funcs["rope"]
+    PA.paged_decode_attention = funcs["attn"]
+    PA.choose_num_splits = funcs["splits"]
 
 
 def shape_config(shape: str, cfg: tuple[int, ...] | None) -> None:
@@ -91,6 +120,7 @@ def main() -> None:
     ap.add_argument("--down", action="store_true",
                     help="compare tilings of the down projection (DOWN_VARIANTS) instead of GEMV_VARIANTS")
     ap.add_argument("--tiles", action="store_true", help="compare int4 tilings of each shape (TILE_VARIANTS)")
+    ap.add_argument("--ablate", action="store_true", help="leave kernels out of the graph (ABLATIONS)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     record: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "us": {}}
@@ -101,9 +131,12 @@ def main() -> None:
         g = llm.engine.executor.runner.graphs
         ref: dict[int, torch.Tensor] = {}
         for r in range(args.rounds):
-            table = TILE_VARIANTS if args.tiles else DOWN_VARIANTS if args.down else GEMV_VARIANTS
-            for name, variant in table[fmt].items():
-                if args.tiles:
+            table = (TILE_VARIANTS[fmt] if args.tiles else DOWN_VARIANTS[fmt] if args.down
+                     else ABLATIONS if args.ablate else GEMV_VARIANTS[fmt])
+            for name, variant in table.items():
+                if args.ablate:
+                    ablate(variant)
+                elif args.tiles:
                     shape_config(*(variant or ("down", None)))
                 elif args.down:
                     shape_config("down", variant)
@@ -116,7 +149,7 @@ def main() -> None:
                     ref.setdefault(bs, out)
                     # another tiling sums in another order: reported, not bit-identical
                     err = ((out.float() - ref[bs].float()).norm() / ref[bs].float().norm()).item()
-                    same = args.down or args.tiles or torch.equal(out.view(torch.int16),
+                    same = args.down or args.tiles or args.ablate or torch.equal(out.view(torch.int16),
                                                                   ref[bs].view(torch.int16))  # bits
                     key = f"{fmt} b{bs}"
                     record["us"].setdefault(key, {}).setdefault(name, []).append(ms * 1e3)
@@ -124,6 +157,7 @@ def main() -> None:
                     assert same, f"{key} {name}: output differs from the shipped variant's"
         apply(fmt, None, None)
         shape_config("down", None)
+        ablate({})
         del llm, g
         gc.collect()
         torch.cuda.empty_cache()
