@@ -8,8 +8,9 @@ With --down it compares tilings of the down projection (split K or not) instead,
 --tiles int4 tilings of each shape, one shape at a time; their outputs' relative difference
 to the shipped tiling's is printed, not checked.
 With --ablate it recaptures the graph with kernels left out or changed (the rotary / KV-write
-kernel, decode attention with its split combine, decode attention on one split) to measure what
-each costs the step under PDL, where kernel durations overlap; outputs are not checked.
+kernel, decode attention with its split combine) to measure what each costs the step under PDL,
+where kernel durations overlap, and with other decode-attention splits, tiles, warps and stages;
+outputs are not checked.
 (At commit d36b3ad its --attention mode compared decode attention and the rotary / KV-write
 kernel loading before their wait; reverted since, see docs/performance.md.)
 
@@ -78,38 +79,34 @@ def _no_attention(q, *args, **kwargs):  # type: ignore[no-untyped-def]
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)  # no kernel: an allocation in the graph pool
 
 
-ABLATIONS = {  # --ablate: name -> replacements of module functions (None: as shipped)
+_SHIPPED_ATTN = {"block_n": PA._DECODE_BLOCK_N, "warps": PA._DECODE_WARPS, "stages": PA._DECODE_STAGES}
+
+
+def _splits(n: int):  # type: ignore[no-untyped-def]
+    return lambda *a, **k: n
+
+
+ABLATIONS = {  # --ablate: name -> replacements of module functions / decode-attention settings
     "shipped": {},
     "no rotary / KV write": {"rope": lambda *a, **k: None},
     "no decode attention": {"attn": _no_attention},
     "neither": {"rope": lambda *a, **k: None, "attn": _no_attention},
-    "attention on 1 split": {"splits": lambda *a, **k: 1},
-    "attention on 4 splits": {"splits": lambda *a, **k: 4},
+    "attention on 4 splits": {"splits": _splits(4)},
+    "attention 32 keys a step, 9 splits": {"block_n": 32},
+    "attention 32 keys a step, 16 splits": {"block_n": 32, "splits": _splits(16)},
+    "attention 16 keys a step, 16 splits": {"block_n": 16, "splits": _splits(16)},
+    "attention 2 warps": {"warps": 2},
+    "attention 1 stage": {"stages": 1},
 }
 
 
 def ablate(change: dict) -> None:
-    """Put the shipped functions back, then replace those named in `change`."""
-    funcs = {**_SHIPPED_KERNELS, **change}
+    """Put the shipped functions and settings back, then replace those named in `change`."""
+    funcs = {**_SHIPPED_KERNELS, **_SHIPPED_ATTN, **change}
     RC.rope_and_cache = funcs["rope"]
     PA.paged_decode_attention = funcs["attn"]
     PA.choose_num_splits = funcs["splits"]
-
-
-def shape_config(shape: str, cfg: tuple[int, ...] | None) -> None:
-    """Replace the GEMV tiling of one Llama-2-7B shape (None: every shape as shipped)."""
-    nk = _SHAPES[shape]
-
-    def config(n: int, k: int, fmt: int = G._DENSE) -> tuple[int, ...]:
-        return cfg if cfg is not None and (n, k) == nk else _SHIPPED_CONFIG(n, k, fmt)
-    G.gemv_config = config
-
-
-def apply(fmt: str, early: int | tuple[int, int, int] | None, trigger_first: bool | None) -> None:
-    f = FMTS[fmt]
-    e = SHIPPED[f][0] if early is None else early if isinstance(early, tuple) else (early,) * 3
-    G._EARLY_TILE = {**G._EARLY_TILE, f: e}
-    G._TRIGGER_FIRST = {**G._TRIGGER_FIRST, f: SHIPPED[f][1] if trigger_first is None else trigger_first}
+    PA._DECODE_BLOCK_N, PA._DECODE_WARPS, PA._DECODE_STAGES = funcs["block_n"], funcs["warps"], funcs["stages"]
 
 
 def main() -> None:

@@ -80,3 +80,23 @@ def test_quantized_dummy_model_generates_on_gpu(quantization: str) -> None:
     outs = llm.generate([list(range(5, 30))], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
                         use_tqdm=False)
     assert len(outs[0].outputs[0].token_ids) == 16
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_lm_head_on_gpu(method: str) -> None:
+    """quantize_lm_head on the GPU: one row through the quantized GEMV, more through the
+    quantized matmul, both against the float32 product with the RTN weight."""
+    from turbollm.engine.llm import LLM
+
+    llm = LLM("tiny-llama", load_format="dummy", quantization=method, group_size=32, quantize_lm_head=True)
+    model = llm.engine.executor.runner.model
+    head = model.lm_head.quantized
+    assert head is not None and model.lm_head.weight.numel() == 0
+    w_hat = head.quant_method.dense_weight(head).float()  # [vocab, hidden]
+    for rows in (1, 7):
+        hidden = torch.randn(rows, w_hat.shape[1], device="cuda", dtype=torch.bfloat16)
+        ref = hidden.float() @ w_hat.t()
+        got = model.compute_logits(hidden)
+        assert got.shape == ref.shape
+        err = (got.float() - ref).abs().max().item()
+        assert err <= 2e-2 * ref.abs().max().item() + 1e-2, (rows, err)
