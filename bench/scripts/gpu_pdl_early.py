@@ -109,6 +109,22 @@ def ablate(change: dict) -> None:
     PA._DECODE_BLOCK_N, PA._DECODE_WARPS, PA._DECODE_STAGES = funcs["block_n"], funcs["warps"], funcs["stages"]
 
 
+def shape_config(shape: str, cfg: tuple[int, ...] | None) -> None:
+    """Replace the GEMV tiling of one Llama-2-7B shape (None: every shape as shipped)."""
+    nk = _SHAPES[shape]
+
+    def config(n: int, k: int, fmt: int = G._DENSE) -> tuple[int, ...]:
+        return cfg if cfg is not None and (n, k) == nk else _SHIPPED_CONFIG(n, k, fmt)
+    G.gemv_config = config
+
+
+def apply(fmt: str, early: int | tuple[int, int, int] | None, trigger_first: bool | None) -> None:
+    f = FMTS[fmt]
+    e = SHIPPED[f][0] if early is None else early if isinstance(early, tuple) else (early,) * 3
+    G._EARLY_TILE = {**G._EARLY_TILE, f: e}
+    G._TRIGGER_FIRST = {**G._TRIGGER_FIRST, f: SHIPPED[f][1] if trigger_first is None else trigger_first}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
