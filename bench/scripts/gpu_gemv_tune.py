@@ -5,7 +5,11 @@ cycle over enough copies that none stays in L2. CUDA-graph timing. Tuning aid fo
 With --fmt int8 / int4 (group 128) the weights are weight-only quantized (Llama-2-7B shapes),
 and the table also times kernels/quant_matmul.py's M = 1 path and the bf16 GEMV on the same
 shape (the ratio a quantized batch-1 step can gain).
+--small sweeps int4 tiles of few rows and short K steps instead (4-16 rows, 256-1024 columns,
+2-8 warps: the shapes that stream the bytes fastest in gpu_gemv_bounds.py --memory-sweep), and
+--shapes picks shapes by name (e.g. "l2 down").
 Usage: python bench/scripts/gpu_gemv_tune.py [--fmt bf16|int8|int4] [--budget SECONDS] [--dequant 3,1]
+       [--small] [--shapes "l2 down,l2 qkv"]
 """
 import argparse
 import itertools
@@ -71,6 +75,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=1e9, help="stop sweeping a shape after this many seconds")
     ap.add_argument("--dequant", type=lambda v: [int(d) for d in v.split(",")], default=[3],
                     help="quantized formats: dequantization modes to sweep (0 cvt, 1 magic, 3 packed)")
+    ap.add_argument("--small", action="store_true", help="int4: tiles of 4-16 rows and 256-1024 columns")
+    ap.add_argument("--shapes", default=None, help="comma-separated shape names (default: all of the format)")
     args = ap.parse_args()
     fmt = args.fmt
     res = {}
@@ -82,6 +88,11 @@ def main() -> None:
             args.dequant, (1024, 512, 2048) if fmt == "int4" else (512, 1024, 2048),
             (16, 32, 64) if fmt == "int4" else (4, 8, 16), (4, 8), (1, 2))]
         shapes = {k: v for k, v in SHAPES.items() if k.startswith("l2") and k != "l2 lm_head"}
+    if args.small:
+        configs = [(bn, bk, sp, wa, 3, deq) for deq, bk, bn, wa, sp in itertools.product(
+            args.dequant, (256, 512, 1024), (4, 8, 16), (2, 4, 8), (1, 2))]
+    if args.shapes:
+        shapes = {k: SHAPES[k.strip()] for k in args.shapes.split(",")}
     for name, (n, k, pro) in shapes.items():
         per = n * k * (2 if fmt == "bf16" else 1 if fmt == "int8" else 0.5)
         copies = max(1, -(-160_000_000 // int(per)))

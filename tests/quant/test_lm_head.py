@@ -67,13 +67,14 @@ def test_lm_head_without_a_quantized_model_is_a_clear_error(tiny_checkpoint) -> 
     assert plan.lm_head_method is not None and not plan.lm_head_method.prequantized
 
 
-def test_engine_generates_with_a_quantized_head() -> None:
+@pytest.mark.parametrize("method", ["int4", "fp8"])  # fp8: simulated on the CPU
+def test_engine_generates_with_a_quantized_head(method: str) -> None:
     from turbollm import LLM, SamplingParams
 
     sp = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     outs = {}
     for head in (False, True):
-        llm = LLM("tiny-llama", load_format="dummy", quantization="int4", group_size=32, device="cpu",
+        llm = LLM("tiny-llama", load_format="dummy", quantization=method, group_size=32, device="cpu",
                   quantize_lm_head=head)
         runner = llm.engine.executor.runner
         assert (runner.model.lm_head.quantized is not None) == head
