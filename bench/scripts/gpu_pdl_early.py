@@ -5,7 +5,7 @@ int4 g128 and int8. Variants alternate within one process per format; each recap
 batch-1 graph. Outputs of every variant are checked bit-identical to the shipped one's.
 
 With --down it compares tilings of the down projection (split K or not) instead, and with
---tiles int4 tilings of each shape, one shape at a time; their outputs' relative difference
+--tiles int4 / int8 tilings of each shape, one shape at a time; their outputs' relative difference
 to the shipped tiling's is printed, not checked.
 With --ablate it recaptures the graph with kernels left out or changed (the rotary / KV-write
 kernel, decode attention with its split combine) to measure what each costs the step under PDL,
@@ -70,6 +70,12 @@ TILE_VARIANTS = {  # --tiles: one Llama-2-7B shape's int4 tiling at a time, the 
                                                               (16, 2048, 1, 4, 3, _P))},
              **{f"down {c[:4]}": ("down", c) for c in ((16, 1024, 2, 4, 3, _P), (16, 2048, 2, 4, 3, _P),
                                                         (32, 1024, 2, 8, 3, _P))}},
+    "int8": {"shipped": None,  # standalone sweep of the ninth session: gemv-tune-int8-qkv-gateup-h100-*
+             **{f"qkv {c[:4]}": ("qkv", c) for c in ((16, 512, 1, 8, 3, 1), (8, 512, 1, 4, 3, 1))},
+             **{f"gate_up {c[:4]}": ("gate_up", c) for c in ((8, 1024, 1, 4, 3, 1), (16, 1024, 1, 4, 3, 1),
+                                                              (16, 1024, 1, 8, 3, 1))},
+             "qkv (16, 512, 1, 8) + gate_up (8, 1024, 1, 4)": {"qkv": (16, 512, 1, 8, 3, 1),
+                                                               "gate_up": (8, 1024, 1, 4, 3, 1)}},
 }
 _SHIPPED_CONFIG = G.gemv_config
 _SHIPPED_KERNELS = {"rope": RC.rope_and_cache, "attn": PA.paged_decode_attention, "splits": PA.choose_num_splits}
@@ -109,12 +115,14 @@ def ablate(change: dict) -> None:
     PA._DECODE_BLOCK_N, PA._DECODE_WARPS, PA._DECODE_STAGES = funcs["block_n"], funcs["warps"], funcs["stages"]
 
 
-def shape_config(shape: str, cfg: tuple[int, ...] | None) -> None:
-    """Replace the GEMV tiling of one Llama-2-7B shape (None: every shape as shipped)."""
-    nk = _SHAPES[shape]
+def shape_config(shape: str | dict, cfg: tuple[int, ...] | None = None) -> None:
+    """Replace the GEMV tiling of one Llama-2-7B shape, or of several ({shape: config}); None:
+    every shape as shipped."""
+    table = shape if isinstance(shape, dict) else {shape: cfg}
+    by_nk = {_SHAPES[name]: c for name, c in table.items() if c is not None}
 
     def config(n: int, k: int, fmt: int = G._DENSE) -> tuple[int, ...]:
-        return cfg if cfg is not None and (n, k) == nk else _SHIPPED_CONFIG(n, k, fmt)
+        return by_nk.get((n, k)) or _SHIPPED_CONFIG(n, k, fmt)
     G.gemv_config = config
 
 
@@ -150,7 +158,7 @@ def main() -> None:
                 if args.ablate:
                     ablate(variant)
                 elif args.tiles:
-                    shape_config(*(variant or ("down", None)))
+                    shape_config(*(variant if isinstance(variant, tuple) else (variant or "down",)))
                 elif args.down:
                     shape_config("down", variant)
                 else:

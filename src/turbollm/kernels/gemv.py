@@ -62,6 +62,7 @@ if triton is not None:
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SPLIT_K_FROM = 8192  # K from which a ragged one may be split over two programs (gemv_config)
+_INT8_WIDE_N = 16384  # int8: wider weights (Llama-2-7B gate_up 22016) take 8 x 1024 tiles (_quant_config)
 _PLAIN, _RMSNORM, _SILU_MUL = 0, 1, 2  # input prologues
 _DENSE, _INT8, _INT4 = 0, 1, 2  # weight formats (QuantWeight)
 _PACKED = 3  # the "packed" dequantization (inline PTX, GPU only): kernels/_quant_matmul_kernels.py
@@ -312,14 +313,19 @@ def _quant_config(n: int, k: int, fmt: int) -> Config:
     bench/scripts/gpu_gemv_tune.py --fmt int4 / int8 on Llama-2-7B shapes (H100 sweeps).
     int4 takes the "packed" conversions (two H100 sweeps agreed): o-sized (N <= 4096) wide
     tiles of few rows, long K two splits, the rest 32 x 1024 on 4 warps. int8 keeps the fp32
-    bit trick (earlier H100 and H200 sweeps)."""
+    bit trick (earlier H100 and H200 sweeps); its widest shapes (gate_up) take 8 x 1024: in the
+    batch-1 decode-graph replay 3,021 us against 3,126-3,151 with 16 x 512 (-3.4%,
+    gpu_pdl_early.py --tiles, ninth session), while qkv kept 16 x 512 (8 x 512 and 16 x 512 on 8
+    warps: +0.4% to +0.9%)."""
     if fmt == _INT4:
         if k >= _SPLIT_K_FROM:
             return 32, 2048, 2, 8, 3, _PACKED
         return (16, 2048, 1, 8, 3, _PACKED) if n <= 4096 else (32, 1024, 1, 4, 3, _PACKED)
     if k >= _SPLIT_K_FROM:
         return 8, 1024, 2, 4, 3, 1
-    return (8, 2048, 1, 8, 3, 1) if n <= 4096 else (16, 512, 1, 4, 3, 1)
+    if n <= 4096:
+        return 8, 2048, 1, 8, 3, 1
+    return (16, 512, 1, 4, 3, 1) if n <= _INT8_WIDE_N else (8, 1024, 1, 4, 3, 1)
 
 
 def gemv_config(n: int, k: int, fmt: int = _DENSE) -> Config:
