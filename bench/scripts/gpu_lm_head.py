@@ -16,35 +16,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_b1_probe import replay_b1  # noqa: E402
+from gpu_gemv import graph_us  # noqa: E402  (µs a call from CUDA-graph replays, median)
 
 from turbollm import LLM  # noqa: E402
 from turbollm.layers.linear import dense_linear  # noqa: E402
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
-
-
-def graph_us(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
-    """µs a call of fn, from CUDA-graph replays of `reps` calls (median of 10 timings)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / reps)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
