@@ -15,7 +15,8 @@ act-order), then optional `:key=value` settings, e.g. `gptq128ao:zero_point=floa
 Keys are fields of AWQConfig / GPTQConfig (`zero_point` also for rtn) or of the range search
 _int4.RangeSearch (`grid`, `max_shrink`, `asymmetric`, `refine`; for GPTQ any of them, or
 `search=1`, turns the search on; for AWQ they replace clip_search's fields). For GPTQ,
-`awq=1` first folds AWQ's scales (GPTQConfig.awq). For both, `tune=1` (or `tune_lr=`, `tune_epochs=`)
+`awq=1` first folds AWQ's scales (GPTQConfig.awq). For both, `tune=1` (or `tune_<field>=` of any TuneConfig field:
+`tune_lr=`, `tune_epochs=`, `tune_validation=`, `tune_offset_lr_scale=`, ...)
 tunes the grids' scales and offsets end to end afterwards (compress/tune.py); for AWQ
 `gptq=1` rounds the scaled weights with GPTQ.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import re
 import math
 import os
@@ -109,6 +111,7 @@ def parse_method(token: str) -> tuple[str, int, object]:
     base = cls(group_size=g, **({"act_order": bool(m.group(3))} if kind == "gptq" else {}))
     fields = {f.name for f in dataclasses.fields(cls)}
     search_fields = {f.name for f in dataclasses.fields(RangeSearch)}
+    tune_fields = {f.name for f in dataclasses.fields(TuneConfig)}
     current = base.clip_search if kind == "awq" else base.range_search  # type: ignore[union-attr]
     search = current or RangeSearch()
     changes, search_changes = {}, {}
@@ -116,7 +119,7 @@ def parse_method(token: str) -> tuple[str, int, object]:
     for key, val in kv.items():
         if key == "awq" and kind == "gptq":  # AWQ's scales (default AWQConfig) before GPTQ
             changes["awq"] = AWQConfig(group_size=g, gptq=False, tune=None) if _value(val, True) else None
-        elif key in ("tune", "tune_lr", "tune_epochs"):  # distillation of the grids (compress/tune.py)
+        elif key == "tune" or key[5:] in tune_fields and key.startswith("tune_"):  # compress/tune.py
             t = changes.get("tune", base.tune) or TuneConfig()  # type: ignore[union-attr]
             if key == "tune":
                 changes["tune"] = TuneConfig() if _value(val, True) else None
@@ -154,6 +157,7 @@ def main() -> None:
                     help="directory: take each non-fp32 method's decoder parameters from <method>.pt "
                          "(saved by --save) instead of quantizing")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the tuning's KL log
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     source = resolve_model(None)

@@ -3,6 +3,8 @@ codes, lowers the distance to the float model, and hands back a grid that rebuil
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from compressutil import random_windows, tiny_model
@@ -11,7 +13,9 @@ from turbollm.compress import _int4
 from turbollm.compress.awq import AWQConfig, awq_quantize_model
 from turbollm.compress.calibration import find_linears, forward_window
 from turbollm.compress.gptq import GPTQConfig, gptq_quantize_model
-from turbollm.compress.tune import TuneConfig, _Grid, student_hidden, tune_grids
+from turbollm.compress.tune import (
+    TuneConfig, _Grid, split_validation, student_hidden, tune_grids, validation_kl,
+)
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])
@@ -66,3 +70,71 @@ def test_bad_tune_options() -> None:
         TuneConfig(lr=0).check()
     with pytest.raises(ValueError, match="epochs=-1"):
         TuneConfig(epochs=-1).check()
+
+
+def _validation_kls(caplog: pytest.LogCaptureFixture) -> list[float]:
+    return [r.args[1] for r in caplog.records if "validation KL" in r.getMessage() and "keeping" not in r.getMessage()]
+
+
+def test_early_stopping_hands_back_the_best_validated_grids(caplog: pytest.LogCaptureFixture) -> None:
+    ref = tiny_model("tiny-llama")
+    model = tiny_model("tiny-llama")
+    a, c = random_windows(ref.arch.vocab_size, 2, 48)
+    windows = [a, a, c, c, a, c]  # validation: windows 1 and 4 (both a); training a, c, c, c
+    result = gptq_quantize_model(model, windows, config=GPTQConfig(group_size=32))
+    cfg = TuneConfig(epochs=3, lr=0.01, validation=2, validate_every=1)
+    with caplog.at_level(logging.INFO, logger="turbollm.compress.tune"):
+        tune_grids(model, ref, result, windows, cfg)
+    kls = _validation_kls(caplog)
+    assert len(kls) == 1 + 3 * 4  # before the first step, then after each of 4 training windows x 3
+    best = min(range(len(kls)), key=kls.__getitem__)
+    assert 0 < best < len(kls) - 1, kls  # the test needs a best state that is neither the start nor the end
+    # the handed-back grid is the best-validated one: rebuild it and measure it again
+    _, val = split_validation(windows, 2)
+    pieces = [torch.as_tensor(w) for w in val]
+    with torch.inference_mode():
+        targets = [forward_window(ref, w).clone() for w in pieces]
+    grids = {n: _Grid(g, torch.device("cpu")) for n, g in result.items()}
+    assert validation_kl(model, grids, pieces, targets) == pytest.approx(kls[best], rel=1e-4)
+    assert validation_kl(model, grids, pieces, targets) < kls[-1]
+
+
+def test_early_stopping_keeps_the_start_when_every_step_hurts() -> None:
+    ref = tiny_model("tiny-llama")
+    model = tiny_model("tiny-llama")
+    windows = random_windows(ref.arch.vocab_size, 4, 48)
+    result = gptq_quantize_model(model, windows, config=GPTQConfig(group_size=32))
+    start = {n: (g["scales"].clone(), g["zeros"].clone()) for n, g in result.items()}
+    tune_grids(model, ref, result, windows, TuneConfig(epochs=1, lr=5.0, validation=1))
+    for name, (s, z) in start.items():
+        torch.testing.assert_close(result[name]["scales"], s)
+        torch.testing.assert_close(result[name]["zeros"], z)
+
+
+def test_frozen_offsets_keep_the_zero_points() -> None:
+    ref = tiny_model("tiny-llama")
+    model = tiny_model("tiny-llama")
+    windows = random_windows(ref.arch.vocab_size, 3, 48)
+    result = gptq_quantize_model(model, windows, config=GPTQConfig(group_size=32))
+    start = {n: (g["scales"].clone(), g["zeros"].clone()) for n, g in result.items()}
+    tune_grids(model, ref, result, windows, TuneConfig(epochs=2, lr=3e-3, offset_lr_scale=0))
+    for name, (s, z) in start.items():  # b = 0: z = z0 - 0 * e^-a, while the scales move
+        torch.testing.assert_close(result[name]["zeros"], z, rtol=0, atol=0)
+        assert not torch.equal(result[name]["scales"], s)
+
+
+def test_validation_windows_are_spread_and_disjoint() -> None:
+    windows = [torch.tensor([i, i]) for i in range(8)]
+    train, val = split_validation(windows, 2)
+    assert [int(w[0]) for w in val] == [2, 6]
+    assert [int(w[0]) for w in train] == [0, 1, 3, 4, 5, 7]
+    assert split_validation(windows, 0) == (windows, [])
+    with pytest.raises(ValueError, match="validation=8"):
+        split_validation(windows, 8)
+
+
+@pytest.mark.parametrize("field,value", [("offset_lr_scale", -1.0), ("offset_lr_scale", float("inf")),
+                                         ("validation", -1), ("validate_every", -2)])
+def test_bad_overfitting_options(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        TuneConfig(**{field: value}).check()

@@ -23,6 +23,7 @@ forward. Memory: the float teacher (a copy of the model) and each linear's q - z
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from turbollm.compress._int4 import QuantizedModel
 from turbollm.compress.calibration import find_linears, forward_window, set_linear_weight
 from turbollm.layers.rotary import apply_rope
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TuneConfig:
@@ -46,6 +49,16 @@ class TuneConfig:
     """Adam learning rate of the log-scales a and offsets b (b in units of the starting step)."""
     max_tokens: int = 512
     """Longest stretch of a window used per step (longer windows are cut into pieces)."""
+    offset_lr_scale: float = 1.0
+    """The offsets b learn at lr * this; 0 freezes them (only the log-scales a move: half the
+    free parameters)."""
+    validation: int = 0
+    """Calibration windows held back from the steps (evenly spaced among those given) to
+    validate on: the tuning hands back the grids with the lowest mean KL on them, measured
+    before the first step and every `validate_every` steps (early stopping). 0 (default):
+    no validation; the last step's grids."""
+    validate_every: int = 0
+    """Steps between two validations (0: at the end of each epoch); used with `validation`."""
 
     def check(self) -> None:
         """ValueError naming the bad value."""
@@ -55,6 +68,12 @@ class TuneConfig:
             raise ValueError(f"tune lr={self.lr} must be > 0")
         if self.max_tokens < 2:
             raise ValueError(f"tune max_tokens={self.max_tokens} must be >= 2")
+        if not 0 <= self.offset_lr_scale < math.inf:
+            raise ValueError(f"tune offset_lr_scale={self.offset_lr_scale} must be >= 0 and finite")
+        if self.validation < 0:
+            raise ValueError(f"tune validation={self.validation} must be >= 0 (0: no validation)")
+        if self.validate_every < 0:
+            raise ValueError(f"tune validate_every={self.validate_every} must be >= 0 (0: each epoch)")
 
 
 class _Grid(nn.Module):
@@ -144,22 +163,91 @@ def kl_loss(model: nn.Module, hidden: torch.Tensor, teacher_hidden: torch.Tensor
     return total / hidden.shape[0]
 
 
+def split_validation(windows: Sequence[torch.Tensor | Sequence[int]], count: int) -> tuple[
+        list[torch.Tensor | Sequence[int]], list[torch.Tensor | Sequence[int]]]:
+    """(training, validation) windows: `count` of them, evenly spaced, held back for validation."""
+    n = len(windows)
+    if count == 0:
+        return list(windows), []
+    if count >= n:
+        raise ValueError(f"tune validation={count} leaves none of the {n} calibration windows to train on")
+    held = sorted({int((j + 0.5) * n / count) for j in range(count)})  # distinct: spacing n / count >= 1
+    return [w for i, w in enumerate(windows) if i not in held], [windows[i] for i in held]
+
+
+def _teacher_hidden(teacher: nn.Module, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        targets = [forward_window(teacher, ids) for ids in pieces]  # [T, hidden] each
+    return [t.clone() for t in targets]  # ordinary tensors (out of inference mode)
+
+
+@torch.no_grad()
+def validation_kl(model: nn.Module, grids: dict[str, _Grid], pieces: list[torch.Tensor],
+                  targets: list[torch.Tensor]) -> float:
+    """Mean over pieces of kl_loss of the grids' model against the teacher's hidden states."""
+    total = sum(kl_loss(model, student_hidden(model, grids, ids), t).item() for ids, t in zip(pieces, targets, strict=True))
+    return total / len(pieces)
+
+
+class _EarlyStop:
+    """Early stopping: the grids' (a, b) at their lowest validation KL so far (a copy on the
+    model's device, 2 floats per group: 12 MB for SmolLM2-135M)."""
+
+    def __init__(self, model: nn.Module, grids: dict[str, _Grid], pieces: list[torch.Tensor],
+                 targets: list[torch.Tensor]) -> None:
+        self.model, self.grids, self.pieces, self.targets = model, grids, pieces, targets
+        self.best = math.inf
+        self.state: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.history: list[tuple[int, float]] = []  # (step, validation KL)
+
+    def __call__(self, step: int) -> None:
+        if not self.pieces:
+            return
+        kl = validation_kl(self.model, self.grids, self.pieces, self.targets)
+        self.history.append((step, kl))
+        logger.info("grid tuning: step %d, validation KL %.5f", step, kl)
+        if kl < self.best:  # a NaN never wins
+            self.best = kl
+            self.state = {n: (g.a.detach().clone(), g.b.detach().clone()) for n, g in self.grids.items()}
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the best-validated (a, b) back (no-op without validation)."""
+        if self.state is None:
+            return
+        for name, (a, b) in self.state.items():
+            self.grids[name].a.copy_(a)
+            self.grids[name].b.copy_(b)
+        step = min(self.history, key=lambda h: h[1] if math.isfinite(h[1]) else math.inf)[0]
+        logger.info("grid tuning: keeping step %d (validation KL %.5f)", step, self.best)
+
+
+def _optimizer(grids: dict[str, _Grid], cfg: TuneConfig) -> torch.optim.Optimizer:
+    groups = [{"params": [g.a for g in grids.values()], "lr": cfg.lr}]
+    if cfg.offset_lr_scale > 0:  # else the offsets stay at b = 0
+        groups.append({"params": [g.b for g in grids.values()], "lr": cfg.lr * cfg.offset_lr_scale})
+    return torch.optim.Adam(groups)
+
+
 def tune_grids(model: nn.Module, teacher: nn.Module, result: QuantizedModel,
                windows: Sequence[torch.Tensor | Sequence[int]], cfg: TuneConfig) -> list[float]:
     """Tune `result`'s scales and zeros in place (codes fixed) so the quantized `model`
     matches the float `teacher` on `windows`; the model's linears then hold the tuned W_hat.
-    Returns the mean KL of each epoch (as trained, before that epoch's last step)."""
+    With cfg.validation, that many windows only validate, and the best-validated grids win.
+    Returns the mean training KL of each epoch (as trained, before that epoch's last step)."""
     cfg.check()
     dev = next(model.parameters()).device
     grids = {name: _Grid(g, dev) for name, g in result.items()}
-    pieces = _pieces(windows, cfg.max_tokens, dev)
-    with torch.inference_mode():
-        targets = [forward_window(teacher, ids) for ids in pieces]  # [T, hidden] each
-    targets = [t.clone() for t in targets]  # ordinary tensors (out of inference mode)
-    params = [p for g in grids.values() for p in (g.a, g.b)]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    history = []
-    for _ in range(cfg.epochs):
+    train, val = split_validation(windows, cfg.validation)
+    pieces = _pieces(train, cfg.max_tokens, dev)
+    targets = _teacher_hidden(teacher, pieces)
+    val_pieces = _pieces(val, cfg.max_tokens, dev)
+    early = _EarlyStop(model, grids, val_pieces, _teacher_hidden(teacher, val_pieces))
+    every = cfg.validate_every or len(pieces)
+    opt = _optimizer(grids, cfg)
+    history, step = [], 0
+    early(step)
+    for epoch in range(cfg.epochs):
         total = 0.0
         for ids, target in zip(pieces, targets, strict=True):
             loss = kl_loss(model, student_hidden(model, grids, ids), target)
@@ -167,13 +255,20 @@ def tune_grids(model: nn.Module, teacher: nn.Module, result: QuantizedModel,
             loss.backward()
             opt.step()
             total += loss.item()
+            step += 1
+            if step % every == 0:
+                early(step)
         history.append(total / max(len(pieces), 1))
+        logger.info("grid tuning: epoch %d of %d, mean KL %.5f", epoch + 1, cfg.epochs, history[-1])
+    if step % every != 0:
+        early(step)
+    early.restore()
     linears = {f"model.layers.{n}": m for n, m in find_linears(model.model.layers).items()}  # type: ignore[attr-defined]
     with torch.no_grad():
         for name, g in grids.items():
             s, z = g.scales_zeros()
             result[name]["scales"], result[name]["zeros"] = s.cpu(), z.cpu()
             set_linear_weight(linears[name], g.weight())
-    if not all(math.isfinite(h) for h in history):
+    if early.state is None and not all(math.isfinite(h) for h in history):
         raise FloatingPointError(f"grid tuning diverged (epoch KL {history}); lower the learning rate")
     return history
