@@ -28,9 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from turbollm.compress.calibration import calibration_windows as kv_calibration_windows
-from turbollm.compress.corpus import load_corpus
-from turbollm.compress.evaluate import make_windows
+from turbollm.compress.calibration import calibration_windows
 from turbollm.compress.fp8_calib import Fp8CalibConfig, fp8_calibrate_model
 from turbollm.compress.kv_scales import DEFAULT_CALIB, KVScales, apply_kv_scales, calibrate_kv_scales
 from turbollm.compress.tune import TuneConfig
@@ -82,11 +80,6 @@ def calibration_config(method: str, config: Int4Config, settings: dict[str, Any]
     return cfg
 
 
-def calibration_windows(tokenizer: Any, count: int, length: int) -> list[list[int]]:
-    """The first `count` windows of `length` tokens of the Shakespeare calibration part."""
-    return make_windows(tokenizer, load_corpus("shakespeare-calib"), length, count)
-
-
 def install_calibrated(model: nn.Module, config: Int4Config, results: dict[str, dict[str, torch.Tensor]]) -> int:
     """Make every decoder linear int4 from {module name: grid} (see quant.linear.install_int4)."""
     method = Int4LinearMethod(config.group_size, prequantized=True, has_perm=config.act_order)
@@ -135,9 +128,7 @@ def quantize_model(
         tok = source.load_tokenizer()
         if tok is None:
             raise ValueError("--calibrate calibrates on text: the model needs a tokenizer")
-        # windows spread evenly over the calibration part (compress/calibration.py), as the
-        # KV-cache scales use, rather than the first ones
-        fp8_calibrate_model(model, kv_calibration_windows(tok, *calib), fp8_calib)
+        fp8_calibrate_model(model, calibration_windows(tok, *calib), fp8_calib)
         return model, source
     if method not in _CALIBRATED:
         plan = QuantPlan(config, prequantized=False, keep_dense=ignore)
@@ -147,6 +138,8 @@ def quantize_model(
     cfg = calibration_config(method, config, settings)
     model = build_model(source, dev, dt, prepack_cpu=False)
     tok = source.load_tokenizer()
+    # Windows spread evenly over the calibration part (compress/calibration.py), as FP8
+    # calibration, the KV-cache scales and the measured AWQ / GPTQ recipes use (docs/performance.md).
     windows = calibration_windows(tok, *calib)
     results = fn(model, windows, config=cfg)
     install_calibrated(model, config, results)
@@ -157,7 +150,7 @@ def add_kv_cache_scales(model: nn.Module, tokenizer: Any) -> KVScales:
     """Calibrate per-layer FP8 KV-cache scales on the calibration part and install them."""
     if tokenizer is None:
         raise ValueError("--kv-cache-scales calibrates on text: the model needs a tokenizer")
-    scales = calibrate_kv_scales(model, kv_calibration_windows(tokenizer, *DEFAULT_CALIB))
+    scales = calibrate_kv_scales(model, calibration_windows(tokenizer, *DEFAULT_CALIB))
     apply_kv_scales(model, scales)
     return scales
 
