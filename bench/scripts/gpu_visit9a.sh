@@ -2,12 +2,7 @@
 # Ninth session, first visit (one call, < 10 minutes): what the non-GEMV kernels cost a
 # batch-1 decode step under PDL (graph ablations), int8 pre-wait tiles per prologue, what
 # sampling costs batch 1, and the GPU tests of the sampler (changed on CPU last session).
-set -u
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:src
-nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
-P=(python3 -m pytest -q -o "pythonpath=/tmp/site src" -p no:cacheprovider)
+source bench/scripts/gpu_env.sh
 timeout 120 "${P[@]}" -m gpu tests/sample tests/kernels/test_top_p_kernel.py 2>&1 | tail -2
 timeout 200 python3 bench/scripts/gpu_pdl_early.py --ablate --formats bf16,int4 2>&1 | grep -v -i warn \
   | tee "$OUT/gpu_ablate.log" | tail -14

@@ -2,13 +2,8 @@
 # Ninth session, second visit, two calls (each under the 10-minute limit):
 #   bash bench/scripts/gpu_visit9b.sh ablate   # GPU test of the quantized LM head; decode-attention settings in the b1 graph
 #   bash bench/scripts/gpu_visit9b.sh latency  # bench latency b1 / b64: bf16, int4 and int8 with and without --quantize-lm-head
-set -u
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:src
-nvidia-smi --query-gpu=name --format=csv,noheader
+source bench/scripts/gpu_env.sh
 if [ "${1:-ablate}" = ablate ]; then
-  P=(python3 -m pytest -q -o "pythonpath=/tmp/site src" -p no:cacheprovider)
   timeout 120 "${P[@]}" -m gpu tests/quant/test_gpu_quant.py -k "lm_head" 2>&1 | tail -2
   timeout 400 python3 bench/scripts/gpu_pdl_early.py --ablate --formats int4,bf16 2>&1 | grep -v -i warn \
     | tee "$OUT/gpu_ablate_attn.log" | tail -22

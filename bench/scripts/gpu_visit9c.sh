@@ -2,12 +2,7 @@
 # Ninth session, closing visit, two calls:
 #   bash bench/scripts/gpu_visit9c.sh          # GPU tests: quantized paths, GEMV, sampler, greedy parity, graphs
 #   bash bench/scripts/gpu_visit9c.sh latency  # bench latency b1 / b64 (bf16, int8, int8 + head, int4 + head) + head timing
-set -u
-OUT=${OUT:-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:src
-nvidia-smi --query-gpu=name --format=csv,noheader
-P=(python3 -m pytest -q -o "pythonpath=/tmp/site src" -p no:cacheprovider)
+source bench/scripts/gpu_env.sh
 [ "${1:-}" = latency ] || timeout 540 "${P[@]}" -m gpu tests/quant tests/kernels/test_gemv.py tests/sample tests/engine/test_gpu.py \
   tests/engine/test_cuda_graphs.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -4
 if [ "${1:-}" = latency ]; then
