@@ -99,12 +99,18 @@ def test_early_stopping_hands_back_the_best_validated_grids(caplog: pytest.LogCa
     assert validation_kl(model, grids, pieces, targets) < kls[-1]
 
 
-def test_early_stopping_keeps_the_start_when_every_step_hurts() -> None:
+def _gptq_grids(num_windows: int):  # type: ignore[no-untyped-def]
+    """(float teacher, GPTQ-quantized student, windows, its grids, a copy of their scales and zeros)."""
     ref = tiny_model("tiny-llama")
     model = tiny_model("tiny-llama")
-    windows = random_windows(ref.arch.vocab_size, 4, 48)
+    windows = random_windows(ref.arch.vocab_size, num_windows, 48)
     result = gptq_quantize_model(model, windows, config=GPTQConfig(group_size=32))
     start = {n: (g["scales"].clone(), g["zeros"].clone()) for n, g in result.items()}
+    return ref, model, windows, result, start
+
+
+def test_early_stopping_keeps_the_start_when_every_step_hurts() -> None:
+    ref, model, windows, result, start = _gptq_grids(4)
     tune_grids(model, ref, result, windows, TuneConfig(epochs=1, lr=5.0, validation=1))
     for name, (s, z) in start.items():
         torch.testing.assert_close(result[name]["scales"], s)
@@ -112,11 +118,7 @@ def test_early_stopping_keeps_the_start_when_every_step_hurts() -> None:
 
 
 def test_frozen_offsets_keep_the_zero_points() -> None:
-    ref = tiny_model("tiny-llama")
-    model = tiny_model("tiny-llama")
-    windows = random_windows(ref.arch.vocab_size, 3, 48)
-    result = gptq_quantize_model(model, windows, config=GPTQConfig(group_size=32))
-    start = {n: (g["scales"].clone(), g["zeros"].clone()) for n, g in result.items()}
+    ref, model, windows, result, start = _gptq_grids(3)
     tune_grids(model, ref, result, windows, TuneConfig(epochs=2, lr=3e-3, offset_lr_scale=0))
     for name, (s, z) in start.items():  # b = 0: z = z0 - 0 * e^-a, while the scales move
         torch.testing.assert_close(result[name]["zeros"], z, rtol=0, atol=0)
