@@ -1,12 +1,13 @@
 """One GPU visit: what the quantized LM head (quantize_lm_head) costs against the bf16 one, GPU
-time only. Llama-2-7B preset (dummy weights), head [32000, 4096]; for int4 g128 and int8 the
+time only. Llama-2-7B preset (dummy weights), head [32000, 4096]; for int4 g128, int8 (and FP8) the
 quantized head's `compute_logits` against the bf16 GEMV / cuBLAS of the same shape, at 1 and
 64 rows, each timed as a CUDA-graph replay (weights out of L2 between replays: the head is
 262 MB in bf16, far above the 50 MB L2). Also the batch-1 decode-graph replay of the layers.
 
 Prints a table and writes $OUT/gpu_lm_head.json.
-Usage: python bench/scripts/gpu_lm_head.py
+Usage: python bench/scripts/gpu_lm_head.py [--formats int4,int8,fp8]
 """
+import argparse
 import gc
 import json
 import os
@@ -26,9 +27,12 @@ os.makedirs(OUT, exist_ok=True)
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--formats", default="int4,int8")
+    args = ap.parse_args()
     record: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "us": {}}
     dense_w = None
-    for fmt in ("int4", "int8"):
+    for fmt in args.formats.split(","):
         quant = {"quantization": fmt, "group_size": 128}
         llm = LLM("llama-2-7b", load_format="dummy", max_num_seqs=64, max_model_len=4096,
                   gpu_memory_utilization=0.5, quantize_lm_head=True, **quant)
