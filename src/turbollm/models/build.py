@@ -108,11 +108,12 @@ def build_model(
         except (KeyError, ValueError) as e:
             raise ModelLoadError(f"{source.path}: weights do not fit the model: {e}") from e
     process_weights_after_loading(model)
-    if quantization is not None and quantization.lm_head_method is not None:
+    head_method = quantization.lm_head_method if quantization is not None else None
+    if head_method is not None:
         head = getattr(model, "lm_head", None)
         if not isinstance(head, ParallelLMHead):
             raise ValueError(f"{type(model).__name__} has no LM head to quantize (quantize_lm_head)")
-        head.quantize(quantization.lm_head_method, tied=source.arch.tie_word_embeddings)
+        head.quantize(head_method, tied=source.arch.tie_word_embeddings)
     if device.type == "cpu" and prepack_cpu:
         prepack_cpu_linears(model)
     return model.eval()
