@@ -78,7 +78,12 @@ TILE_VARIANTS = {  # --tiles: one Llama-2-7B shape's int4 tiling at a time, the 
                                                                "gate_up": (8, 1024, 1, 4, 3, 1)}},
 }
 _SHIPPED_CONFIG = G.gemv_config
-_SHIPPED_KERNELS = {"rope": RC.rope_and_cache, "attn": PA.paged_decode_attention, "splits": PA.choose_num_splits}
+_SHIPPED_KERNELS = {"rope": RC.rope_and_cache, "attn": PA.paged_decode_attention, "splits": PA.choose_num_splits,
+                    "attn_pdl": PA.pdl_kwargs, "rope_pdl": RC.pdl_kwargs, "gemv_pdl": G.pdl_kwargs}
+
+
+def _no_pdl(device):  # type: ignore[no-untyped-def]
+    return {"PDL": False}
 
 
 def _no_attention(q, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -103,6 +108,10 @@ ABLATIONS = {  # --ablate: name -> replacements of module functions / decode-att
     "attention 16 keys a step, 16 splits": {"block_n": 16, "splits": _splits(16)},
     "attention 2 warps": {"warps": 2},
     "attention 1 stage": {"stages": 1},
+    "attention without PDL": {"attn_pdl": _no_pdl},
+    "rotary / KV write without PDL": {"rope_pdl": _no_pdl},
+    "attention + rotary without PDL": {"attn_pdl": _no_pdl, "rope_pdl": _no_pdl},
+    "GEMVs without PDL": {"gemv_pdl": _no_pdl},
 }
 
 
@@ -113,6 +122,7 @@ def ablate(change: dict) -> None:
     PA.paged_decode_attention = funcs["attn"]
     PA.choose_num_splits = funcs["splits"]
     PA._DECODE_BLOCK_N, PA._DECODE_WARPS, PA._DECODE_STAGES = funcs["block_n"], funcs["warps"], funcs["stages"]
+    PA.pdl_kwargs, RC.pdl_kwargs, G.pdl_kwargs = funcs["attn_pdl"], funcs["rope_pdl"], funcs["gemv_pdl"]
 
 
 def shape_config(shape: str | dict, cfg: tuple[int, ...] | None = None) -> None:
@@ -142,6 +152,7 @@ def main() -> None:
                     help="compare tilings of the down projection (DOWN_VARIANTS) instead of GEMV_VARIANTS")
     ap.add_argument("--tiles", action="store_true", help="compare int4 tilings of each shape (TILE_VARIANTS)")
     ap.add_argument("--ablate", action="store_true", help="leave kernels out of the graph (ABLATIONS)")
+    ap.add_argument("--only", default="", help="comma-separated names: run only these variants (and 'shipped')")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     record: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "us": {}}
@@ -154,7 +165,10 @@ def main() -> None:
         for r in range(args.rounds):
             table = (TILE_VARIANTS[fmt] if args.tiles else DOWN_VARIANTS[fmt] if args.down
                      else ABLATIONS if args.ablate else GEMV_VARIANTS[fmt])
+            only = {n for n in args.only.split(",") if n}
             for name, variant in table.items():
+                if only and name != "shipped" and name not in only:
+                    continue
                 if args.ablate:
                     ablate(variant)
                 elif args.tiles:

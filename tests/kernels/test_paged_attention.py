@@ -50,20 +50,24 @@ def check_decode(
     seq_lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int,
     dtype: torch.dtype = torch.float32, window: int | None = None, num_splits: int | None = None,
     index_dtype: torch.dtype = torch.int32, max_seq_len: int | None = None, fp8_cache: bool = False,
-    kv_scales: tuple[float, float] = (1.0, 1.0),
+    kv_scales: tuple[float, float] = (1.0, 1.0), q_first: float | None = None,
 ) -> None:
+    """q_first: every head's first q element set to this value (checked finite)."""
     kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype, index_dtype)
     if fp8_cache:
         kv_cache = kv_cache.to(torch.float8_e4m3fn)
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(len(seq_lens), heads, head_dim, generator=g).to(dtype).to(DEVICE)  # [B, H, D]
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=g)  # [B, H, D]
+    if q_first is not None:
+        q[..., 0] = q_first
+    q = q.to(dtype).to(DEVICE)
     lens = torch.tensor(seq_lens, dtype=index_dtype, device=DEVICE)  # [B]
     scale = head_dim**-0.5
     args = (q, kv_cache, tables, lens, scale, max_seq_len or max(seq_lens), window, num_splits)
     ks, vs = kv_scales
     out = paged_decode_attention(*args, k_scale=ks, v_scale=vs)
     ref = paged_decode_attention_ref(*args, k_scale=ks, v_scale=vs)
-    assert out.dtype == dtype and out.shape == q.shape
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -89,6 +93,17 @@ def test_decode_splits(num_splits: int | None, window: int | None) -> None:
 def test_decode_fp8_cache(dtype: torch.dtype) -> None:
     """An FP8 cache is widened to q's dtype inside the kernel; the reference reads it exactly."""
     check_decode([1, 17, 64, 97], 8, 2, 32, 16, dtype=dtype, num_splits=2, fp8_cache=True)
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill"])
+def test_fp8_cache_q_beyond_fp16(kind: str) -> None:
+    """A bf16 q reading an FP8 cache is multiplied in fp16 (paged_attention._f16_dot), clamped
+    to fp16's range: a q element past 65504 must not turn into inf (NaN scores). It dominates
+    the scores either way, so the output still matches the reference's."""
+    if kind == "decode":
+        check_decode([17, 64, 97], 8, 2, 32, 16, dtype=torch.bfloat16, num_splits=2, fp8_cache=True, q_first=2e5)
+    else:
+        check_prefill([5, 40], [5, 77], 8, 2, 32, 16, dtype=torch.bfloat16, fp8_cache=True, q_first=2e5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -185,13 +200,17 @@ def check_prefill(
     query_lens: list[int], seq_lens: list[int], heads: int, kv_heads: int, head_dim: int,
     block_size: int, dtype: torch.dtype = torch.float32, window: int | None = None,
     config: PrefillConfig | None = None, scale: float | None = None, fp8_cache: bool = False,
-    kv_scales: tuple[float, float] = (1.0, 1.0),
+    kv_scales: tuple[float, float] = (1.0, 1.0), q_first: float | None = None,
 ) -> None:
+    """q_first: as in check_decode."""
     kv_cache, tables = make_cache(seq_lens, kv_heads, head_dim, block_size, dtype)
     if fp8_cache:
         kv_cache = kv_cache.to(torch.float8_e4m3fn)
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(sum(query_lens), heads, head_dim, generator=g).to(dtype).to(DEVICE)  # [T, H, D]
+    q = torch.randn(sum(query_lens), heads, head_dim, generator=g)  # [T, H, D]
+    if q_first is not None:
+        q[..., 0] = q_first
+    q = q.to(dtype).to(DEVICE)
     starts = torch.tensor([0, *query_lens], device=DEVICE).cumsum(0)  # [R + 1]
     lens = torch.tensor(seq_lens, device=DEVICE)  # [R]
     scale = head_dim**-0.5 if scale is None else scale
@@ -200,6 +219,7 @@ def check_prefill(
     out = (paged_prefill_attention(*args, k_scale=ks, v_scale=vs) if config is None
            else _launch_prefill(*args, config, k_scale=ks, v_scale=vs))
     ref = paged_prefill_attention_ref(*args, k_scale=ks, v_scale=vs)
+    assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -347,6 +367,18 @@ def test_gpu_decode_real_shapes(num_splits: int | None) -> None:
 @pytest.mark.parametrize("window", [None, 4096])
 def test_gpu_decode_long_context_small_batch(window: int | None) -> None:
     check_decode([32768, 17000], 32, 8, 128, 16, dtype=torch.bfloat16, window=window)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (32, 32)])
+def test_gpu_decode_fp8_cache_real_shapes(heads: int, kv_heads: int) -> None:
+    """bf16 q over an FP8 cache (the fp16 multiply of paged_attention._f16_dot) at Llama-3-8B /
+    Llama-2-7B head counts, with per-layer scales; prefill chunks after cached prefixes too."""
+    lens = torch.randint(1, 1025, (48,), generator=torch.Generator().manual_seed(6)).tolist()
+    check_decode(lens, heads, kv_heads, 128, 16, dtype=torch.bfloat16, max_seq_len=1024, fp8_cache=True,
+                 kv_scales=(0.4, 2.5))
+    check_prefill([512, 300, 1], [512, 900, 700], heads, kv_heads, 128, 16, dtype=torch.bfloat16, fp8_cache=True,
+                  kv_scales=(0.4, 2.5))
 
 
 @pytest.mark.gpu

@@ -44,6 +44,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _LOG2E = 1.4426950408889634
 _DECODE_BLOCK_N = 64  # keys per inner iteration of the decode kernel
+_DECODE_BLOCK_N_FP8 = 128  # the same over an FP8 cache (the same bytes a tile; H100 sweep, docs/performance.md)
 _MIN_PARTITION = 256  # fewest keys worth a split of their own
 _MAX_SPLITS = 64
 _DECODE_WARPS = 4
@@ -67,7 +68,7 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:  # programmatic dependent launch (kernels/_pdl.py)
             gdc_wait()
@@ -87,6 +88,8 @@ if triton is not None:
         )  # [G_PAD, D_PAD]
         if UPCAST:
             q = q.to(tl.float32)
+        if F16_DOT:  # _f16_dot: fp16 operands, q clamped to fp16's range (exact inside it)
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
         # The visible keys are [first_key, seq_len); split s takes a partition of them sized
         # from this request's own length (a multiple of BLOCK_N), so a short context under a
@@ -113,7 +116,7 @@ if triton is not None:
             kv_mask = valid[:, None] & d_mask[None, :]
             k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
             v = tl.load(kv_ptr + stride_kv + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            k = k.to(q.dtype)  # an FP8 cache widens to q's dtype (a no-op otherwise)
+            k = k.to(q.dtype)  # an FP8 cache widens to q's dtype (fp16 with F16_DOT; a no-op otherwise)
             v = v.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [G_PAD, N] log2 units
             s = tl.where(valid[None, :], s, float("-inf"))
@@ -178,6 +181,16 @@ def _upcast(dtype: torch.dtype) -> bool:
     """The interpreter multiplies bf16 dot operands as their raw uint16 bits (Triton 3.6):
     there, and only there, the kernels upcast k, v, q and p to fp32 before tl.dot."""
     return dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret)
+
+
+def _f16_dot(q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """An FP8 cache read by a bf16 q: the decode and prefill kernels multiply in fp16 instead. e4m3 -> fp16
+    is exact and one instruction a pair, where e4m3 -> bf16 goes through fp32 (twice the loop's
+    instructions: 46-68% of the copy bandwidth against ~100% for a bf16 cache on an H100,
+    docs/performance.md). q keeps every bf16 value in fp16's normal range exactly (fp16 has
+    more mantissa) and is clamped to +-65504; p in [0, 1] is rounded more finely than in bf16.
+    The interpreter runs it too (its fp16 dot multiplies in fp32)."""
+    return kv_dtype == torch.float8_e4m3fn and q_dtype == torch.bfloat16
 
 
 def _next_pow2(x: int) -> int:
@@ -275,7 +288,8 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, span, _device_sms(q.device))
     partition = -(-span // num_splits)
-    partition = -(-partition // _DECODE_BLOCK_N) * _DECODE_BLOCK_N  # multiple of BLOCK_N
+    block_n = _DECODE_BLOCK_N_FP8 if kv_cache.dtype == torch.float8_e4m3fn else _DECODE_BLOCK_N
+    partition = -(-partition // block_n) * block_n  # multiple of BLOCK_N
     num_splits = -(-span // partition)  # drop splits that would start past the span
     # The kernel re-derives each request's partition from its own length and num_splits.
     direct = num_splits == 1
@@ -296,10 +310,10 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         *pstrides, *lstrides,
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N,
+        HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         DIRECT=direct, HAS_WINDOW=sliding_window is not None,
-        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), **pdl_kwargs(q.device),
-        num_warps=_DECODE_WARPS, **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
+        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), F16_DOT=_f16_dot(q.dtype, kv_cache.dtype),
+        **pdl_kwargs(q.device), num_warps=_DECODE_WARPS, **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
     )
     if not direct:
         _combine_kernel[(batch, heads)](
