@@ -97,9 +97,10 @@ def test_decode_fp8_cache(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("kind", ["decode", "prefill"])
 def test_fp8_cache_q_beyond_fp16(kind: str) -> None:
-    """A bf16 q reading an FP8 cache is multiplied in fp16 (paged_attention._f16_dot), clamped
+    """Decode multiplies a bf16 q over an FP8 cache in fp16 (paged_attention._f16_dot), clamped
     to fp16's range: a q element past 65504 must not turn into inf (NaN scores). It dominates
-    the scores either way, so the output still matches the reference's."""
+    the scores either way, so the output still matches the reference's. (Prefill keeps bf16
+    dots; checked the same way so a change to fp16 there cannot drop the clamp.)"""
     if kind == "decode":
         check_decode([17, 64, 97], 8, 2, 32, 16, dtype=torch.bfloat16, num_splits=2, fp8_cache=True, q_first=2e5)
     else:
@@ -373,7 +374,7 @@ def test_gpu_decode_long_context_small_batch(window: int | None) -> None:
 @pytest.mark.parametrize("heads,kv_heads", [(32, 8), (32, 32)])
 def test_gpu_decode_fp8_cache_real_shapes(heads: int, kv_heads: int) -> None:
     """bf16 q over an FP8 cache (the fp16 multiply of paged_attention._f16_dot) at Llama-3-8B /
-    Llama-2-7B head counts, with per-layer scales; prefill chunks after cached prefixes too."""
+    Llama-2-7B head counts, with per-layer scales; prefill (bf16 dots) over the same kind of cache."""
     lens = torch.randint(1, 1025, (48,), generator=torch.Generator().manual_seed(6)).tolist()
     check_decode(lens, heads, kv_heads, 128, 16, dtype=torch.bfloat16, max_seq_len=1024, fp8_cache=True,
                  kv_scales=(0.4, 2.5))

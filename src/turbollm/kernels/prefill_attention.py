@@ -28,7 +28,6 @@ from turbollm.kernels.paged_attention import (
     _attend_ref,
     _check_common,
     _dot_precision,
-    _f16_dot,
     _gather_ref,
     _next_pow2,
     _upcast,
@@ -74,7 +73,7 @@ if triton is not None:
                 ld_mask = (offs_d < HEAD_DIM)[None, :]
                 k = tl.load(ptrs, mask=ld_mask, other=0.0)
                 v = tl.load(ptrs + stride_kv, mask=ld_mask, other=0.0)
-            k = k.to(q.dtype)  # an FP8 cache widens to q's dtype (fp16 with F16_DOT); fp32 with UPCAST
+            k = k.to(q.dtype)  # an FP8 cache widens to q's dtype; fp32 with UPCAST; else a no-op
             v = v.to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [M, N]
             if CAUSAL or WINDOW:
@@ -105,7 +104,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PACK: tl.constexpr, M_FASTEST: tl.constexpr,
         HAS_WINDOW: tl.constexpr, LOOP_STAGES: tl.constexpr, DOT_PREC: tl.constexpr,
-        UPCAST: tl.constexpr, F16_DOT: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):
         # Program (query block, request, head pack): BLOCK_M rows = BLOCK_M // PACK query
         # tokens x PACK query heads that share one kv head (row i: token i // PACK, head
@@ -139,8 +138,6 @@ if triton is not None:
         q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)  # [BLOCK_M, D_PAD]
         if UPCAST:
             q = q.to(tl.float32)
-        if F16_DOT:  # an FP8 cache: fp16 operands (paged_attention._f16_dot)
-            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
         # Keys [0, diag) are visible to every row; [diag, hi) straddle the diagonal. With a
         # window, keys [lo, full) are cut by it for some rows and [full, diag) for none.
@@ -301,7 +298,7 @@ def _launch_prefill(
         BLOCK_SIZE=block_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n, PACK=config.pack,
         M_FASTEST=config.m_fastest, HAS_WINDOW=sliding_window is not None,
         LOOP_STAGES=config.num_stages if config.loop_stages else None,
-        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), F16_DOT=_f16_dot(q.dtype, kv_cache.dtype),
+        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
