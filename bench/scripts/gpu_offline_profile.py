@@ -4,7 +4,7 @@ steps that carry prompt chunks ("mixed") and decode-only steps, and a torch-prof
 table of a few mixed steps grouped by kind (matmul, attention, ...).
 
 Usage: python bench/scripts/gpu_offline_profile.py [--model llama-3-8b] [--max-num-seqs 512]
-       [--max-num-batched-tokens 16384] [--num-prompts 1000]
+       [--max-num-batched-tokens 16384] [--num-prompts 1000] [--quantization fp8] [--kv-cache-dtype fp8]
 Writes $OUT/offline_profile.json and $OUT/offline_profile_kernels.txt.
 """
 import argparse
@@ -21,7 +21,8 @@ from turbollm import LLM, SamplingParams
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
-KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "splitk", "gemv")),
+KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "splitk", "gemv", "small_m")),
+         ("fp8 activation quantize", ("quant_kernel",)),
          ("attention", ("attention", "attn", "flash", "_combine")),
          ("norm", ("rmsnorm", "rms_norm")), ("activation", ("silu",)), ("rotary/kv write", ("rope", "rotary", "kv_")),
          ("sampling", ("argmax", "sample", "softmax", "topk", "gumbel")), ("copy", ("memcpy", "memset", "copy")))
@@ -43,9 +44,12 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--profile-at", type=int, default=20, help="first profiled step")
     ap.add_argument("--profile-steps", type=int, default=6)
+    ap.add_argument("--quantization", default=None, help="e.g. fp8 (W8A8)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     args = ap.parse_args()
+    quant = {"quantization": args.quantization} if args.quantization else {}
     llm = LLM(args.model, load_format="dummy", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype, **quant)
     eng = llm.engine
     plans = []
     schedule = eng.scheduler.schedule
