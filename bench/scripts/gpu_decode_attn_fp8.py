@@ -6,7 +6,8 @@ one byte an element) + q and out. FP8 outputs are checked against the shipped se
 With --prefill: prefill attention of whole 512-token prompts over each cache instead.
 
 Prints a table and writes $OUT/gpu_decode_attn_fp8.json (--prefill: gpu_prefill_attn_fp8.json).
-Usage: python bench/scripts/gpu_decode_attn_fp8.py [--quick | --prefill]
+With --splits the FP8 variants are KV split counts instead.
+Usage: python bench/scripts/gpu_decode_attn_fp8.py [--quick | --splits | --prefill]
 """
 import argparse
 import json
@@ -30,6 +31,8 @@ VARIANTS = {"shipped": SHIPPED, "64 keys": (64, 4, None), "128 keys": (128, 4, N
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="shipped setting only")
+    ap.add_argument("--splits", action="store_true",
+                    help="FP8 variants are KV splits (shipped tiles) instead of tilings: auto, 2, 4")
     ap.add_argument("--prefill", action="store_true",
                     help="instead: prefill attention of whole 512-token prompts over a bf16 and an FP8 cache")
     args = ap.parse_args()
@@ -50,7 +53,9 @@ def main() -> None:
             for kvd in ("bf16", "fp8"):
                 cache = base if kvd == "bf16" else base.to(torch.float8_e4m3fn)
                 ref = None
-                for name, (bn, warps, stages) in VARIANTS.items():
+                variants = ({"shipped": (SHIPPED, None), "2 splits": (SHIPPED, 2), "4 splits": (SHIPPED, 4)}
+                            if args.splits else {name: (v, None) for name, v in VARIANTS.items()})
+                for name, ((bn, warps, stages), nsplit) in variants.items():
                     if (args.quick or kvd == "bf16") and name != "shipped":
                         continue
                     PA._DECODE_BLOCK_N, PA._DECODE_BLOCK_N_FP8 = SHIPPED_N if bn is None else (bn, bn)
@@ -58,7 +63,7 @@ def main() -> None:
 
                     def fn():
                         return PA.paged_decode_attention(q, cache, tables, lens, D**-0.5, ctx, k_scale=1.0,
-                                                         v_scale=1.0)
+                                                         v_scale=1.0, num_splits=nsplit)
                     out = fn()
                     if ref is None:
                         ref = out
@@ -66,7 +71,7 @@ def main() -> None:
                     ms = _graph_time_ms(fn, 50, 5)
                     nbytes = batch * ctx * KV * D * 2 * cache.element_size() + 2 * q.numel() * 2
                     gbs = nbytes / ms / 1e6
-                    splits = PA.choose_num_splits(batch, KV, ctx)
+                    splits = nsplit or PA.choose_num_splits(batch, KV, ctx)
                     row = dict(model=model, batch=batch, ctx=ctx, kv=kvd, variant=name, us=ms * 1e3, gbs=gbs,
                                frac=gbs / copy, splits=splits, rel_err=err)
                     rows.append(row)
