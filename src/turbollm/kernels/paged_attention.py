@@ -314,7 +314,8 @@ def paged_decode_attention(
         HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         DIRECT=direct, HAS_WINDOW=sliding_window is not None,
         DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), F16_DOT=_f16_dot(q.dtype, kv_cache.dtype),
-        **pdl_kwargs(q.device), num_warps=_DECODE_WARPS, **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
+        **pdl_kwargs(q.device), num_warps=_DECODE_WARPS,
+        **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
     )
     if not direct:
         _combine_kernel[(batch, heads)](
