@@ -12,16 +12,19 @@ Prints a table and writes $OUT/gpu_l2_prefetch.json.
 Usage: python bench/scripts/gpu_l2_prefetch.py [--layers 16] [--formats bf16,int8,int4]
 """
 import argparse
-import json
 import os
 import statistics
+import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from turbollm.kernels import gemv as G
-from turbollm.kernels.paged_attention import paged_decode_attention
+sys.path.insert(0, os.path.dirname(__file__))
+from _rounds import save_and_print  # noqa: E402
+
+from turbollm.kernels import gemv as G  # noqa: E402
+from turbollm.kernels.paged_attention import paged_decode_attention  # noqa: E402
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
@@ -144,13 +147,8 @@ def main() -> None:
                 del g, outs
         del layers
         torch.cuda.empty_cache()
-    with open(os.path.join(OUT, "gpu_l2_prefetch.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    print("\n== attention + o + gate_up, us a layer (rounds), best vs none ==")
-    for fmt, per in record["us_per_layer"].items():
-        base = min(per["none"])
-        for name, v in per.items():
-            print(f"{fmt:5s} {name:32s} {' / '.join(f'{x:.2f}' for x in v):>16s}  {min(v) / base:.4f}")
+    save_and_print(os.path.join(OUT, "gpu_l2_prefetch.json"), record, record["us_per_layer"],
+                   "attention + o + gate_up, us a layer (rounds)", "none", width=32, digits=2)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ Usage: python bench/scripts/gpu_pdl_early.py [--rounds 2] [--formats bf16,int4,i
 """
 import argparse
 import gc
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _rounds import save_and_print  # noqa: E402
 from gpu_b1_probe import replay_b1  # noqa: E402
 
 from turbollm import LLM  # noqa: E402
@@ -196,13 +196,8 @@ def main() -> None:
         del llm, g
         gc.collect()
         torch.cuda.empty_cache()
-    with open(os.path.join(OUT, "gpu_pdl_early.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    print("\n== decode-graph replay (ctx 256), us (rounds) ==")
-    for key, per in record["us"].items():
-        base = min(per["shipped"])
-        for name, v in per.items():
-            print(f"{key:8s} {name:38s} {' / '.join(f'{x:.1f}' for x in v):>22s}  best vs shipped {min(v) / base:.4f}")
+    save_and_print(os.path.join(OUT, "gpu_pdl_early.json"), record, record["us"],
+                   "decode-graph replay (ctx 256), us (rounds)", "shipped")
 
 
 if __name__ == "__main__":
