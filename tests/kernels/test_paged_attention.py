@@ -325,6 +325,29 @@ def test_matches_engine_attention_layer(window: int | None) -> None:
     # And forward() end to end (torch path on CPU, the kernels on a GPU).
     layer_out = layer(q, k, v, kv_cache, meta).view(T, heads, head_dim)
     torch.testing.assert_close(layer_out, expected_t, atol=2e-5, rtol=2e-5)
+    # The layer's kernel route (the interpreter on CPU): decodes and chunks write their rows of
+    # one output.
+    torch.testing.assert_close(layer._forward_triton(qh, kv_cache, meta), expected_t, atol=2e-5, rtol=2e-5)
+
+
+def test_out_argument_writes_rows_of_a_larger_tensor() -> None:
+    """`out=`: both kernels write exactly their rows of a given tensor and return it."""
+    seq_lens = [9, 20]
+    kv_cache, tables = make_cache(seq_lens, 2, 32, 16, torch.float32)
+    q = torch.randn(3, 4, 32, device=DEVICE)  # 2 decodes, then a 1-token chunk
+    lens = torch.tensor(seq_lens, device=DEVICE)
+    big = torch.full((5, 4, 32), 7.0, device=DEVICE)
+    got = paged_decode_attention(q[:2], kv_cache, tables, lens, 0.2, 20, out=big[1:3])
+    assert got.data_ptr() == big[1:3].data_ptr()
+    torch.testing.assert_close(big[1:3], paged_decode_attention(q[:2], kv_cache, tables, lens, 0.2, 20))
+    starts = torch.tensor([0, 1], device=DEVICE)
+    pre = paged_prefill_attention(q[2:], kv_cache, tables[1:], starts, lens[1:], 0.2, 1, out=big[3:4])
+    torch.testing.assert_close(pre, paged_prefill_attention(q[2:], kv_cache, tables[1:], starts, lens[1:], 0.2, 1))
+    assert (big[0] == 7.0).all() and (big[4] == 7.0).all()  # untouched rows
+    for bad in (torch.empty(2, 4, 16, device=DEVICE), torch.empty(2, 4, 32, device=DEVICE, dtype=torch.float64),
+                torch.empty(2, 32, 4, device=DEVICE).transpose(1, 2)):
+        with pytest.raises(ValueError, match="out"):
+            paged_decode_attention(q[:2], kv_cache, tables, lens, 0.2, 20, out=bad)
 
 
 def test_launcher_rejects_bad_inputs() -> None:

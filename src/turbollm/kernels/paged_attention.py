@@ -258,6 +258,17 @@ def _check_common(
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
 
 
+def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """`out` if it can take the attention of q (q's shape, dtype and device, a contiguous last
+    dimension), or a new tensor like q when it is None; ValueError naming the problem."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or out.stride(-1) != 1:
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} on {out.device} is not like q {tuple(q.shape)} "
+                         f"{q.dtype} on {q.device} with a contiguous last dimension")
+    return out
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KV, D]
@@ -269,9 +280,11 @@ def paged_decode_attention(
     num_splits: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per request over its paged cache -> [B, H, D] in q's dtype
-    (an FP8 cache holds k / k_scale and v / v_scale)."""
+    (an FP8 cache holds k / k_scale and v / v_scale). `out`: write into this [B, H, D] tensor
+    (e.g. rows of a larger one) instead of a new one; it is returned."""
     if q.dim() != 3:
         raise ValueError(f"q shape {tuple(q.shape)} is not [B, H, D]")
     batch, heads, head_dim = q.shape
@@ -281,7 +294,7 @@ def paged_decode_attention(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = heads // kv_heads
-    out = torch.empty_like(q)  # [B, H, D]
+    out = check_out(out, q)  # [B, H, D]
     if batch == 0:
         return out
     # A query sees at most `span` keys: the window bounds the work per request.

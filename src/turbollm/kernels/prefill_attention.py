@@ -31,6 +31,7 @@ from turbollm.kernels.paged_attention import (
     _gather_ref,
     _next_pow2,
     _upcast,
+    check_out,
 )
 from turbollm.kernels.rope_cache import check_kv_scales
 
@@ -240,12 +241,14 @@ def paged_prefill_attention(
     sliding_window: int | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of variable-length query chunks over their paged caches -> [T, H, D].
 
     Query i of request r sits at position seq_lens[r] - qlen_r + i and sees every cached key
     up to it (inside the window). Contract: every qlen_r <= max_query_len and <= seq_lens[r].
-    An FP8 cache holds k / k_scale and v / v_scale (kernels/paged_attention.py).
+    An FP8 cache holds k / k_scale and v / v_scale (kernels/paged_attention.py). `out`: write
+    into this [T, H, D] tensor instead of a new one (paged_attention.check_out); it is returned.
     """
     if q.dim() != 3:
         raise ValueError(f"q shape {tuple(q.shape)} is not [T, H, D]")
@@ -261,13 +264,13 @@ def paged_prefill_attention(
     group = q.shape[1] // kv_cache.shape[3]
     config = choose_prefill_config(q.dtype, q.shape[2], group, max_query_len, on_gpu=q.is_cuda)
     return _launch_prefill(q, kv_cache, block_tables, query_start_loc, seq_lens, scale, max_query_len,
-                           sliding_window, config, k_scale=k_scale, v_scale=v_scale)
+                           sliding_window, config, k_scale=k_scale, v_scale=v_scale, out=out)
 
 
 def _launch_prefill(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor, scale: float, max_query_len: int, sliding_window: int | None,
-    config: PrefillConfig, *, k_scale: float = 1.0, v_scale: float = 1.0,
+    config: PrefillConfig, *, k_scale: float = 1.0, v_scale: float = 1.0, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`paged_prefill_attention` with an explicit tiling (checked inputs; benchmarks call it)."""
     check_kv_scales(kv_cache, k_scale, v_scale)
@@ -277,7 +280,7 @@ def _launch_prefill(
     group = heads // kv_heads
     if group % config.pack or config.block_m % config.pack or config.block_m // config.pack < 1:
         raise ValueError(f"{config} does not fit GQA group {group}")
-    out = torch.empty_like(q)  # [T, H, D]
+    out = check_out(out, q)  # [T, H, D]
     num_reqs = seq_lens.shape[0]
     if q.shape[0] == 0 or num_reqs == 0:
         return out

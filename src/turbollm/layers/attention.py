@@ -184,27 +184,33 @@ class Attention(nn.Module):
         assert paged_kernels is not None
         nd = meta.num_decodes
         k_scale, v_scale = self.cache_scales(kv_cache)
+        dense = nd < meta.num_reqs and new_kv is not None and self._dense_prefill_pays(q, kv_cache, meta)
+        # Decodes and paged prompt chunks write their rows of one output (no concatenation).
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if 0 < nd < meta.num_reqs else None
         dec = pre = None
         if nd:
             dec = paged_kernels.paged_decode_attention(
                 q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
                 max_seq_len=max(meta.seq_lens_cpu[:nd]), sliding_window=self.window,
-                k_scale=k_scale, v_scale=v_scale,
+                k_scale=k_scale, v_scale=v_scale, out=None if out is None else out[:nd],
             )  # [nd, H, D]
-        if nd < meta.num_reqs and new_kv is not None and self._dense_prefill_pays(q, kv_cache, meta):
+        if dense:
+            assert new_kv is not None
             pre = self._dense_prefill(q[nd:], new_kv[0][nd:], new_kv[1][nd:], meta)  # [T - nd, H, D]
+            if out is not None:
+                out[nd:] = pre
         elif nd < meta.num_reqs:
             # Prompt chunks follow the decodes, whose tokens are the first nd rows of q.
             pre = prefill_kernels.paged_prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], meta.query_start_loc[nd:] - nd,
                 meta.seq_lens[nd:], self.scale, max_query_len=max(meta.query_lens_cpu[nd:]),
                 sliding_window=self.window, k_scale=k_scale, v_scale=v_scale,
+                out=None if out is None else out[nd:],
             )  # [T - nd, H, D]
-        if dec is None or pre is None:
+        if out is None:
             out = dec if pre is None else pre
             assert out is not None
-            return out
-        return torch.cat((dec, pre))  # [T, H, D]
+        return out  # [T, H, D]
 
     def _dense_prefill_pays(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
         """Whole prompts only, one of them long, a cache in q's dtype (the paged kernels read
