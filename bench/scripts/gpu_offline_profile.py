@@ -5,6 +5,7 @@ table of a few mixed steps grouped by kind (matmul, attention, ...).
 
 Usage: python bench/scripts/gpu_offline_profile.py [--model llama-3-8b] [--max-num-seqs 512]
        [--max-num-batched-tokens 16384] [--num-prompts 1000] [--quantization fp8] [--kv-cache-dtype fp8]
+       [--log-jit]
 Writes $OUT/offline_profile.json and $OUT/offline_profile_kernels.txt.
 """
 import argparse
@@ -46,11 +47,23 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, default=6)
     ap.add_argument("--quantization", default=None, help="e.g. fp8 (W8A8)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
+    ap.add_argument("--log-jit", action="store_true",
+                    help="list the Triton kernel variants first loaded after start-up (warm-up misses), with their step")
     args = ap.parse_args()
+    jit_events: list[tuple[float, int, str]] = []  # (seconds since start-up ended, step, variant)
+    started = [0.0]
+    if args.log_jit:
+        import triton
+
+        def on_load(*, repr: str, **_: object) -> None:  # every variant a process loads (compiled or cached)
+            if started[0]:
+                jit_events.append((time.perf_counter() - started[0], len(plans), repr))
+        triton.knobs.runtime.jit_cache_hook = on_load
     quant = {"quantization": args.quantization} if args.quantization else {}
     llm = LLM(args.model, load_format="dummy", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=args.kv_cache_dtype, **quant)
     eng = llm.engine
+    started[0] = time.perf_counter()
     plans = []
     schedule = eng.scheduler.schedule
 
@@ -144,13 +157,20 @@ def main() -> None:
         "profiled_plans": prof_plans,
         "decode_steps_host_ms": host_ms,
         "profiled_gpu_ms_by_kind": {k: v / 1e3 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "triton_variants_loaded_after_startup": [
+            {"s": round(t, 3), "step": n, "variant": r} for t, n, r in jit_events],
     }
     with open(os.path.join(OUT, "offline_profile.json"), "w") as f:
         json.dump(res, f, indent=1)
     with open(os.path.join(OUT, "offline_profile_kernels.txt"), "w") as f:
         f.writelines(f"{us / 1e3:10.2f} ms {n:6d} x  {name}\n" for us, n, name in rows[:60])
     for k, v in res.items():
-        print(f"{k}: {v}")
+        if k != "triton_variants_loaded_after_startup":
+            print(f"{k}: {v}")
+    if args.log_jit:
+        print(f"Triton variants first loaded after start-up: {len(jit_events)}")
+        for t, n, r in jit_events:
+            print(f"  {t:8.3f} s  step {n:4d}  {r[:160]}")
     print("top kernels (ms over the profiled steps):")
     for us, n, name in rows[:15]:
         print(f"  {us / 1e3:9.2f} {n:5d}x {name}")
