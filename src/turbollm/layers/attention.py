@@ -184,32 +184,22 @@ class Attention(nn.Module):
         assert paged_kernels is not None
         nd = meta.num_decodes
         k_scale, v_scale = self.cache_scales(kv_cache)
-        dense = nd < meta.num_reqs and new_kv is not None and self._dense_prefill_pays(q, kv_cache, meta)
-        # Decodes and paged prompt chunks write their rows of one output (no concatenation).
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if 0 < nd < meta.num_reqs else None
-        dec = pre = None
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]: each route writes its rows
         if nd:
-            dec = paged_kernels.paged_decode_attention(
+            paged_kernels.paged_decode_attention(
                 q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens[:nd], self.scale,
                 max_seq_len=max(meta.seq_lens_cpu[:nd]), sliding_window=self.window,
-                k_scale=k_scale, v_scale=v_scale, out=None if out is None else out[:nd],
-            )  # [nd, H, D]
-        if dense:
-            assert new_kv is not None
-            pre = self._dense_prefill(q[nd:], new_kv[0][nd:], new_kv[1][nd:], meta)  # [T - nd, H, D]
-            if out is not None:
-                out[nd:] = pre
+                k_scale=k_scale, v_scale=v_scale, out=out[:nd],
+            )
+        if nd < meta.num_reqs and new_kv is not None and self._dense_prefill_pays(q, kv_cache, meta):
+            self._dense_prefill(q[nd:], new_kv[0][nd:], new_kv[1][nd:], meta, out=out[nd:])
         elif nd < meta.num_reqs:
             # Prompt chunks follow the decodes, whose tokens are the first nd rows of q.
-            pre = prefill_kernels.paged_prefill_attention(
+            prefill_kernels.paged_prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], meta.query_start_loc[nd:] - nd,
                 meta.seq_lens[nd:], self.scale, max_query_len=max(meta.query_lens_cpu[nd:]),
-                sliding_window=self.window, k_scale=k_scale, v_scale=v_scale,
-                out=None if out is None else out[nd:],
-            )  # [T - nd, H, D]
-        if out is None:
-            out = dec if pre is None else pre
-            assert out is not None
+                sliding_window=self.window, k_scale=k_scale, v_scale=v_scale, out=out[nd:],
+            )
         return out  # [T, H, D]
 
     def _dense_prefill_pays(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> bool:
@@ -220,10 +210,13 @@ class Attention(nn.Module):
                 and (self.window is None or longest <= self.window))
 
     def _dense_prefill(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Causal SDPA over each whole prompt: q [T, H, D], k/v [T, KV, D] -> [T, H, D]."""
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
+        """Causal SDPA over each whole prompt: q [T, H, D], k/v [T, KV, D] -> [T, H, D] (into
+        `out` when given, e.g. rows of a larger tensor)."""
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, H, D]
         start = 0
         for qlen in meta.query_lens_cpu[meta.num_decodes :]:
             qh, kh, vh = (t[start : start + qlen].transpose(0, 1)[None] for t in (q, k, v))  # [1, *, L, D]
