@@ -14,6 +14,19 @@ if not torch.cuda.is_available():
     # import them via layers/attention.py, so it is set here, before any turbollm import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+    # Triton 3.6's interpreter turns a scalar into a Python int with int(ndarray of shape
+    # [1]), which NumPy >= 2.4 rejects, so a loop with a runtime bound (range(start, end))
+    # fails under the interpreter only (triton-lang/triton#9171; the fix there squeezes).
+    from triton.runtime import interpreter as _interp
+
+    _orig_patch_lang_tensor = _interp._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
+        _orig_patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interp._patch_lang_tensor = _patch_lang_tensor
+
 from turbollm.models.arch import PRESETS  # noqa: E402
 from turbollm.models.loader import embedded_model_path  # noqa: E402
 

@@ -22,7 +22,8 @@ from turbollm import LLM, SamplingParams
 
 OUT = os.environ.get("OUT", "out")
 os.makedirs(OUT, exist_ok=True)
-KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "splitk", "gemv", "small_m")),
+KINDS = (("norm + fp8 quantize", ("rmsnorm_quant",)), ("silu + fp8 quantize", ("silu_mul_quant",)),
+         ("matmul", ("gemm", "nvjet", "cutlass", "sm90_", "xmma", "splitk", "gemv", "small_m")),
          ("fp8 activation quantize", ("quant_kernel",)),
          ("attention", ("attention", "attn", "flash", "_combine")),
          ("norm", ("rmsnorm", "rms_norm")), ("activation", ("silu",)), ("rotary/kv write", ("rope", "rotary", "kv_")),

@@ -33,6 +33,12 @@ _BLOCK = 1024  # output columns per program
 if triton is not None:
 
     @triton.jit
+    def silu_mul(gate, up):
+        """silu(gate) * up in fp32 (gate, up: fp32 blocks); shared with kernels/fp8_fused.py.
+        silu(g) = g * sigmoid(g); for g -> -inf exp(-g) = inf and the quotient is -0."""
+        return gate / (1.0 + tl.exp(-gate)) * up
+
+    @triton.jit
     def _silu_and_mul_kernel(
         x_ptr, out_ptr, inter,
         stride_x, stride_out,  # row strides (last stride 1)
@@ -44,8 +50,7 @@ if triton is not None:
         x_row = x_ptr + row * stride_x
         gate = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_row + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        # silu(g) = g * sigmoid(g); for g -> -inf exp(-g) = inf and the quotient is -0.
-        y = gate / (1.0 + tl.exp(-gate)) * up  # [BLOCK]
+        y = silu_mul(gate, up)  # [BLOCK]
         if ROUND_OUT:
             y = round_bf16(y)
         tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)

@@ -170,6 +170,12 @@ def _check_runtime(x: torch.Tensor) -> None:
 def _check_weights(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                    bias: torch.Tensor | None) -> tuple[int, int, int]:
     m, k = check_x(x)
+    return m, _check_w(k, x.device, wq, w_scale, bias), k
+
+
+def _check_w(k: int, device: torch.device, wq: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None) -> int:
+    """N of the FP8 weight wq [N, k] with its scales and bias, all on `device`; ValueError otherwise."""
     if wq.dim() != 2 or wq.shape[1] != k or wq.dtype != FP8 or not wq.is_contiguous():
         raise ValueError(f"wq must be a contiguous float8_e4m3fn [N, {k}], got {wq.dtype} {tuple(wq.shape)}")
     n = wq.shape[0]
@@ -178,9 +184,9 @@ def _check_weights(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
     if bias is not None and (bias.shape != (n,) or bias.dtype not in _DTYPES or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous [{n}] float tensor, got {bias.dtype} {tuple(bias.shape)}")
     for name, t in (("wq", wq), ("w_scale", w_scale), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x is on {x.device}")
-    return m, n, k
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device}, x is on {device}")
+    return n
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,28 +249,37 @@ def fp8_linear_small_m(
     cfg = config if config is not None else _pick_small_m(m, n, k, x.device)
     if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 32 or cfg.split_k < 1:
         raise ValueError(f"config needs block_m, block_n >= 16, block_k >= 32 and split_k >= 1, got {cfg}")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     if m == 0 or n == 0:
-        return out
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     xa, xs = quantize_fp8_per_token(x)  # [M, K] fp8, [M, 1]
+    return _small_m_launch(xa, xs, wq, w_scale, bias, x.dtype, cfg)
+
+
+def _small_m_launch(
+    xa: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: Fp8SmallMConfig,
+) -> torch.Tensor:
+    """The small-M kernel (and its split-K reduce) on quantized activations xa [M, K] fp8
+    with scales xs [M, 1] -> [M, N] out_dtype. M, N >= 1; shapes checked by the caller."""
+    (m, k), n = xa.shape, wq.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=xa.device)  # [M, N]
     part = out
     if cfg.split_k > 1:
-        part = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=x.device)  # [S, M, N]
+        part = torch.empty(cfg.split_k, m, n, dtype=torch.float32, device=xa.device)  # [S, M, N]
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
-    interp = x.device.type != "cuda"
     _small_m_kernel[grid](
         xa, xs, wq, w_scale, bias if bias is not None else w_scale, out, part,
         m, n, k, xa.stride(0), out.stride(0), cfg.k_per_split(k),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=cfg.split_k, HAS_BIAS=bias is not None and cfg.split_k == 1,
-        ROUND_OUT=emulate_bf16_rounding(x.dtype), UPCAST=interp,
+        ROUND_OUT=emulate_bf16_rounding(out_dtype), UPCAST=xa.device.type != "cuda",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if cfg.split_k > 1:
         splitk_reduce_kernel[(m, triton.cdiv(n, _REDUCE_BLOCK))](
             part, bias if bias is not None else part, out, m, n, out.stride(0),
             SPLIT_K=cfg.split_k, BLOCK_N=_REDUCE_BLOCK, HAS_BIAS=bias is not None,
-            ROUND_OUT=emulate_bf16_rounding(out.dtype), num_warps=4, PDL=False,
+            ROUND_OUT=emulate_bf16_rounding(out_dtype), num_warps=4, PDL=False,
         )
     return out
 
@@ -285,16 +300,50 @@ def fp8_linear(
     bias: torch.Tensor | None = None,  # [N]
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """The GPU W8A8 linear: the small-M kernel up to SMALL_M_MAX rows, else one fused
-    quantization launch and torch._scaled_mm with row-wise scales (scale_a [M, 1], scale_b
-    [1, N]; CUTLASS on Hopper), which outputs bf16 only."""
+    quantization launch and torch._scaled_mm (`_scaled_mm`)."""
     if x.shape[0] <= SMALL_M_MAX:
         return fp8_linear_small_m(x, wq, w_scale, bias)
     _check_weights(x, wq, w_scale, bias)
     xq, xs = quantize_fp8_per_token(x)  # [M, K] fp8, [M, 1] fp32
+    return _scaled_mm(xq, xs, wq, w_scale, bias, x.dtype)
+
+
+def _scaled_mm(
+    xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
+    bias: torch.Tensor | None, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """torch._scaled_mm with row-wise scales (scale_a [M, 1], scale_b [1, N]; CUTLASS on
+    Hopper), which outputs bf16 only: cast to out_dtype, then the bias."""
     y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=w_scale[None, :], out_dtype=torch.bfloat16,
                          use_fast_accum=SCALED_MM_FAST_ACCUM)  # [M, N]
-    y = y.to(x.dtype)
+    y = y.to(out_dtype)
     return y if bias is None else y + bias
+
+
+def fp8_linear_quantized(
+    xq: torch.Tensor,  # [M, K] float8_e4m3fn, contiguous (kernels/fp8_fused.py writes it)
+    xs: torch.Tensor,  # [M, 1] float32 per-token scales
+    wq: torch.Tensor,  # [N, K] float8_e4m3fn
+    w_scale: torch.Tensor,  # [N] float32
+    bias: torch.Tensor | None,  # [N]
+    out_dtype: torch.dtype,
+) -> torch.Tensor:  # [M, N] out_dtype
+    """`fp8_linear` on activations quantized already: the same two routes, without the
+    quantization launch. Equal to fp8_linear(x) when (xq, xs) = quantize_fp8_per_token(x)."""
+    if xq.dim() != 2 or xq.dtype != FP8 or not xq.is_contiguous():
+        raise ValueError(f"xq must be a contiguous float8_e4m3fn [M, K], got {xq.dtype} {tuple(xq.shape)}")
+    m, k = xq.shape
+    if xs.shape != (m, 1) or xs.dtype != torch.float32 or not xs.is_contiguous():
+        raise ValueError(f"xs must be a contiguous float32 [{m}, 1], got {xs.dtype} {tuple(xs.shape)}")
+    if out_dtype not in _DTYPES:
+        raise ValueError(f"out_dtype {out_dtype} is not one of {_DTYPES}")
+    n = _check_w(k, xq.device, wq, w_scale, bias)
+    _check_runtime(xq)
+    if m > SMALL_M_MAX:
+        return _scaled_mm(xq, xs, wq, w_scale, bias, out_dtype)
+    if m == 0 or n == 0:
+        return torch.empty(m, n, dtype=out_dtype, device=xq.device)  # [M, N]
+    return _small_m_launch(xq, xs, wq, w_scale, bias, out_dtype, _pick_small_m(m, n, k, xq.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +374,7 @@ def fp8_linear_ref(
 
 
 __all__ = [
-    "FP8_MAX", "FP8_SCALE_MIN", "Fp8SmallMConfig", "SMALL_M_CONFIGS", "SMALL_M_MAX", "fp8_linear", "fp8_linear_ref",
-    "fp8_linear_small_m",
+    "FP8_MAX", "FP8_SCALE_MIN", "Fp8SmallMConfig", "SMALL_M_CONFIGS", "SMALL_M_MAX", "fp8_linear",
+    "fp8_linear_quantized", "fp8_linear_ref", "fp8_linear_small_m",
     "quantize_fp8_per_token", "quantize_fp8_per_token_ref",
 ]

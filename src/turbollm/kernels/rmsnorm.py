@@ -40,6 +40,34 @@ _MAX_SINGLE_BLOCK = 8192  # widest row kept in registers (fp32: 32 KiB over 16 w
 if triton is not None:
 
     @triton.jit
+    def add_rmsnorm_row(
+        x_row, res_row, new_row, w_ptr, offs, mask, n_cols, eps, in_dtype: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, ROUND_IN: tl.constexpr, ROUND_OUT: tl.constexpr,
+    ):
+        """One row held in registers: stores x + residual at new_row (when HAS_RESIDUAL) and
+        returns weight * h as fp32 [BLOCK_N] (ROUND_OUT: already on the bf16 grid), the caller
+        casting it to the output dtype. Shared with kernels/fp8_fused.py, which quantizes it."""
+        s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        if HAS_RESIDUAL:
+            r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
+            s = s + r
+            if ROUND_IN:
+                s = round_bf16(s)
+            s = s.to(in_dtype)  # torch adds in the input dtype
+            tl.store(new_row + offs, s, mask=mask)
+            s = s.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(s * s, 0) / n_cols + eps)
+        h = s * rstd
+        if ROUND_IN:
+            h = round_bf16(h)
+        h = h.to(in_dtype).to(tl.float32)  # h.to(x.dtype)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = w * h
+        if ROUND_OUT:
+            y = round_bf16(y)
+        return y
+
+    @triton.jit
     def _fused_add_rmsnorm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, new_res_ptr,
         n_cols, eps,
@@ -56,24 +84,8 @@ if triton is not None:
         offs = tl.arange(0, BLOCK_N)
         if SINGLE:
             mask = offs < n_cols
-            s = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_N]
-            if HAS_RESIDUAL:
-                r = tl.load(res_row + offs, mask=mask, other=0.0).to(tl.float32)
-                s = s + r
-                if ROUND_IN:
-                    s = round_bf16(s)
-                s = s.to(in_dtype)  # torch adds in the input dtype
-                tl.store(new_row + offs, s, mask=mask)
-                s = s.to(tl.float32)
-            rstd = tl.rsqrt(tl.sum(s * s, 0) / n_cols + eps)
-            h = s * rstd
-            if ROUND_IN:
-                h = round_bf16(h)
-            h = h.to(in_dtype).to(tl.float32)  # h.to(x.dtype)
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            y = w * h
-            if ROUND_OUT:
-                y = round_bf16(y)
+            y = add_rmsnorm_row(x_row, res_row, new_row, w_ptr, offs, mask, n_cols, eps, in_dtype,
+                                HAS_RESIDUAL, ROUND_IN, ROUND_OUT)
             tl.store(out_row + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
         else:
             # Pass 1: the sum (stored, then re-read from new_res) and the sum of squares.

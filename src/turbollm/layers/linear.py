@@ -68,6 +68,9 @@ class LinearMethod(Protocol):
     `create_weights` registers the tensors a checkpoint provides (through `layer.add_param`);
     `process_weights_after_loading` converts them once (e.g. quantizes a float weight);
     `apply` computes x [T, in] @ W^T (+ bias) -> [T, out]. One object serves every layer.
+    Optional, looked up with getattr: `gemv_weight` (the batch-1 GEMV's operand),
+    `apply_normed` / `apply_activated` (the norm or SwiGLU before the layer fused into its
+    input preparation; None where not applicable), see quant/linear.py.
     """
 
     def create_weights(self, layer: QuantizableLinear, out_features: int, in_features: int) -> None: ...
@@ -203,6 +206,10 @@ class ColumnParallelLinear(QuantizableLinear):
         w = self.gemv_operand(x)
         if w is not None and norm.weight.dtype == x.dtype and (residual is None or residual.stride(-1) == 1):
             return gemv_kernels.gemv_rmsnorm(x, residual, norm.weight, norm.eps, w, self.bias)
+        fused = getattr(self.quant_method, "apply_normed", None)
+        out = None if fused is None else fused(self, x, residual, norm, self.bias)
+        if out is not None:
+            return out
         h, residual = norm(x, residual)  # [num_tokens, in], [num_tokens, in]
         return self(h), residual
 
@@ -255,5 +262,10 @@ class RowParallelLinear(QuantizableLinear):
         w = self.gemv_operand(gate_up) if isinstance(act, SiluAndMul) else None
         if w is not None:
             y = self.ctx.all_reduce(gemv_kernels.gemv_silu_mul(gate_up, w))  # [1, out]
+            return y if self.bias is None else y + self.bias
+        fused = getattr(self.quant_method, "apply_activated", None)
+        partial = None if fused is None else fused(self, gate_up, act)  # [num_tokens, out]
+        if partial is not None:
+            y = self.ctx.all_reduce(partial)
             return y if self.bias is None else y + self.bias
         return self(act(gate_up))  # [num_tokens, out]

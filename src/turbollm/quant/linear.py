@@ -15,7 +15,9 @@ oneDNN-prepacked (layers/cpu_gemm.py) beside the quantized tensors, so CPU runs 
 quantized model's numerics at the dense model's speed, not its memory savings.
 FP8 on GPUs with FP8 (compute capability >= 8.9) runs kernels/fp8_matmul.fp8_linear: a
 small-M Triton kernel that reads the FP8 weights directly (decode), else one fused per-token
-quantization launch and torch._scaled_mm. On CPU it is simulated: weights and per-token
+quantization launch and torch._scaled_mm. After an RMSNorm or SwiGLU (the layers' forward_normed /
+forward_activated) that kernel writes the e4m3 activations itself (`apply_normed`,
+`apply_activated`: kernels/fp8_fused.py), so the separate quantization launch goes. On CPU it is simulated: weights and per-token
 activations are rounded to e4m3 and the product is taken in float32, which gives FP8's
 accuracy, not its speed.
 """
@@ -27,8 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from turbollm.layers.activation import SiluAndMul
 from turbollm.layers.cpu_gemm import packed_linear
 from turbollm.layers.linear import QuantizableLinear
+from turbollm.layers.norm import RMSNorm
 from turbollm.quant import grids
 
 try:  # the qkernels helper's fused Triton matmuls (absent on CPU-only builds / until merged)
@@ -36,11 +40,20 @@ try:  # the qkernels helper's fused Triton matmuls (absent on CPU-only builds / 
 except ImportError:  # pragma: no cover
     _kernels = None
 try:  # needs triton (absent on CPU-only torch builds)
+    from turbollm.kernels import fp8_fused as _fp8_fused
     from turbollm.kernels import fp8_matmul as _fp8
     from turbollm.kernels import gemv as _gemv
 except ImportError:  # pragma: no cover
     _fp8 = None  # type: ignore[assignment]
+    _fp8_fused = None  # type: ignore[assignment]
     _gemv = None  # type: ignore[assignment]
+
+
+def _fused_fp8_route(x: torch.Tensor) -> bool:
+    """Whether the norm / SwiGLU before an FP8 linear writes its e4m3 activations itself
+    (kernels/fp8_fused.py): on a GPU with triton. Tests patch this to run the route on CPU
+    tensors through Triton's interpreter."""
+    return _fp8_fused is not None and x.is_cuda
 
 
 def _replace(layer: nn.Module, name: str, value: torch.Tensor, replicated: bool = False) -> None:
@@ -218,6 +231,33 @@ class Fp8LinearMethod:
     def dense_weight(self, layer: QuantizableLinear) -> torch.Tensor:
         """W_hat [N, K] float32 (the e4m3 weights times their scales)."""
         return layer.weight.float() * layer.weight_scale.float()[:, None]
+
+    def apply_normed(
+        self, layer: QuantizableLinear, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+        bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(layer(h), s) for (h, s) = norm(x, residual) with the RMSNorm writing this layer's
+        e4m3 activations and scales in the same kernel (one launch and one bf16 round trip
+        fewer; bit-equal to the unfused pair). None where that route does not apply: the
+        caller runs the norm, then `apply`."""
+        if not (_fused_fp8_route(x) and isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype
+                and x.shape[-1] <= _fp8_fused.MAX_NORM_WIDTH and x.stride(-1) == 1
+                and (residual is None or (residual.dtype == x.dtype and residual.stride(-1) == 1))):
+            return None
+        r2 = None if residual is None else _flat(residual)  # [M, K]
+        xq, xs, new_residual = _fp8_fused.add_rmsnorm_quantize_fp8(_flat(x), r2, norm.weight, norm.eps)
+        y = _fp8.fp8_linear_quantized(xq, xs, layer.weight, layer.weight_scale.float(), bias, x.dtype)  # [M, N]
+        s = x if residual is None else new_residual.view(x.shape)
+        return y.view(*x.shape[:-1], -1), s
+
+    def apply_activated(self, layer: QuantizableLinear, gate_up: torch.Tensor, act: nn.Module) -> torch.Tensor | None:
+        """layer(act(gate_up)) without bias, with SwiGLU writing the e4m3 activations and
+        scales (as `apply_normed`); None where that route does not apply."""
+        if not (_fused_fp8_route(gate_up) and isinstance(act, SiluAndMul) and gate_up.stride(-1) == 1):
+            return None
+        xq, xs = _fp8_fused.silu_mul_quantize_fp8(_flat(gate_up))  # [M, I] e4m3, [M, 1]
+        y = _fp8.fp8_linear_quantized(xq, xs, layer.weight, layer.weight_scale.float(), None, gate_up.dtype)
+        return y.view(*gate_up.shape[:-1], -1)  # [..., N]
 
     def apply(self, layer: QuantizableLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x2 = _flat(x)
