@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-from turbollm.kernels.rope_cache import hadamard, rope_and_cache, rope_and_cache_ref
+from turbollm.kernels import rope_cache as rc
+from turbollm.kernels.rope_cache import _LaunchConfig, hadamard, rope_and_cache, rope_and_cache_ref
 from turbollm.layers.attention import write_kv_cache
 from turbollm.layers.rotary import RotaryEmbedding
 
@@ -239,3 +242,144 @@ def test_gpu_fp8_rotate_real_shapes(tokens: int) -> None:
     torch.testing.assert_close(q1.float(), q2.float(), atol=2e-2, rtol=2e-2)
     a, b = c1.float(), c2.float()
     assert ((a - b).abs() <= b.abs() / 8 + 2**-9).all()
+
+
+# The wide program shape (rows of many tokens), forced on small shapes: rows not a multiple of
+# _BLOCK_R (and fewer than one block), odd head counts, GQA groups 1 to 5, head_dim 16 (padded).
+WIDE_SHAPES = [(37, 5, 1, 64), (37, 6, 3, 32), (13, 4, 4, 128), (11, 3, 1, 16)]
+
+
+def check_against_reference(tokens: int, heads: int, kv: int, dim: int, dtype: torch.dtype, fp8: bool,
+                            rotate: bool, config: _LaunchConfig | None, seed: int = 6) -> None:
+    """rope_and_cache (with `config`) against rope_and_cache_ref at the tolerances of the tests
+    above; v stored exactly, untouched cache slots kept."""
+    qkv, cos, sin, cache, slots, *_ = make(tokens, heads, kv, dim, dtype, seed=seed)
+    scales = (0.02, 0.01) if fp8 else (1.0, 1.0)
+    if fp8:
+        cache = cache.to(torch.float8_e4m3fn)
+    q1, c1 = qkv.clone(), cache.clone()
+    rope_and_cache(q1, cos, sin, c1, slots, heads, kv, dim, *scales, rotate=rotate, _config=config)
+    q2, c2 = qkv.clone(), cache.clone()
+    rope_and_cache_ref(q2, cos, sin, c2, slots, heads, kv, dim, *scales, rotate=rotate)
+    tol = 1e-5 if rotate and dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(q1.float(), q2.float(), atol=tol, rtol=tol)
+    a, b = c1.float(), c2.float()
+    if not fp8:
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    elif rotate or CUDA:
+        # One e4m3 step where the fp32 sums round differently: the Hadamard's, or on the GPU the
+        # rotary's (fused multiply-adds; test_gpu_fp8_scales_real_shapes).
+        assert ((a - b).abs() <= b.abs() / 8 + 2**-9).all()
+        assert (a == b).float().mean().item() > 0.99
+    else:  # the interpreter computes the rotary as torch does: the same bytes
+        assert torch.equal(a, b)
+    flat1, flat0 = c1.view(2, -1, kv, dim), cache.view(2, -1, kv, dim)
+    v = qkv[:, (heads + kv) * dim :].view(tokens, kv, dim)  # [T, KV, D]
+    if not fp8:
+        assert torch.equal(flat1[1, slots], v)
+    assert torch.equal(q1[:, (heads + kv) * dim :], qkv[:, (heads + kv) * dim :])
+    untouched = torch.ones(flat1.shape[1], dtype=torch.bool, device=c1.device)
+    untouched[slots] = False
+    assert torch.equal(flat1[:, untouched].float(), flat0[:, untouched].float())
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotate"])
+@pytest.mark.parametrize("fp8", [False, True], ids=["same_cache", "fp8_cache"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("tokens,heads,kv,dim", WIDE_SHAPES)
+def test_wide_matches_reference(tokens: int, heads: int, kv: int, dim: int, dtype: torch.dtype, fp8: bool,
+                                rotate: bool) -> None:
+    check_against_reference(tokens, heads, kv, dim, dtype, fp8, rotate, _LaunchConfig(wide=True))
+
+
+def test_wide_shape_from_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher picks the wide shape from _WIDE_FROM rows on (here lowered), and both
+    shapes it picks match the reference."""
+    assert not rc._use_wide(rc._WIDE_FROM - 1, _LaunchConfig())
+    assert rc._use_wide(rc._WIDE_FROM, _LaunchConfig())
+    assert rc._use_wide(1, _LaunchConfig(wide=True)) and not rc._use_wide(10**9, _LaunchConfig(wide=False))
+    picked: list[bool] = []
+    use_wide = rc._use_wide
+
+    def spy(rows: int, config: _LaunchConfig) -> bool:
+        picked.append(use_wide(rows, config))
+        return picked[-1]
+
+    monkeypatch.setattr(rc, "_WIDE_FROM", 100)
+    monkeypatch.setattr(rc, "_use_wide", spy)
+    for tokens in (14, 15):  # 14 * 7 = 98 rows: narrow; 15 * 7 = 105: wide
+        check_against_reference(tokens, 5, 1, 32, torch.bfloat16, True, True, None)
+    assert picked == [False, True]
+
+
+@pytest.fixture
+def interpreter_bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton 3.6's interpreter multiplies bf16 dot operands as their uint16 storage; widen
+    them to fp32 first (exact), so that the GPU's "bf16_split3" rotation runs on CPU too."""
+    if not triton.knobs.runtime.interpret:
+        return
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    create_dot = interp.InterpreterBuilder.create_dot
+
+    def widen(h):  # type: ignore[no-untyped-def]
+        if h.dtype.scalar != tl.bfloat16:
+            return h
+        return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # type: ignore[no-untyped-def]
+        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", dot)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fp8", [False, True], ids=["same_cache", "fp8_cache"])
+def test_rotate_bf16_split3_matches_reference(interpreter_bf16_dot: None, wide: bool, dtype: torch.dtype,
+                                              fp8: bool) -> None:
+    """The GPU's rotation (three bf16 dots of the exact split) at fp32 accuracy, in both shapes."""
+    check_against_reference(37, 6, 2, 64, dtype, fp8, True, _LaunchConfig(wide=wide, precision="bf16_split3"))
+
+
+def test_split3_bf16_is_exact() -> None:
+    """hi + mid + lo == a exactly, with the GPU's round-to-nearest casts (torch's) and with the
+    interpreter's truncating ones (the kernel helper), while hi + mid alone is not."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(64, 64, generator=g) * torch.exp2(torch.randint(-90, 90, (64, 64), generator=g).float())
+    hi = a.bfloat16()
+    rest = a - hi.float()
+    mid = rest.bfloat16()
+    lo = (rest - mid.float()).bfloat16()
+    assert torch.equal(hi.double() + mid.double() + lo.double(), a.double())
+    assert not torch.equal(hi.double() + mid.double(), a.double())
+    out = torch.empty(3, 64, 64)
+    _split3_kernel[(1,)](a, out, N=64)
+    assert torch.equal(out.double().sum(0), a.double())
+    assert torch.equal(out.bfloat16().float(), out)  # each term is a bf16 value
+    assert not torch.equal(out[:2].double().sum(0), a.double())
+
+
+@triton.jit
+def _split3_kernel(a_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]  # [N, N]
+    hi, mid, lo = rc._split3_bf16(tl.load(a_ptr + offs))
+    tl.store(out_ptr + offs, hi.to(tl.float32))
+    tl.store(out_ptr + N * N + offs, mid.to(tl.float32))
+    tl.store(out_ptr + 2 * N * N + offs, lo.to(tl.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16_split3", "tf32x3", "ieee"])
+@pytest.mark.parametrize("wide", [False, True], ids=["narrow", "wide"])
+@pytest.mark.parametrize("tokens", [4096, 4099])
+def test_gpu_wide_real_shapes(tokens: int, wide: bool, precision: str) -> None:
+    """Llama-3-8B shapes at prompt-chunk sizes, each shape and rotation precision: the bf16
+    cache, the FP8 cache with rotation and scales, and fp32 q with rotation (tolerance 1e-5:
+    fp32 accuracy; a single tf32 pass would be off by ~1e-3)."""
+    config = _LaunchConfig(wide=wide, precision=precision)
+    check_against_reference(tokens, 32, 8, 128, torch.bfloat16, False, False, config)
+    check_against_reference(tokens, 32, 8, 128, torch.bfloat16, True, True, config)
+    check_against_reference(tokens, 32, 8, 128, torch.float32, False, True, config)

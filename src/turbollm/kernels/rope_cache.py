@@ -23,16 +23,37 @@ of a score q . k is dominated by the few rotary channels where both q and k are 
 H spreads those channels over all D, so the score errors average out. On the embedded
 SmolLM2 this halves the FP8 cache's perplexity cost (docs/performance.md, issue 5). v is
 not rotated (measured: it made things worse). In the kernel, with H_D = [[S, S], [S, -S]]
-/ sqrt(D) (S the +-1 Sylvester matrix of size D / 2), the halves become
-(r1 + r2) S / sqrt(D) and (r1 - r2) S / sqrt(D): two small tl.dot per program.
+/ sqrt(D) (S the +-1 Sylvester matrix of size D / 2, made in registers), the halves become
+(r1 + r2) S / sqrt(D) and (r1 - r2) S / sqrt(D): two small dots per program.
 
-One program handles BLOCK_H heads of one token; the grid depends only on the token count,
-so the launch can be captured in a CUDA graph. Runs on CPU only under the interpreter.
+Those dots run on the tensor cores at fp32 accuracy ("bf16_split3", `_rotate_precision`):
+S is exact in bf16, and each fp32 row splits exactly into three bf16 terms (`_split3_bf16`),
+so three bf16 dots with fp32 accumulation give the fp32 product up to the order and rounding
+of the fp32 sums. A bf16 / fp16 result is then rounded, so that order changes it only at
+rounding ties; an fp32 one by an ulp or so. The alternatives, measured in sm_90 SASS
+(bench/scripts/cpu_rope_sass.py): an fp32 dot ("ieee", the interpreter's and the kernel's
+before) is 1,040 FFMA a thread for 16 rows on the CUDA cores; Triton's "tf32x3" splits S as
+well, whose low part is zero, so it runs 6 tf32 dots where 3 bf16 ones (half the
+tensor-core time) suffice, and at 64 rows it spills (255 registers and ~1 KB of stack a
+thread, against 241 and none).
+
+Two program shapes; both grids depend only on the token count T, so either launch can be
+captured in a CUDA graph:
+  narrow (T * (H + 2 KV) < _WIDE_FROM rows: decode steps, small batches): one program for
+    _BLOCK_H heads of one token, grid (T, heads / _BLOCK_H); cos, sin and the slot are the
+    token's, loaded once.
+  wide (prompt chunks): the (token, head) pairs flattened into T * (H + 2 KV) rows of D
+    values, row r = token r // (H + 2 KV), head r % (H + 2 KV); one program for _BLOCK_R = 64
+    consecutive rows, gathering cos, sin and the slot by row. A T x 3 grid of 16-row programs
+    leaves the rotation's dots at M = 16 (mma.sync); 64 rows fill one wgmma tile of 4 warps
+    and the grid has 4x fewer, larger programs.
+Both wait for the kernel before (PDL) before their first load and release the next after
+their q, k, v loads. Runs on CPU only under the interpreter.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 import struct
 
@@ -54,7 +75,9 @@ if triton is not None:
 
 HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_BLOCK_H = 16  # heads per program
+_BLOCK_H = 16  # narrow shape: heads of one token per program
+_BLOCK_R = 64  # wide shape: flattened (token, head) rows per program (the wgmma M tile of 4 warps)
+_WIDE_FROM = 4096  # rows (T * (H + 2 KV)) from which the wide shape is launched
 FP8_MAX = 448.0
 """Largest finite float8_e4m3fn value: an FP8 cache stores k / k_scale and v / v_scale clamped to it."""
 
@@ -98,48 +121,47 @@ if triton is not None:
 
     @triton.jit
     def _rope_cache_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, k_inv, v_inv, had_ptr,
+        qkv_ptr, cos_ptr, sin_ptr, cache_ptr, slot_ptr, k_inv, v_inv, n_rows,
         stride_tok, stride_cos, stride_sin, stride_plane, stride_slot,
         NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
-        HALF_PAD: tl.constexpr, BLOCK_H: tl.constexpr,
+        HALF_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+        WIDE: tl.constexpr,  # program shape (module docstring): rows of many tokens, else one token
         ROUND: tl.constexpr,  # interpreter only: see _interpreter.py
         CACHE_FP8: tl.constexpr, ROUND_FP8: tl.constexpr, ROTATE: tl.constexpr,
+        PRECISION: tl.constexpr,  # how the rotation's dots run (_dot_pm1, _rotate_precision)
         PDL: tl.constexpr,  # programmatic dependent launch (kernels/_pdl.py)
     ):
         if PDL:
             gdc_wait()
-        tok = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H] over q | k | v heads
         half: tl.constexpr = HEAD_DIM // 2
+        total: tl.constexpr = NUM_HEADS + 2 * NUM_KV
         d = tl.arange(0, HALF_PAD)  # [HALF_PAD]
         dmask = d < half
-        total: tl.constexpr = NUM_HEADS + 2 * NUM_KV
-        hmask = head < total
-        mask = hmask[:, None] & dmask[None, :]  # [BLOCK_H, HALF_PAD]
-        src = qkv_ptr + tok * stride_tok + head[:, None] * HEAD_DIM + d[None, :]
-        x1 = tl.load(src, mask=mask, other=0.0)  # [BLOCK_H, HALF_PAD]
+        if WIDE:  # BLOCK_R consecutive rows of the flattened [T * total] (token, head) pairs
+            row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]; n_rows < 2^31
+            tok = row // total  # [BLOCK_R]
+            head = row % total
+            rmask = row < n_rows
+            tok_off = tok.to(tl.int64) * stride_tok  # [BLOCK_R]
+        else:  # BLOCK_R heads of one token
+            tok = tl.program_id(0)
+            head = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] over q | k | v heads
+            rmask = head < total
+            tok_off = tok.to(tl.int64) * stride_tok
+        mask = rmask[:, None] & dmask[None, :]  # [BLOCK_R, HALF_PAD]
+        src = qkv_ptr + (tok_off + head * HEAD_DIM)[:, None] + d[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0)  # [BLOCK_R, HALF_PAD]
         x2 = tl.load(src + half, mask=mask, other=0.0)
         if PDL:
             gdc_launch_dependents()
-        c = tl.load(cos_ptr + tok * stride_cos + d, mask=dmask, other=0.0).to(tl.float32)  # [HALF_PAD]
-        s = tl.load(sin_ptr + tok * stride_sin + d, mask=dmask, other=0.0).to(tl.float32)
-        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        r1 = f1 * c[None, :] - f2 * s[None, :]
-        r2 = f2 * c[None, :] + f1 * s[None, :]
-        if ROTATE:  # q, k <- (q, k) H (module docstring); had_ptr: S / sqrt(D) [HALF, HALF]
-            hmask = dmask[:, None] & dmask[None, :]
-            m = tl.load(had_ptr + d[:, None] * half + d[None, :], mask=hmask, other=0.0)  # [HALF_PAD, HALF_PAD]
-            a = r1 + r2
-            b = r1 - r2
-            r1 = tl.dot(a, m, input_precision="ieee")  # [BLOCK_H, HALF_PAD]
-            r2 = tl.dot(b, m, input_precision="ieee")
+        c, s, slot = _cos_sin_slot(cos_ptr, sin_ptr, slot_ptr, tok, stride_cos, stride_sin, d, dmask, rmask, WIDE)
+        r1, r2 = _rope(x1, x2, c, s, HALF_PAD, HEAD_DIM, ROTATE, PRECISION)
         if ROUND:
             r1 = round_bf16(r1)
             r2 = round_bf16(r2)
         r1 = r1.to(x1.dtype)
         r2 = r2.to(x1.dtype)
-        is_q = head < NUM_HEADS
-        is_v = head >= NUM_HEADS + NUM_KV
+        is_v = head >= NUM_HEADS + NUM_KV  # [BLOCK_R]
         o1 = tl.where(is_v[:, None], x1, r1)
         o2 = tl.where(is_v[:, None], x2, r2)
         # q and k heads: back into the projection output, rotated (k for dense prefill
@@ -147,16 +169,98 @@ if triton is not None:
         qkmask = mask & (~is_v)[:, None]
         tl.store(src, o1, mask=qkmask)
         tl.store(src + half, o2, mask=qkmask)
-        # k and v heads: into the cache at this token's slot (plane 0 = k, 1 = v).
-        slot = tl.load(slot_ptr + tok)
-        kv_head = tl.where(is_v, head - NUM_HEADS - NUM_KV, head - NUM_HEADS)
-        plane = is_v.to(tl.int64)
-        dst = (cache_ptr + plane[:, None] * stride_plane + slot * stride_slot
-               + kv_head[:, None] * HEAD_DIM + d[None, :])
-        kvmask = mask & (~is_q)[:, None]
+        _store_kv(cache_ptr, o1, o2, slot, head, is_v, mask, d, k_inv, v_inv, stride_plane, stride_slot,
+                  NUM_HEADS, NUM_KV, HEAD_DIM, CACHE_FP8, ROUND_FP8)
+
+    @triton.jit
+    def _cos_sin_slot(cos_ptr, sin_ptr, slot_ptr, tok, stride_cos, stride_sin, d, dmask, rmask,
+                      WIDE: tl.constexpr):
+        """fp32 cos, sin ([BLOCK_R, HALF_PAD] gathered by row if WIDE, else [1, HALF_PAD] of the
+        program's token) and the int64 cache slot ([BLOCK_R] or the token's scalar)."""
+        if WIDE:
+            t64 = tok.to(tl.int64)[:, None]  # [BLOCK_R, 1]
+            m = rmask[:, None] & dmask[None, :]
+            c = tl.load(cos_ptr + t64 * stride_cos + d[None, :], mask=m, other=0.0)  # [BLOCK_R, HALF_PAD]
+            s = tl.load(sin_ptr + t64 * stride_sin + d[None, :], mask=m, other=0.0)
+            slot = tl.load(slot_ptr + tok, mask=rmask, other=0)  # [BLOCK_R]
+        else:
+            t64 = tok.to(tl.int64)
+            c = tl.load(cos_ptr + t64 * stride_cos + d, mask=dmask, other=0.0)[None, :]  # [1, HALF_PAD]
+            s = tl.load(sin_ptr + t64 * stride_sin + d, mask=dmask, other=0.0)[None, :]
+            slot = tl.load(slot_ptr + t64)
+        return c.to(tl.float32), s.to(tl.float32), slot.to(tl.int64)
+
+    @triton.jit
+    def _rope(x1, x2, c, s, HALF_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, ROTATE: tl.constexpr,
+              PRECISION: tl.constexpr):
+        """Rotary on the halves x1, x2 [BLOCK_R, HALF_PAD] in fp32 and, with ROTATE, times the
+        Hadamard matrix: (r1 + r2) S / sqrt(D) and (r1 - r2) S / sqrt(D) (module docstring)."""
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        r1 = f1 * c - f2 * s
+        r2 = f2 * c + f1 * s
+        if ROTATE:
+            # The padding rows of S meet zero columns of r1, r2 (the x loads give 0 there), and
+            # padding columns are masked at the store.
+            m = _sylvester(HALF_PAD)  # [HALF_PAD, HALF_PAD] +-1
+            scale: tl.constexpr = 1.0 / (HEAD_DIM**0.5)
+            a = r1 + r2
+            b = r1 - r2
+            r1 = _dot_pm1(a, m, PRECISION) * scale  # [BLOCK_R, HALF_PAD]
+            r2 = _dot_pm1(b, m, PRECISION) * scale
+        return r1, r2
+
+    @triton.jit
+    def _sylvester(N: tl.constexpr):
+        """The +-1 Sylvester matrix [N, N] fp32 (N a power of two < 2^16), made in registers
+        rather than loaded: S[i, j] = (-1)^popcount(i & j)."""
+        p = tl.arange(0, N)[:, None] & tl.arange(0, N)[None, :]  # [N, N]
+        p = p ^ (p >> 8)
+        p = p ^ (p >> 4)
+        p = p ^ (p >> 2)
+        p = p ^ (p >> 1)
+        return 1.0 - 2.0 * (p & 1).to(tl.float32)
+
+    @triton.jit
+    def _dot_pm1(a, m, PRECISION: tl.constexpr):
+        """a [BLOCK_R, K] fp32 times m [K, N], a +-1 matrix, in fp32 [BLOCK_R, N]. "bf16_split3":
+        a = hi + mid + lo exactly (`_split3_bf16`), three bf16 tensor-core dots against m, which
+        bf16 holds exactly: products exact, fp32 accumulation. Other values: tl.dot's
+        input_precision ("ieee": fp32 FMAs; "tf32x3": triton's split of a and m)."""
+        if PRECISION == "bf16_split3":
+            hi, mid, lo = _split3_bf16(a)
+            mb = m.to(tl.bfloat16)
+            acc = tl.dot(lo, mb)
+            acc = tl.dot(mid, mb, acc)
+            acc = tl.dot(hi, mb, acc)
+        else:
+            acc = tl.dot(a, m, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _split3_bf16(a):
+        """fp32 a -> bf16 (hi, mid, lo) with hi + mid + lo == a exactly (a finite, 0 or of
+        magnitude >= 2^-100): each remainder is exact in fp32 and has at most 16, then 8,
+        significant bits, with round-to-nearest or (the interpreter's) truncating casts alike."""
+        hi = a.to(tl.bfloat16)
+        rest = a - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        return hi, mid, lo
+
+    @triton.jit
+    def _store_kv(cache_ptr, o1, o2, slot, head, is_v, mask, d, k_inv, v_inv, stride_plane, stride_slot,
+                  NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  CACHE_FP8: tl.constexpr, ROUND_FP8: tl.constexpr):
+        """k and v rows (o1, o2: [BLOCK_R, HALF_PAD] halves in q's dtype) into the cache at their
+        token's slot (plane 0 = k, 1 = v); an FP8 cache gets them scaled, saturated, rounded."""
+        half: tl.constexpr = HEAD_DIM // 2
+        kv_head = tl.where(is_v, head - NUM_HEADS - NUM_KV, head - NUM_HEADS)  # [BLOCK_R]
+        row_off = is_v.to(tl.int64) * stride_plane + slot * stride_slot + kv_head * HEAD_DIM  # [BLOCK_R]
+        dst = cache_ptr + row_off[:, None] + d[None, :]
+        kvmask = mask & (head >= NUM_HEADS)[:, None]
         c1, c2 = o1, o2
         if CACHE_FP8:  # divide by the scale, saturate like torch's cast, then round to e4m3
-            inv = tl.where(is_v, v_inv, k_inv)[:, None]  # [BLOCK_H, 1] 1 / scale
+            inv = tl.where(is_v, v_inv, k_inv)[:, None]  # [BLOCK_R, 1] 1 / scale
             c1 = tl.minimum(tl.maximum(o1.to(tl.float32) * inv, -448.0), 448.0)  # FP8_MAX
             c2 = tl.minimum(tl.maximum(o2.to(tl.float32) * inv, -448.0), 448.0)
             if ROUND_FP8:
@@ -202,6 +306,34 @@ def _check(
             raise ValueError(f"{name} is on {t.device}, qkv is on {qkv.device}")
 
 
+@dataclasses.dataclass(frozen=True)
+class _LaunchConfig:
+    """Private overrides for tests and A/B benchmarks (None: the launcher's own choice)."""
+
+    wide: bool | None = None  # program shape; None: wide from _WIDE_FROM rows
+    precision: str | None = None  # how the rotation's dots run (_dot_pm1); None: _rotate_precision
+
+
+def _rotate_precision(device: torch.device) -> str:
+    """How the Hadamard dots run (`_dot_pm1`): "bf16_split3" on the GPU (tensor cores, fp32
+    accuracy: module docstring); "ieee" under the interpreter, which computes fp32 dots in fp32
+    and cannot run bf16 ones (it multiplies their uint16 storage)."""
+    interpret = triton is not None and bool(triton.knobs.runtime.interpret)
+    return "bf16_split3" if device.type == "cuda" and not interpret else "ieee"
+
+
+def _use_wide(rows: int, config: _LaunchConfig) -> bool:
+    """The wide program shape for `rows` = T * (H + 2 KV) flattened rows, unless overridden."""
+    return rows >= _WIDE_FROM if config.wide is None else config.wide
+
+
+def _num_warps(wide: bool, rotate: bool) -> int:
+    """4, except 8 for the wide shape without rotation (sm_90, cpu_rope_sass.py): the rotation's
+    64-row dots are one wgmma tile of 4 warps, and without them 8 warps hold a 64-row program
+    in 80 registers a thread rather than 205."""
+    return 8 if wide and not rotate else 4
+
+
 def rope_and_cache(
     qkv: torch.Tensor,  # [T, (H + 2 KV) * D]: q | k | v, each head's D values contiguous
     cos: torch.Tensor,  # [T, D / 2]
@@ -214,10 +346,13 @@ def rope_and_cache(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     rotate: bool = False,
+    *,
+    _config: _LaunchConfig | None = None,
 ) -> None:
     """Rotate q and k in place inside `qkv`; store rotated k and v at each token's cache slot
     (an FP8 cache: k / k_scale and v / v_scale, see `check_kv_scales`). `rotate`: also
-    multiply q and k by the Hadamard matrix (module docstring), in `qkv` and in the cache."""
+    multiply q and k by the Hadamard matrix (module docstring), in `qkv` and in the cache.
+    `_config`: private launch overrides (tests, benchmarks)."""
     if triton is None:
         raise RuntimeError("rope_and_cache needs triton; use rope_and_cache_ref instead")
     _check(qkv, cos, sin, kv_cache, slot_mapping, num_heads, num_kv_heads, head_dim, rotate)
@@ -225,25 +360,24 @@ def rope_and_cache(
     tokens = qkv.shape[0]
     if tokens == 0:
         return
-    half = head_dim // 2
-    had = _half_hadamard(head_dim, qkv.device) if rotate else qkv  # qkv: an unused pointer
+    config = _config or _LaunchConfig()
     heads = num_heads + 2 * num_kv_heads
-    grid = (tokens, triton.cdiv(heads, _BLOCK_H))
+    rows = tokens * heads
+    # Both grids depend on the token count only, so either launch can be captured in a graph.
+    if wide := _use_wide(rows, config):
+        grid, block = (triton.cdiv(rows, _BLOCK_R),), _BLOCK_R
+    else:
+        grid, block = (tokens, triton.cdiv(heads, _BLOCK_H)), _BLOCK_H
     _rope_cache_kernel[grid](
-        qkv, cos, sin, kv_cache, slot_mapping, inverse_scale(k_scale), inverse_scale(v_scale), had,
+        qkv, cos, sin, kv_cache, slot_mapping, inverse_scale(k_scale), inverse_scale(v_scale), rows,
         qkv.stride(0), cos.stride(0), sin.stride(0), kv_cache.stride(0), kv_cache.stride(2),
         NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim,
-        HALF_PAD=max(16, _next_pow2(half)), BLOCK_H=_BLOCK_H,
+        HALF_PAD=max(16, _next_pow2(head_dim // 2)), BLOCK_R=block, WIDE=wide,
         ROUND=emulate_bf16_rounding(qkv.dtype), CACHE_FP8=kv_cache.dtype == torch.float8_e4m3fn,
         ROUND_FP8=emulate_fp8_rounding(kv_cache.dtype), ROTATE=rotate,
-        num_warps=4, **pdl_kwargs(qkv.device),
+        PRECISION=config.precision or _rotate_precision(qkv.device),
+        num_warps=_num_warps(wide, rotate), **pdl_kwargs(qkv.device),
     )
-
-
-@functools.cache
-def _half_hadamard(head_dim: int, device: torch.device) -> torch.Tensor:
-    """S / sqrt(D) [D / 2, D / 2] float32 (S: the +-1 Sylvester matrix of size D / 2), cached."""
-    return (hadamard(head_dim // 2) * math.sqrt(0.5)).to(device).contiguous()
 
 
 def rope_and_cache_ref(
