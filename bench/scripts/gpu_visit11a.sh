@@ -9,7 +9,7 @@ timeout 260 "${P[@]}" -m gpu tests/kernels/test_fp8_fused.py tests/quant/test_fp
   tests/kernels/test_fp8_matmul.py tests/kernels/test_rope_cache.py tests/kernels/test_paged_attention.py \
   tests/layers/test_dense_prefill.py tests/engine/test_fp8_kv_cache.py tests/engine/test_cuda_graphs.py \
   tests/engine/test_gpu.py tests/quant/test_gpu_quant.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED|Error" | tail -12
-[ -f bench/scripts/gpu_rope_rotate.py ] && timeout 60 python3 bench/scripts/gpu_rope_rotate.py --json "$OUT/rope.json" 2>&1 \
+[ -f bench/scripts/gpu_rope_rotate.py ] && timeout 60 python3 bench/scripts/gpu_rope_rotate.py --json "$OUT/rope.json" --baseline .stage/old/src/turbollm/kernels/rope_cache.py 2>&1 \
   | grep -v -i warn | tee "$OUT/rope.log" | tail -12
 tp() {  # tree tag prompts
   PYTHONPATH=/tmp/site:$1 timeout 150 python3 -m turbollm.cli bench throughput --model llama-3-8b --load-format dummy \
