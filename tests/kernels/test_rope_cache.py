@@ -293,23 +293,26 @@ def test_wide_matches_reference(tokens: int, heads: int, kv: int, dim: int, dtyp
 
 
 def test_wide_shape_from_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launcher picks the wide shape from _WIDE_FROM rows on (here lowered), and both
-    shapes it picks match the reference."""
-    assert not rc._use_wide(rc._WIDE_FROM - 1, _LaunchConfig())
-    assert rc._use_wide(rc._WIDE_FROM, _LaunchConfig())
-    assert rc._use_wide(1, _LaunchConfig(wide=True)) and not rc._use_wide(10**9, _LaunchConfig(wide=False))
+    """The launcher picks the wide shape for rotating launches from _WIDE_FROM rows on (here
+    lowered), never without rotation, and both shapes it picks match the reference."""
+    assert not rc._use_wide(rc._WIDE_FROM - 1, True, _LaunchConfig())
+    assert rc._use_wide(rc._WIDE_FROM, True, _LaunchConfig())
+    assert not rc._use_wide(10**9, False, _LaunchConfig())
+    assert rc._use_wide(1, False, _LaunchConfig(wide=True)) and not rc._use_wide(10**9, True, _LaunchConfig(wide=False))
+    assert rc._rotate_precision(torch.device("cpu"), True) == "ieee"  # the interpreter's fp32 dots
     picked: list[bool] = []
     use_wide = rc._use_wide
 
-    def spy(rows: int, config: _LaunchConfig) -> bool:
-        picked.append(use_wide(rows, config))
+    def spy(rows: int, rotate: bool, config: _LaunchConfig) -> bool:
+        picked.append(use_wide(rows, rotate, config))
         return picked[-1]
 
     monkeypatch.setattr(rc, "_WIDE_FROM", 100)
     monkeypatch.setattr(rc, "_use_wide", spy)
     for tokens in (14, 15):  # 14 * 7 = 98 rows: narrow; 15 * 7 = 105: wide
         check_against_reference(tokens, 5, 1, 32, torch.bfloat16, True, True, None)
-    assert picked == [False, True]
+    check_against_reference(15, 5, 1, 32, torch.bfloat16, True, False, None)  # no rotation: narrow
+    assert picked == [False, True, False]
 
 
 @pytest.fixture

@@ -99,8 +99,10 @@ def test_gpu_model_logits_equal_fused_and_unfused(monkeypatch: pytest.MonkeyPatc
     from turbollm.engine.llm import LLM
     from turbollm.sampling_params import SamplingParams
 
+    # No prefix cache: the second run must compute the same prompt rows as the first (a cache
+    # hit would leave it a short remainder, which takes the small-M kernel instead).
     llm = LLM("tiny-llama3", load_format="dummy", quantization="fp8", gpu_memory_utilization=0.3,
-              enforce_eager=True)
+              enforce_eager=True, enable_prefix_caching=False)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=5)
     prompt = [list(range(3, 3 + tokens))]
     fused = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0]

@@ -26,27 +26,24 @@ not rotated (measured: it made things worse). In the kernel, with H_D = [[S, S],
 / sqrt(D) (S the +-1 Sylvester matrix of size D / 2, made in registers), the halves become
 (r1 + r2) S / sqrt(D) and (r1 - r2) S / sqrt(D): two small dots per program.
 
-Those dots run on the tensor cores at fp32 accuracy ("bf16_split3", `_rotate_precision`):
-S is exact in bf16, and each fp32 row splits exactly into three bf16 terms (`_split3_bf16`),
-so three bf16 dots with fp32 accumulation give the fp32 product up to the order and rounding
-of the fp32 sums. A bf16 / fp16 result is then rounded, so that order changes it only at
-rounding ties; an fp32 one by an ulp or so. The alternatives, measured in sm_90 SASS
-(bench/scripts/cpu_rope_sass.py): an fp32 dot ("ieee", the interpreter's and the kernel's
-before) is 1,040 FFMA a thread for 16 rows on the CUDA cores; Triton's "tf32x3" splits S as
-well, whose low part is zero, so it runs 6 tf32 dots where 3 bf16 ones (half the
-tensor-core time) suffice, and at 64 rows it spills (255 registers and ~1 KB of stack a
-thread, against 241 and none).
-
 Two program shapes; both grids depend only on the token count T, so either launch can be
 captured in a CUDA graph:
-  narrow (T * (H + 2 KV) < _WIDE_FROM rows: decode steps, small batches): one program for
-    _BLOCK_H heads of one token, grid (T, heads / _BLOCK_H); cos, sin and the slot are the
-    token's, loaded once.
-  wide (prompt chunks): the (token, head) pairs flattened into T * (H + 2 KV) rows of D
-    values, row r = token r // (H + 2 KV), head r % (H + 2 KV); one program for _BLOCK_R = 64
-    consecutive rows, gathering cos, sin and the slot by row. A T x 3 grid of 16-row programs
-    leaves the rotation's dots at M = 16 (mma.sync); 64 rows fill one wgmma tile of 4 warps
-    and the grid has 4x fewer, larger programs.
+  narrow: one program for _BLOCK_H heads of one token, grid (T, heads / _BLOCK_H); cos, sin
+    and the slot are the token's, loaded once. The rotation's dots are fp32 FMAs ("ieee").
+  wide (with the rotation, from _WIDE_FROM = T * (H + 2 KV) rows: prompt chunks, large decode
+    batches): the (token, head) pairs flattened into rows of D values, row r = token
+    r // (H + 2 KV), head r % (H + 2 KV); one program for _BLOCK_R = 64 consecutive rows,
+    gathering cos, sin and the slot by row. 64 rows fill one wgmma tile of 4 warps, so the
+    dots run on the tensor cores at fp32 accuracy ("bf16_split3"): S is exact in bf16, and
+    each fp32 row splits exactly into three bf16 terms (`_split3_bf16`), so three bf16 dots
+    with fp32 accumulation give the fp32 product up to the order and rounding of the fp32
+    sums (a bf16 / fp16 result differs only at rounding ties; an fp32 one by an ulp or so).
+Measured on an H100 (bench/scripts/gpu_rope_rotate.py, Llama-3-8B heads, docs/performance.md,
+eleventh session), per layer: FP8 cache with rotation at 16,384 tokens 702 us narrow / fp32
+FMAs, 339 us wide / bf16_split3 (Triton's "tf32x3", which splits S too although its low part
+is zero, 1,061 us: it spills at 64 rows); at 1 and 64 tokens the narrow shape with fp32 FMAs
+is fastest (3.2 / 4.6 us). Without rotation (no dots) the narrow shape streams at ~2.7 TB/s
+and the wide one was 4-11% slower, so it is used with the rotation only.
 Both wait for the kernel before (PDL) before their first load and release the next after
 their q, k, v loads. Runs on CPU only under the interpreter.
 """
@@ -77,7 +74,7 @@ HAS_TRITON = triton is not None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK_H = 16  # narrow shape: heads of one token per program
 _BLOCK_R = 64  # wide shape: flattened (token, head) rows per program (the wgmma M tile of 4 warps)
-_WIDE_FROM = 4096  # rows (T * (H + 2 KV)) from which the wide shape is launched
+_WIDE_FROM = 4096  # rows (T * (H + 2 KV)) from which a rotating launch takes the wide shape
 FP8_MAX = 448.0
 """Largest finite float8_e4m3fn value: an FP8 cache stores k / k_scale and v / v_scale clamped to it."""
 
@@ -314,17 +311,19 @@ class _LaunchConfig:
     precision: str | None = None  # how the rotation's dots run (_dot_pm1); None: _rotate_precision
 
 
-def _rotate_precision(device: torch.device) -> str:
-    """How the Hadamard dots run (`_dot_pm1`): "bf16_split3" on the GPU (tensor cores, fp32
-    accuracy: module docstring); "ieee" under the interpreter, which computes fp32 dots in fp32
-    and cannot run bf16 ones (it multiplies their uint16 storage)."""
+def _rotate_precision(device: torch.device, wide: bool) -> str:
+    """How the Hadamard dots run (`_dot_pm1`): "bf16_split3" in the wide shape on the GPU
+    (tensor cores, fp32 accuracy: module docstring); "ieee" (fp32 FMAs) in the narrow shape,
+    and under the interpreter, which computes fp32 dots in fp32 and cannot run bf16 ones (it
+    multiplies their uint16 storage)."""
     interpret = triton is not None and bool(triton.knobs.runtime.interpret)
-    return "bf16_split3" if device.type == "cuda" and not interpret else "ieee"
+    return "bf16_split3" if wide and device.type == "cuda" and not interpret else "ieee"
 
 
-def _use_wide(rows: int, config: _LaunchConfig) -> bool:
-    """The wide program shape for `rows` = T * (H + 2 KV) flattened rows, unless overridden."""
-    return rows >= _WIDE_FROM if config.wide is None else config.wide
+def _use_wide(rows: int, rotate: bool, config: _LaunchConfig) -> bool:
+    """The wide program shape for a rotating launch of `rows` = T * (H + 2 KV) flattened rows,
+    unless overridden (module docstring: without rotation the narrow shape is faster)."""
+    return rotate and rows >= _WIDE_FROM if config.wide is None else config.wide
 
 
 def _num_warps(wide: bool, rotate: bool) -> int:
@@ -364,7 +363,7 @@ def rope_and_cache(
     heads = num_heads + 2 * num_kv_heads
     rows = tokens * heads
     # Both grids depend on the token count only, so either launch can be captured in a graph.
-    if wide := _use_wide(rows, config):
+    if wide := _use_wide(rows, rotate, config):
         grid, block = (triton.cdiv(rows, _BLOCK_R),), _BLOCK_R
     else:
         grid, block = (tokens, triton.cdiv(heads, _BLOCK_H)), _BLOCK_H
@@ -375,7 +374,7 @@ def rope_and_cache(
         HALF_PAD=max(16, _next_pow2(head_dim // 2)), BLOCK_R=block, WIDE=wide,
         ROUND=emulate_bf16_rounding(qkv.dtype), CACHE_FP8=kv_cache.dtype == torch.float8_e4m3fn,
         ROUND_FP8=emulate_fp8_rounding(kv_cache.dtype), ROTATE=rotate,
-        PRECISION=config.precision or _rotate_precision(qkv.device),
+        PRECISION=config.precision or _rotate_precision(qkv.device, wide),
         num_warps=_num_warps(wide, rotate), **pdl_kwargs(qkv.device),
     )
 
