@@ -41,6 +41,28 @@ def test_quantize_then_generate(tiny_checkpoint, tmp_path, capsys: pytest.Captur
     assert len(outs[0].outputs[0].token_ids) == 5
 
 
+def test_fp8_keeps_the_last_layer_dense_by_default(tiny_checkpoint, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    """--method fp8 keeps the last decoder layer dense unless --keep-last-layers says otherwise;
+    other methods keep none; bad counts and methods are refused by name."""
+    path, _ = tiny_checkpoint("tiny-llama")  # 2 decoder layers
+    last = {f"model.layers.1.{n}" for n in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    runs = {"fp8": ["--method", "fp8", "--bits", "8"],
+            "fp8-all": ["--method", "fp8", "--bits", "8", "--keep-last-layers", "0"],
+            "fp8-2": ["--method", "fp8", "--bits", "8", "--keep-last-layers", "1",
+                      "--quantization-ignore", "model.layers.1.*,model.layers.0.mlp.down_proj"],
+            "int8": ["--method", "rtn", "--bits", "8"]}
+    kept = {}
+    for name, flags in runs.items():
+        assert main(["quantize", path, *flags, "--out", str(tmp_path / name)]) == 0
+        kept[name] = set(json.load(open(tmp_path / name / "config.json"))["quantization_config"].get("keep_dense", []))
+    assert kept == {"fp8": last, "fp8-all": set(), "fp8-2": last | {"model.layers.0.mlp.down_proj"}, "int8": set()}
+    capsys.readouterr()
+    for flags, msg in ((["--method", "fp8", "--bits", "8", "--keep-last-layers", "3"], "--keep-last-layers 3 must be in [0, 2]"),
+                       (["--method", "gptq", "--bits", "4", "--keep-last-layers", "1"], "--keep-last-layers applies to --method rtn or fp8")):
+        assert main(["quantize", path, *flags, "--out", str(tmp_path / "bad")]) == 2
+        assert msg in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_eval_ppl_prints_baseline_beside_quantized(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "r.json"

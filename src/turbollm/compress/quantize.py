@@ -5,7 +5,8 @@ then save. `--method fp8 --calibrate` instead builds the dense model and hands i
 calibration windows to compress/fp8_calib.py (GPTQ onto the per-row e4m3 grid; optional
 `--scale-search` and SmoothQuant folding `--smooth-alpha`); the checkpoint has the same
 runtime tensors as plain fp8 (weight e4m3 + weight_scale), so it loads through the same
-path. `--quantization-ignore` keeps matching decoder linears dense (rtn, fp8). awq / gptq
+path. `--quantization-ignore` keeps matching decoder linears dense (rtn, fp8), and so does
+`--keep-last-layers N` for the last N decoder layers (fp8's default: 1, measured). awq / gptq
 build the dense model, hand it with calibration windows (the Shakespeare calibration part,
 never the evaluation files) to compress.awq / compress.gptq, and install the int4 grids
 they return (opt-in: `--rounding gptq` has AWQ round its scaled weights with GPTQ, and
@@ -155,9 +156,10 @@ def add_kv_cache_scales(model: nn.Module, tokenizer: Any) -> KVScales:
     return scales
 
 
-def fp8_calibration_from_args(args: argparse.Namespace) -> Fp8CalibConfig | None:
+def fp8_calibration_from_args(args: argparse.Namespace, keep_dense: tuple[str, ...] = ()) -> Fp8CalibConfig | None:
     """--calibrate / --smooth-alpha / --no-gptq / --scale-search -> the FP8 calibration
-    (None: plain fp8 or another method); ValueError naming a flag that does not apply."""
+    (None: plain fp8 or another method), keeping `keep_dense` linears dense; ValueError naming
+    a flag that does not apply."""
     fp8_only = [f for f, on in (("--smooth-alpha", args.smooth_alpha is not None), ("--no-gptq", args.no_gptq),
                                 ("--scale-search", args.scale_search)) if on]
     if not args.calibrate:
@@ -170,11 +172,30 @@ def fp8_calibration_from_args(args: argparse.Namespace) -> Fp8CalibConfig | None
         raise ValueError("--calibrate --no-gptq without --scale-search or --smooth-alpha changes nothing: "
                          "drop --calibrate")
     return Fp8CalibConfig(gptq=not args.no_gptq, scale_search=args.scale_search,
-                          smooth_alpha=args.smooth_alpha, keep_dense=_patterns(args.quantization_ignore))
+                          smooth_alpha=args.smooth_alpha, keep_dense=keep_dense)
 
 
 def _patterns(ignore: str | None) -> tuple[str, ...]:
     return tuple(p.strip() for p in (ignore or "").split(",") if p.strip())
+
+
+KEEP_LAST_LAYERS_DEFAULT = {"fp8": 1}
+"""--keep-last-layers by method (others 0): see its --help for the measurement behind it."""
+
+
+def ignore_patterns(args: argparse.Namespace, num_layers: int) -> tuple[str, ...]:
+    """--quantization-ignore's patterns plus one per layer of --keep-last-layers (default by
+    method, KEEP_LAST_LAYERS_DEFAULT); ValueError for a count out of range or a method that
+    cannot keep linears dense."""
+    keep = args.keep_last_layers
+    if keep is None:
+        keep = KEEP_LAST_LAYERS_DEFAULT.get(args.method, 0)
+    elif not 0 <= keep <= num_layers:
+        raise ValueError(f"--keep-last-layers {keep} must be in [0, {num_layers}] (the model's decoder layers)")
+    elif keep and args.method not in ("rtn", "fp8"):
+        raise ValueError(f"--keep-last-layers applies to --method rtn or fp8; got --method {args.method}")
+    last = tuple(f"model.layers.{i}.*" for i in range(num_layers - keep, num_layers))
+    return tuple(dict.fromkeys(_patterns(args.quantization_ignore) + last))  # once each, in order
 
 
 def calibration_label(cfg: Fp8CalibConfig) -> str:
@@ -187,10 +208,11 @@ def calibration_label(cfg: Fp8CalibConfig) -> str:
 
 def run_quantize(args: argparse.Namespace) -> int:
     """CLI driver: quantize, save, print what was written."""
-    fp8_calib = fp8_calibration_from_args(args)
-    ignore = _patterns(args.quantization_ignore)
-    if ignore and args.method not in ("rtn", "fp8"):
+    if args.quantization_ignore and args.method not in ("rtn", "fp8"):
         raise ValueError(f"--quantization-ignore applies to --method rtn or fp8; got --method {args.method}")
+    model_name = None if args.model in (None, "embedded") else args.model
+    ignore = ignore_patterns(args, resolve_model(model_name).arch.num_hidden_layers)
+    fp8_calib = fp8_calibration_from_args(args, ignore)
     if args.method == "none":
         if not args.kv_cache_scales:
             raise ValueError("--method none writes only FP8 KV-cache scales: add --kv-cache-scales")
@@ -214,7 +236,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     if settings.get("act_order") and not settings.get("static_groups"):  # codes carry a perm
         config = Int4Config(config.group_size, act_order=True, calibration="gptq")  # type: ignore[union-attr]
     t0 = time.perf_counter()
-    model_name = None if args.model in (None, "embedded") else args.model
     if args.kv_cache_scales and resolve_model(model_name).load_tokenizer() is None:  # fail before the work
         raise ValueError("--kv-cache-scales calibrates on text: the model needs a tokenizer")
     if fp8_calib is not None:
