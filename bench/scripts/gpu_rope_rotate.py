@@ -1,7 +1,7 @@
 """Rotary + KV-cache write (kernels/rope_cache.py) on one GPU: the program shapes and the
 Hadamard rotation's precision, A/B in one process, with a correctness check of each.
 
-Imports only turbollm.kernels.rope_cache (the GPU image lacks gguf), so run it as
+Imports turbollm.kernels.rope_cache and turbollm.bench.kernels (carried wheels installed), so run it as
     export PYTHONPATH=src && python3 bench/scripts/gpu_rope_rotate.py [--json PATH] [--baseline OLD.py]
 Llama-3-8B shapes (32 q heads, 8 kv heads, head_dim 128, bf16 activations) at T = 1, 64, 4096
 and 16384 tokens, with (a) a bf16 cache and (b) an FP8 cache with rotate=True (k_scale 0.02,
@@ -25,10 +25,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 from collections.abc import Callable
 
 import torch
+
+from turbollm.bench.kernels import _graph_time_ms
 
 from turbollm.kernels import rope_cache as rc
 
@@ -85,28 +86,9 @@ def check(fn: Callable[..., None], tokens: int, fp8: bool, dtype: torch.dtype) -
     return (q1.float() - q2.float()).abs().max().item(), (a - b).abs().max().item()
 
 
-def graph_ms(fn: Callable[[], object], inner: int = 10, iters: int = 20) -> float:
-    """Median ms per call over CUDA-event-timed replays of a graph of `inner` calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()  # compile before capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return statistics.median(times)
+def graph_ms(fn: Callable[[], object]) -> float:
+    """ms per call over CUDA-event-timed replays of a graph of 10 calls (turbollm.bench.kernels)."""
+    return _graph_time_ms(fn, iters=20, warmup=2)
 
 
 def moved_bytes(tokens: int, fp8: bool) -> int:
