@@ -19,6 +19,26 @@ h // (H // KV). With a sliding window W, a query at position p sees keys in (p -
 - The prefill kernel (variable-length chunks over a cached prefix) lives in
   kernels/prefill_attention.py and shares this module's checks and references.
 
+Experimental FP8-cache variants of the decode kernel, opt-in through the private `_config`
+(`_DecodeConfig`) and not used by the engine until an H100 A/B (bench/scripts/
+gpu_decode_fp8_variants.py) says so. The shipped FP8 loop reads the cache at 65-80% of the copy
+bandwidth (bf16: 94-102%); its sm_90 SASS (bench/scripts/cpu_decode_fp8_sass.py, 128 keys a
+step, Llama-3-8B's group of 4) is 1,344 instructions a thread per step at 203 registers (2
+programs an SM): v reaches its mma.sync operand byte by byte (128 LDS.U8 + repacking: no
+ldmatrix for 8-bit data), and 717 are integer ALU (row addresses, register moves). The variants
+keep this file over the house's ~500 lines until the A/B promotes or deletes them.
+- `fp8_words`: v is read as 32-bit words and widened by cvt.rn.f16x2.e4m3x2 in registers, then
+  staged as fp16 for ldmatrix.trans. Same fp16 dots as shipped. 941 instructions, 149 registers.
+- `fp8_qk` (`_decode_split_kernel_fp8qk`, bf16 q, Hopper): scores are computed as [keys, heads]
+  = k q^T on fp8 wgmma, k straight from shared memory, q as two e4m3 terms (exact for a bf16 q
+  but for elements under 1/512 of their row's max, _e4m3_terms); p v as fp16 wgmma on v^T from
+  words. 693 instructions (16 QGMMA + 16 HGMMA), 160 registers, 90 KB of shared memory.
+- Per-page TMA loads (tensor descriptors) were tried and not kept (cpu_decode_fp8_sass.py --tma):
+  with 16-token blocks a 128-key tile is 8 descriptor loads, which Triton 3.6 cannot land in one
+  operand buffer; joined in registers they cost 2,275 instructions a step (268 STS, 355 PRMT),
+  and one page a step (16 keys) 25 instructions a key against the shipped 10.5. Per-page TMA
+  needs Gluon (explicit shared-memory buffers and barriers).
+
 Contract not checked (it would need a host sync): every seq_lens[r] <= max_seq_len and
 <= block_tables.shape[1] * block_size. Requests with seq_len 0 (CUDA-graph padding) get a
 zero output. On CPU the kernels run only under Triton's interpreter (TRITON_INTERPRET=1 set
@@ -27,6 +47,7 @@ before this module is imported); the `_ref` functions run anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -53,6 +74,8 @@ _DECODE_STAGES: int | None = None  # None: Triton's default
 if triton is not None:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+    from turbollm.kernels._interpreter import round_e4m3
+
     # Runtime ints that change from step to step are not specialized on (==1, %16), so a new
     # value never triggers a JIT compile in the middle of serving.
     @triton.jit(do_not_specialize=["window", "max_blocks", "num_splits"])
@@ -68,7 +91,10 @@ if triton is not None:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr, PDL: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr,
+        V_WORDS: tl.constexpr,  # experimental (_DecodeConfig.fp8_words): an FP8 v read as 32-bit words
+        PTX: tl.constexpr,  # inline PTX allowed (False under the interpreter)
+        PDL: tl.constexpr,
     ):
         if PDL:  # programmatic dependent launch (kernels/_pdl.py)
             gdc_wait()
@@ -115,7 +141,10 @@ if triton is not None:
             base = blk * stride_blk + (tok % BLOCK_SIZE) * stride_slot + kvh * stride_head  # [BLOCK_N]
             kv_mask = valid[:, None] & d_mask[None, :]
             k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [N, D]
-            v = tl.load(kv_ptr + stride_kv + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if V_WORDS:
+                v = _fp8_rows_f16(kv_ptr + stride_kv + base, valid, HEAD_DIM, HEAD_DIM_PAD, PTX)
+            else:
+                v = tl.load(kv_ptr + stride_kv + base[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             k = k.to(q.dtype)  # an FP8 cache widens to q's dtype (fp16 with F16_DOT; a no-op otherwise)
             v = v.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [G_PAD, N] log2 units
@@ -129,6 +158,144 @@ if triton is not None:
 
         if PDL:
             gdc_launch_dependents()
+        _write_split(acc, m_i, l_i, v_scale, b, heads, split, g_mask, q_mask, offs_d, out_ptr, part_out_ptr,
+                     part_lse_ptr, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                     DIRECT)
+
+    @triton.jit(do_not_specialize=["window", "max_blocks", "num_splits"])
+    def _decode_split_kernel_fp8qk(
+        q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+        qk_scale, v_scale, window, max_blocks, num_splits,
+        stride_qb, stride_qh, stride_kv, stride_blk, stride_slot, stride_head, stride_btb,
+        stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,  # as _decode_split_kernel
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+        DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """Experimental (_DecodeConfig.fp8_qk): `_decode_split_kernel` turned around so QK^T runs
+        on Hopper's fp8 tensor cores. Scores are [keys, heads] = k q^T: keys are wgmma's M (64
+        a warpgroup instruction; M = 16 heads would fall back to fp16 mma.sync), k is its A
+        operand straight from shared memory (never in registers), and q its B operand as two
+        e4m3 terms (_e4m3_terms). The output accumulates transposed, [D, heads] = v^T p, in fp16."""
+        if PDL:
+            gdc_wait()
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_DIM
+        heads = kvh * GROUP + offs_g  # [G_PAD]
+        q_mask = g_mask[:, None] & d_mask[None, :]
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=q_mask, other=0.0)
+        q_hi, q_lo, q_scale = _e4m3_terms(q.to(tl.float32), PTX)  # [G_PAD, D_PAD] e4m3 x2, [G_PAD]
+        q_hi = tl.trans(q_hi)  # [D_PAD, G_PAD]: K-major, as fp8 wgmma wants its B operand
+        q_lo = tl.trans(q_lo)
+        qk = qk_scale * q_scale  # [G_PAD] log2 units per e4m3 product
+        start, end = _key_range(seq_len, window, num_splits, split, BLOCK_N, HAS_WINDOW)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([HEAD_DIM_PAD, GROUP_PAD], tl.float32)  # transposed output
+        bt_row = bt_ptr + b * stride_btb
+        for t0 in range(start, end, BLOCK_N):
+            valid, base = _tile_rows(bt_row, t0 + tl.arange(0, BLOCK_N), end, max_blocks, kvh, stride_blk,
+                                     stride_slot, stride_head, BLOCK_SIZE)  # [BLOCK_N] each
+            k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
+                        other=0.0)  # [N, D_PAD] e4m3
+            v = _fp8_rows_f16(kv_ptr + stride_kv + base, valid, HEAD_DIM, HEAD_DIM_PAD, PTX)  # [N, D_PAD]
+            s = tl.dot(k, q_lo, tl.dot(k, q_hi)) * qk[None, :]  # [N, G_PAD] log2 units
+            s = tl.where(valid[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])  # [N, G_PAD]
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(tl.float16))  # [D_PAD, G_PAD]
+            m_i = m_new
+
+        if PDL:
+            gdc_launch_dependents()
+        _write_split(tl.trans(acc), m_i, l_i, v_scale, b, heads, split, g_mask, q_mask, offs_d, out_ptr,
+                     part_out_ptr, part_lse_ptr, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
+                     stride_lb, stride_lh, DIRECT)
+
+    # _key_range and _tile_rows repeat lines of _decode_split_kernel for the variant kernel. The
+    # shipped kernel keeps them inline: as calls they reorder its sm_90 SASS (same math), and its
+    # default build stays bit-identical to the measured one until an A/B promotes a variant.
+    @triton.jit
+    def _key_range(seq_len, window, num_splits, split, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+        """This split's keys [start, end) (_decode_split_kernel's comment says how they are cut)."""
+        first_key = seq_len * 0
+        if HAS_WINDOW:
+            first_key = tl.maximum(seq_len - window, 0)
+        span = seq_len - first_key
+        partition = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+        start = first_key + split * partition
+        end = tl.minimum(start + partition, seq_len)
+        return start, end
+
+    @triton.jit
+    def _tile_rows(bt_row, tok, end, max_blocks, kvh, stride_blk, stride_slot, stride_head,
+                   BLOCK_SIZE: tl.constexpr):
+        """Keys `tok` ([N] positions): which are visible (< end), and each one's k offset in the
+        cache (int64: a cache may exceed 2^31 elements)."""
+        valid = tok < end
+        blk_idx = tok // BLOCK_SIZE
+        blk = tl.load(bt_row + blk_idx, mask=valid & (blk_idx < max_blocks), other=0).to(tl.int64)
+        base = blk * stride_blk + (tok % BLOCK_SIZE) * stride_slot + kvh * stride_head  # [BLOCK_N]
+        return valid, base
+
+    @triton.jit
+    def _fp8_rows_f16(rows, valid, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PTX: tl.constexpr):
+        """[N, D_PAD] fp16 (exact) of e4m3 rows (`rows`: [N] pointers to each key's first value),
+        read as 32-bit words. A byte tile carried between pipelined iterations holds one value a
+        register and is repacked byte by byte before the widening (PRMT / LOP3 / IMAD, sm_90 SASS);
+        words widen with one cvt.rn.f16x2.e4m3x2 per pair. Needs HEAD_DIM % 4 == 0 and 4-byte
+        aligned rows (the launcher checks)."""
+        offs_w = tl.arange(0, HEAD_DIM_PAD // 4)
+        words = rows.to(tl.pointer_type(tl.int32))  # [N]
+        mask = valid[:, None] & (offs_w < HEAD_DIM // 4)[None, :]
+        w = tl.load(words[:, None] + offs_w[None, :], mask=mask, other=0)  # [N, D_PAD / 4], bytes 0..3 little-endian
+        if PTX:
+            b0, b1, b2, b3 = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; .reg .b32 x, y; mov.b32 {l, h}, $4; cvt.rn.f16x2.e4m3x2 x, l; "
+                "cvt.rn.f16x2.e4m3x2 y, h; mov.b32 {$0, $1}, x; mov.b32 {$2, $3}, y; }",
+                "=h,=h,=h,=h,r", [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+        else:  # the interpreter: the same values through Triton's (exact) e4m3 -> fp16 cast
+            b0 = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            b1 = ((w >> 8) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            b2 = ((w >> 16) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            b3 = ((w >> 24) & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        # [N, D/4, 2, 2] indexed (word, i, j) holds byte 2 i + j: row-major it is [N, D] in order.
+        return tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [w.shape[0], HEAD_DIM_PAD])
+
+    @triton.jit
+    def _e4m3_terms(q, PTX: tl.constexpr):
+        """q [G_PAD, D] fp32 -> (hi, lo, scale [G_PAD]) with q ~= scale * (hi + lo), hi and lo e4m3.
+        scale = 2^(e - 7) for each row's amax in [2^e, 2^(e+1)), so |q / scale| < 256 <= 448 and
+        the division is exact. A bf16 q has 8 significant bits, hi keeps 4 and lo the next 4, so
+        the split is exact for every element >= amax / 512 of its row; smaller ones (where lo is
+        subnormal) are off by at most amax * 2^-17."""
+        amax = tl.max(tl.abs(q), 1)  # [G_PAD]
+        expo = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 8)  # biased; >= 8: a zero row
+        scale = ((expo - 7) << 23).to(tl.float32, bitcast=True)
+        x = q * ((261 - expo) << 23).to(tl.float32, bitcast=True)[:, None]  # q / scale, exact
+        if PTX:
+            hi = x.to(tl.float8e4nv)  # cvt.rn.satfinite: round to nearest even
+        else:  # the interpreter's fp32 -> e4m3 cast loses carries (_interpreter.py): round first
+            hi = round_e4m3(x).to(tl.float8e4nv)
+        r = x - hi.to(tl.float32)  # exact
+        if not PTX:
+            r = round_e4m3(r)
+        return hi, r.to(tl.float8e4nv), scale
+
+    @triton.jit
+    def _write_split(acc, m_i, l_i, v_scale, b, heads, split, g_mask, q_mask, offs_d, out_ptr, part_out_ptr,
+                     part_lse_ptr, stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                     DIRECT: tl.constexpr):
+        """A split's normalized output [G_PAD, D_PAD] (straight into out with a single split) and
+        its log2-sum-exp for _combine_kernel; zero output and -inf for an empty key range."""
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         out = acc * (v_scale / l_safe)[:, None]  # [G_PAD, D_PAD]; zero for an empty range
@@ -269,6 +436,37 @@ def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _DecodeConfig:
+    """Private launch options of `paged_decode_attention` for tests and A/B benchmarks; the
+    default is the shipped kernel. fp8_words and fp8_qk are experimental variants for an FP8
+    cache (module docstring); None fields take the module's shipped settings."""
+
+    fp8_words: bool = False  # v read as 32-bit words and widened by cvt.rn.f16x2.e4m3x2; fp16 dots as shipped
+    fp8_qk: bool = False  # _decode_split_kernel_fp8qk: QK^T on fp8 wgmma, q as two e4m3 terms (bf16 q)
+    block_n: int | None = None  # keys a step (a power of two >= 16); None: _DECODE_BLOCK_N(_FP8)
+    num_warps: int | None = None  # None: _DECODE_WARPS
+    num_stages: int | None = None  # None: _DECODE_STAGES
+
+
+_SHIPPED = _DecodeConfig()
+
+
+def _check_config(config: _DecodeConfig, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """ValueError naming what a variant of `config` cannot run on."""
+    if config.fp8_words or config.fp8_qk:
+        if kv_cache.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"_DecodeConfig variants read a float8_e4m3fn cache, got {kv_cache.dtype}")
+        if kv_cache.data_ptr() % 4 or any(s % 4 for s in kv_cache.stride()[:-1]) or kv_cache.shape[-1] % 4:
+            raise ValueError("_DecodeConfig variants read the cache as 32-bit words: it needs 4-byte "
+                             f"aligned rows and head_dim % 4 == 0 (strides {kv_cache.stride()})")
+    if config.fp8_qk and q.dtype != torch.bfloat16:
+        raise ValueError(f"_DecodeConfig.fp8_qk splits a bf16 q into two exact e4m3 terms, got {q.dtype}")
+    bn = config.block_n
+    if bn is not None and (bn < 16 or bn & (bn - 1)):
+        raise ValueError(f"_DecodeConfig.block_n must be a power of two >= 16, got {bn}")
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, H, D]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KV, D]
@@ -281,10 +479,13 @@ def paged_decode_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
     out: torch.Tensor | None = None,
+    *,
+    _config: _DecodeConfig | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per request over its paged cache -> [B, H, D] in q's dtype
     (an FP8 cache holds k / k_scale and v / v_scale). `out`: write into this [B, H, D] tensor
-    (e.g. rows of a larger one) instead of a new one; it is returned."""
+    (e.g. rows of a larger one) instead of a new one; it is returned. `_config`: private launch
+    options (tests, benchmarks)."""
     if q.dim() != 3:
         raise ValueError(f"q shape {tuple(q.shape)} is not [B, H, D]")
     batch, heads, head_dim = q.shape
@@ -292,8 +493,9 @@ def paged_decode_attention(
     check_kv_scales(kv_cache, k_scale, v_scale)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    _, _, block_size, kv_heads, _ = kv_cache.shape
-    group = heads // kv_heads
+    config = _config or _SHIPPED
+    _check_config(config, q, kv_cache)
+    kv_heads = kv_cache.shape[3]
     out = check_out(out, q)  # [B, H, D]
     if batch == 0:
         return out
@@ -302,35 +504,20 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, span, _device_sms(q.device))
     partition = -(-span // num_splits)
-    block_n = _DECODE_BLOCK_N_FP8 if kv_cache.dtype == torch.float8_e4m3fn else _DECODE_BLOCK_N
+    block_n = config.block_n or (_DECODE_BLOCK_N_FP8 if kv_cache.dtype == torch.float8_e4m3fn else _DECODE_BLOCK_N)
     partition = -(-partition // block_n) * block_n  # multiple of BLOCK_N
     num_splits = -(-span // partition)  # drop splits that would start past the span
     # The kernel re-derives each request's partition from its own length and num_splits.
-    direct = num_splits == 1
-    if direct:
-        part_out = out  # unused
-        part_lse = out
+    if num_splits == 1:
+        part_out = part_lse = out  # unused
         pstrides, lstrides = (0, 0, 0), (0, 0)
     else:
         part_out = torch.empty(batch, heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
         pstrides, lstrides = part_out.stride()[:3], part_lse.stride()[:2]
-    _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse,
-        scale * k_scale * _LOG2E, v_scale, sliding_window or 0, block_tables.shape[1], num_splits,
-        q.stride(0), q.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0),
-        out.stride(0), out.stride(1),
-        *pstrides, *lstrides,
-        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
-        HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        DIRECT=direct, HAS_WINDOW=sliding_window is not None,
-        DOT_PREC=_dot_precision(q.dtype), UPCAST=_upcast(q.dtype), F16_DOT=_f16_dot(q.dtype, kv_cache.dtype),
-        **pdl_kwargs(q.device), num_warps=_DECODE_WARPS,
-        **({} if _DECODE_STAGES is None else {"num_stages": _DECODE_STAGES}),
-    )
-    if not direct:
+    _launch_split(q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * k_scale * _LOG2E,
+                  v_scale, sliding_window, num_splits, pstrides, lstrides, block_n, config)
+    if num_splits > 1:
         _combine_kernel[(batch, heads)](
             part_out, part_lse, out, num_splits,
             *pstrides, *lstrides, out.stride(0), out.stride(1),
@@ -338,6 +525,53 @@ def paged_decode_attention(
             num_warps=4, **pdl_kwargs(q.device),
         )
     return out
+
+
+def _launch_split(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, qk_scale: float, v_scale: float,
+    sliding_window: int | None, num_splits: int, pstrides: tuple[int, ...], lstrides: tuple[int, ...],
+    block_n: int, config: _DecodeConfig,
+) -> None:
+    """One launch of the split kernel over (request, kv head, split)."""
+    kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    pdl = pdl_kwargs(q.device)
+    kernel, const, options = _split_kernel(
+        q.dtype, kv_cache.dtype, q.shape[1] // kv_heads, q.shape[2], block_size, block_n, num_splits == 1,
+        sliding_window is not None, config, pdl["PDL"],
+    )
+    kernel[(q.shape[0], kv_heads, num_splits)](
+        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse,
+        qk_scale, v_scale, sliding_window or 0, block_tables.shape[1], num_splits,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        *pstrides, *lstrides,
+        **const, **options, **{k: v for k, v in pdl.items() if k != "PDL"},
+    )
+
+
+def _split_kernel(
+    q_dtype: torch.dtype, kv_dtype: torch.dtype, group: int, head_dim: int, block_size: int, block_n: int,
+    direct: bool, has_window: bool, config: _DecodeConfig, pdl: bool,
+) -> tuple[object, dict[str, object], dict[str, int]]:
+    """(kernel, constexprs, num_warps / num_stages) of the split launch `config` picks: the
+    shipped kernel or a variant. bench/scripts/cpu_decode_fp8_sass.py compiles from these."""
+    const: dict[str, object] = dict(
+        GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        DIRECT=direct, HAS_WINDOW=has_window, PTX=not triton.knobs.runtime.interpret, PDL=pdl,
+    )
+    kernel = _decode_split_kernel_fp8qk if config.fp8_qk else _decode_split_kernel
+    if not config.fp8_qk:
+        const.update(DOT_PREC=_dot_precision(q_dtype), UPCAST=_upcast(q_dtype),
+                     F16_DOT=_f16_dot(q_dtype, kv_dtype), V_WORDS=config.fp8_words)
+    options = {"num_warps": config.num_warps or _DECODE_WARPS}
+    stages = _DECODE_STAGES if config.num_stages is None else config.num_stages
+    if stages is not None:
+        options["num_stages"] = stages
+    return kernel, const, options
 
 
 # ---------------------------------------------------------------------------------------------
