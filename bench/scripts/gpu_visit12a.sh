@@ -3,8 +3,8 @@
 # experimental FP8 decode-attention variants, their A/B against the shipped kernel and a bf16
 # cache, and the fused SwiGLU's one-pass / two-pass question. Carry .whl.
 source bench/scripts/gpu_env.sh
-timeout 150 "${P[@]}" -m gpu --tb=short -rf tests/kernels/test_paged_attention.py -k "gpu or e4m3" 2>&1 \
-  | tee "$OUT/gpu_tests.log" | grep -E "^FAILED|passed|failed" | tail -6
+timeout 150 "${P[@]}" -m gpu --tb=short -rf --durations=8 tests/kernels/test_paged_attention.py -k "gpu or e4m3" 2>&1 \
+  | tee "$OUT/gpu_tests.log" | grep -E "^FAILED|passed|failed|s call" | tail -14
 timeout 200 python3 bench/scripts/gpu_decode_fp8_variants.py --json "$OUT/decode_fp8_variants.json" 2>&1 \
   | grep -v -i warn | tee "$OUT/decode_fp8_variants.log" | tail -30
 timeout 120 python3 bench/scripts/gpu_fp8_fused.py --json "$OUT/fp8_fused.json" 2>&1 | grep -v -i warn \
