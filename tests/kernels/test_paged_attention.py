@@ -218,7 +218,7 @@ FP8_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", FP8_VARIANTS)
+@pytest.mark.parametrize("variant", ["words", "qk"])  # the 64-key tiles: in the splits test below
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("block_size,window", [(16, None), (32, 7)])
 def test_decode_fp8_variants(variant: str, heads: int, kv_heads: int, block_size: int, window: int | None) -> None:
