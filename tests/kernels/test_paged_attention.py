@@ -10,11 +10,11 @@ import triton.language as tl
 
 from turbollm.kernels.paged_attention import (
     _DecodeConfig,
-    _e4m3_terms,
     choose_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
 )
+from turbollm.kernels.paged_attention_fp8 import _e4m3_terms
 from turbollm.kernels.prefill_attention import (
     PrefillConfig,
     _launch_prefill,

@@ -211,7 +211,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.quantization_ignore and args.method not in ("rtn", "fp8"):
         raise ValueError(f"--quantization-ignore applies to --method rtn or fp8; got --method {args.method}")
     model_name = None if args.model in (None, "embedded") else args.model
-    ignore = ignore_patterns(args, resolve_model(model_name).arch.num_hidden_layers)
+    probe = resolve_model(model_name)  # for the layer count and the tokenizer checks below
+    ignore = ignore_patterns(args, probe.arch.num_hidden_layers)
     fp8_calib = fp8_calibration_from_args(args, ignore)
     if args.method == "none":
         if not args.kv_cache_scales:
@@ -236,10 +237,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     if settings.get("act_order") and not settings.get("static_groups"):  # codes carry a perm
         config = Int4Config(config.group_size, act_order=True, calibration="gptq")  # type: ignore[union-attr]
     t0 = time.perf_counter()
-    if args.kv_cache_scales and resolve_model(model_name).load_tokenizer() is None:  # fail before the work
+    has_tokenizer = (args.kv_cache_scales or fp8_calib is not None) and probe.load_tokenizer() is not None
+    if args.kv_cache_scales and not has_tokenizer:  # fail before the work
         raise ValueError("--kv-cache-scales calibrates on text: the model needs a tokenizer")
     if fp8_calib is not None:
-        if resolve_model(model_name).load_tokenizer() is None:  # fail before the work
+        if not has_tokenizer:  # fail before the work
             raise ValueError("--calibrate calibrates on text: the model needs a tokenizer")
         config = Fp8Config(calibration_label(fp8_calib))
     model, source = quantize_model(model_name, config, args.method, args.device, args.dtype,
