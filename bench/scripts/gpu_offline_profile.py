@@ -56,9 +56,11 @@ def main() -> None:
     if args.log_jit:
         import triton
 
-        def on_load(*, repr: str, **_: object) -> None:  # every variant a process loads (compiled or cached)
-            if started[0]:
-                jit_events.append((time.perf_counter() - started[0], len(plans), repr))
+        def on_load(*, repr: str, compile: dict, **_: object) -> None:  # every variant a process loads
+            if started[0]:  # the specialization (alignment / 16-divisibility per argument) says why it is new
+                names = list(compile["signature"])
+                attrs = sorted(names[k[0]] for k, v in compile["configs"][0].items() if v)  # 16-aligned / divisible
+                jit_events.append((time.perf_counter() - started[0], len(plans), f"{repr.split('(')[0]} {attrs}"))
         triton.knobs.runtime.jit_cache_hook = on_load
     quant = {"quantization": args.quantization} if args.quantization else {}
     llm = LLM(args.model, load_format="dummy", max_num_seqs=args.max_num_seqs,
@@ -171,7 +173,7 @@ def main() -> None:
     if args.log_jit:
         print(f"Triton variants first loaded after start-up: {len(jit_events)}")
         for t, n, r in jit_events:
-            print(f"  {t:8.3f} s  step {n:4d}  {r[:160]}")
+            print(f"  {t:8.3f} s  step {n:4d}  {r[:400]}")
     print("top kernels (ms over the profiled steps):")
     for us, n, name in rows[:15]:
         print(f"  {us / 1e3:9.2f} {n:5d}x {name}")

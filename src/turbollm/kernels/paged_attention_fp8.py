@@ -72,7 +72,9 @@ def _decode_split_kernel_fp8qk(
         k = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
                     other=0.0)  # [N, D_PAD] e4m3
         v = _fp8_rows_f16(kv_ptr + stride_kv + base, valid, HEAD_DIM, HEAD_DIM_PAD, PTX)  # [N, D_PAD]
-        s = tl.dot(k, q_lo, tl.dot(k, q_hi)) * qk[None, :]  # [N, G_PAD] log2 units
+        # Two accumulators: Hopper's fp8 wgmma adds into its accumulator at ~14 bits, so lo's
+        # products, ~2^-4 of hi's, would be truncated if lo accumulated onto hi's sums.
+        s = (tl.dot(k, q_hi) + tl.dot(k, q_lo)) * qk[None, :]  # [N, G_PAD] log2 units
         s = tl.where(valid[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         alpha = tl.exp2(m_i - m_new)

@@ -94,7 +94,12 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.jit(do_not_specialize=["window", "group"])
+    # A mixed step passes the rows after its decodes (block_tables[nd:], seq_lens[nd:]), so these
+    # pointers' 16-byte alignment and the table's width follow the step's decode count: not
+    # specialized on, or a new combination would compile a variant in the middle of serving
+    # (warm-up covers the rest; bench/scripts/gpu_offline_profile.py --log-jit lists misses).
+    @triton.jit(do_not_specialize=["window", "group", "stride_btr"],
+                do_not_specialize_on_alignment=["bt_ptr", "seq_lens_ptr", "qsl_ptr"])
     def _prefill_kernel(
         q_ptr, kv_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
         qk_scale, v_scale, window, group,
