@@ -1,5 +1,5 @@
 """Compile decode attention over an FP8 KV cache for sm_90 on a machine without a GPU and count
-the SASS of its main loop: the shipped kernel against the experimental `_DecodeConfig` variants
+the SASS of its main loop: the plain loop against the words loop (`_DecodeConfig` variants)
 (kernels/paged_attention.py).
 
 Usage (CPU machine): python bench/scripts/cpu_decode_fp8_sass.py [--tma] [--dump DIR] [--json PATH]
@@ -41,14 +41,10 @@ CLASSES = {  # column -> opcode prefixes (before the first '.')
     "HMMA": ("HMMA",), "HGMMA": ("HGMMA",), "QGMMA": ("QGMMA",),
     "int": ("IMAD", "IADD3", "VIADD", "LEA", "SHF", "LOP3", "SEL", "ISETP", "IABS", "SGXT"),
 }
-VARIANTS = {  # name -> _DecodeConfig (gpu_decode_fp8_variants.py times the first six)
-    "shipped": PA._DecodeConfig(),
+VARIANTS = {  # name -> _DecodeConfig (the fp8 wgmma QK^T loop was deleted in the twelfth session)
+    "plain": PA._DecodeConfig(fp8_words=False),
     "fp8_words": PA._DecodeConfig(fp8_words=True),
     "fp8_words 64 keys": PA._DecodeConfig(fp8_words=True, block_n=64),
-    "fp8_qk": PA._DecodeConfig(fp8_qk=True),
-    "fp8_qk 64 keys": PA._DecodeConfig(fp8_qk=True, block_n=64),
-    "fp8_qk 8 warps": PA._DecodeConfig(fp8_qk=True, num_warps=8),
-    "fp8_qk 256 keys": PA._DecodeConfig(fp8_qk=True, block_n=256),
     "fp8_words 2 stages": PA._DecodeConfig(fp8_words=True, num_stages=2),
 }
 COLS = [*CLASSES, "IMAD.MOV"]
@@ -64,7 +60,7 @@ def compile_variant(config: PA._DecodeConfig, group: int, bf16_cache: bool = Fal
     kv_dtype = torch.bfloat16 if bf16_cache else torch.float8_e4m3fn
     block_n = config.block_n or (PA._DECODE_BLOCK_N if bf16_cache else PA._DECODE_BLOCK_N_FP8)
     fn, const, options = PA._split_kernel(torch.bfloat16, kv_dtype, group, 128, 16, block_n, False, False, config,
-                                          True)
+                                          bool(config.fp8_words), True)
     types = dict(PTR, kv_ptr="*bf16") if bf16_cache else PTR
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
     aligned = [i for i, n in enumerate(fn.arg_names)

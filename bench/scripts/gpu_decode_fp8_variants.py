@@ -1,5 +1,5 @@
-"""One GPU visit: decode attention over an FP8 KV cache, the shipped kernel against the
-experimental `_DecodeConfig` variants (kernels/paged_attention.py; SASS of each:
+"""One GPU visit: decode attention over an FP8 KV cache, the shipped choice (kernels/
+paged_attention._use_words) against each loop forced through `_DecodeConfig` (SASS of each:
 bench/scripts/cpu_decode_fp8_sass.py), with the bf16 cache as the bandwidth reference.
 
 Shapes: the offline runs' batches and contexts (64 x 640, 256 x 640, 64 x 2048; Llama-3-8B also
@@ -34,15 +34,12 @@ MODELS = {"llama-2-7b": (32, 32), "llama-3-8b": (32, 8)}  # q heads, kv heads
 SHAPES = {"llama-2-7b": [(64, 640), (256, 640), (64, 2048)],  # batch, context
           "llama-3-8b": [(64, 640), (128, 640), (256, 640), (512, 640), (64, 2048)]}
 D, BLOCK, MAX_BLOCKS = 128, 16, 128  # block tables padded to 128 columns (16-divisible, like the engine's)
-VARIANTS = {  # name -> (_config (None: the shipped kernel), num_splits (None: choose_num_splits))
+VARIANTS = {  # name -> (_config (None: the shipped choice, _use_words), num_splits (None: choose_num_splits))
     "shipped": (None, None),
-    "shipped 2 splits": (None, 2),
+    "plain": (_DecodeConfig(fp8_words=False), None),
+    "plain 2 splits": (_DecodeConfig(fp8_words=False), 2),
     "fp8_words": (_DecodeConfig(fp8_words=True), None),
     "fp8_words 2 splits": (_DecodeConfig(fp8_words=True), 2),
-    "fp8_words 4 splits": (_DecodeConfig(fp8_words=True), 4),
-    "fp8_qk": (_DecodeConfig(fp8_qk=True), None),
-    "fp8_qk 64 keys": (_DecodeConfig(fp8_qk=True, block_n=64), None),
-    "fp8_qk 2 splits": (_DecodeConfig(fp8_qk=True), 2),
 }
 REF_REQUESTS = 8
 

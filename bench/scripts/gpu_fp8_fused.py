@@ -5,10 +5,10 @@ Usage: PYTHONPATH=src python3 bench/scripts/gpu_fp8_fused.py [--json PATH]
 Rows M = 1, 64, 512, 4096, 16384 (decode batches and prompt chunks); Llama-3-8B widths (hidden
 4096, intermediate 14336) and Llama-2-7B's intermediate 11008. Variants:
   norm:  unfused = fused_add_rmsnorm + quantize_fp8_per_token; fused = add_rmsnorm_quantize_fp8
-  silu:  unfused = silu_and_mul + quantize_fp8_per_token; fused (two passes: the shipped
-         _SINGLE_MAX 8192 leaves these widths to two passes); fused one pass (_SINGLE_MAX 16384,
-         16 or 32 warps: the whole row in registers; sm_90 SASS on the CPU: 123 / 54 registers,
-         no spills)
+  silu:  unfused = silu_and_mul + quantize_fp8_per_token; fused two passes (_SINGLE_MAX 8192,
+         the eleventh session's setting); fused one pass (the shipped _SINGLE_MAX 16384 since the
+         twelfth session, 16 or 32 warps: the whole row in registers; sm_90 SASS on the CPU:
+         123 / 54 registers, no spills)
 Each variant is compared with the unfused pair first (a difference is printed with the row, not
 fatal), then timed as the median of
 CUDA-graph replays (20 calls a graph) after an L2 flush. Prints a table.
@@ -62,16 +62,15 @@ def mismatch(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> str:
 
 
 def silu_variant(single_max: int, warps: int | None) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """silu_mul_quantize_fp8 with _SINGLE_MAX (and the one-pass warps) set for this call."""
+    """silu_mul_quantize_fp8 with _SINGLE_MAX (and the wide one-pass rows' warps) set for this call."""
     def run(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        old_max, old_warps = fp8_fused._SINGLE_MAX, fp8_fused.rmsnorm._num_warps
+        old_max, old_warps = fp8_fused._SINGLE_MAX, fp8_fused._WIDE_WARPS
         fp8_fused._SINGLE_MAX = single_max
-        if warps is not None:
-            fp8_fused.rmsnorm._num_warps = lambda block: warps if block > 4096 else old_warps(block)
+        fp8_fused._WIDE_WARPS = warps or old_warps
         try:
             return fp8_fused.silu_mul_quantize_fp8(gate_up)
         finally:
-            fp8_fused._SINGLE_MAX, fp8_fused.rmsnorm._num_warps = old_max, old_warps
+            fp8_fused._SINGLE_MAX, fp8_fused._WIDE_WARPS = old_max, old_warps
     return run
 
 

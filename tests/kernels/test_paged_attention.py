@@ -8,13 +8,13 @@ import torch
 import triton
 import triton.language as tl
 
+from turbollm.kernels import paged_attention as PA
 from turbollm.kernels.paged_attention import (
     _DecodeConfig,
     choose_num_splits,
     paged_decode_attention,
     paged_decode_attention_ref,
 )
-from turbollm.kernels.paged_attention_fp8 import _e4m3_terms
 from turbollm.kernels.prefill_attention import (
     PrefillConfig,
     _launch_prefill,
@@ -204,55 +204,46 @@ def test_decode_zero_length_request_gives_zeros() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Experimental FP8-cache variants of the decode kernel (paged_attention._DecodeConfig). Under the
-# interpreter they run everything but their PTX: _fp8_rows_f16 widens the 32-bit words with
-# Triton's e4m3 cast instead of cvt.rn.f16x2.e4m3x2, _e4m3_terms rounds with round_e4m3 before
-# its casts, and fp8_qk's e4m3 dots multiply exactly in fp32. On the GPU (tests below) the same
-# checks cover the PTX and Hopper's fp8 wgmma, which accumulates with fewer bits.
+# The two decode loops over an FP8 cache (paged_attention._use_words picks by the grid): plain,
+# and v read as 32-bit words. Under the interpreter _fp8_rows_f16 widens the words with Triton's
+# e4m3 cast instead of cvt.rn.f16x2.e4m3x2; the GPU tests below cover the PTX.
 
 FP8_VARIANTS = {
+    "plain": _DecodeConfig(fp8_words=False),
     "words": _DecodeConfig(fp8_words=True),
     "words-64": _DecodeConfig(fp8_words=True, block_n=64),
-    "qk": _DecodeConfig(fp8_qk=True),
-    "qk-64": _DecodeConfig(fp8_qk=True, block_n=64),
 }
 
 
-@pytest.mark.parametrize("variant", ["words", "qk"])  # qk-64: in the splits test below
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("block_size,window", [(16, None), (32, 7)])
-def test_decode_fp8_variants(variant: str, heads: int, kv_heads: int, block_size: int, window: int | None) -> None:
+def test_decode_fp8_words(heads: int, kv_heads: int, block_size: int, window: int | None) -> None:
     """bf16 q over an FP8 cache with scales: GQA groups 1 / 4 / 8, lengths at and one past block
     boundaries, a sliding window."""
     check_decode(EDGE_LENS, heads, kv_heads, 32, block_size, dtype=torch.bfloat16, window=window,
-                 fp8_cache=True, kv_scales=(0.4, 2.5), config=FP8_VARIANTS[variant])
+                 fp8_cache=True, kv_scales=(0.4, 2.5), config=FP8_VARIANTS["words"])
 
 
-@pytest.mark.parametrize("variant", ["words", "qk", "qk-64"])  # words-64: in the GPU real-shape test
+@pytest.mark.parametrize("variant", ["words", "words-64"])
 @pytest.mark.parametrize("num_splits,window", [(1, None), (3, None), (2, 40)])
-def test_decode_fp8_variants_splits(variant: str, num_splits: int, window: int | None) -> None:
+def test_decode_fp8_words_splits(variant: str, num_splits: int, window: int | None) -> None:
     """Several tiles a split (up to 300 keys), a zero-length request, empty trailing splits
     (max_seq_len above every length)."""
     check_decode([0, 5, 70, 129, 300], 8, 2, 64, 16, dtype=torch.bfloat16, window=window, num_splits=num_splits,
                  max_seq_len=320, fp8_cache=True, kv_scales=(1.7, 0.3), config=FP8_VARIANTS[variant])
 
 
-@pytest.mark.parametrize("variant", ["words", "qk"])
 @pytest.mark.parametrize("head_dim", [128, 80])
-def test_decode_fp8_variants_head_dims(variant: str, head_dim: int) -> None:
-    """Llama's head_dim, and 80 (padded to 128: masked words / columns)."""
+def test_decode_fp8_words_head_dims(head_dim: int) -> None:
+    """Llama's head_dim, and 80 (padded to 128: masked words)."""
     check_decode([3, 48, 150], 8, 2, head_dim, 16, dtype=torch.bfloat16, num_splits=2, fp8_cache=True,
-                 config=FP8_VARIANTS[variant])
+                 config=FP8_VARIANTS["words"])
 
 
-@pytest.mark.parametrize("variant,q_first", [("words", 2e5), ("qk", 2e3)])
-def test_decode_fp8_variants_large_q(variant: str, q_first: float) -> None:
-    """As test_fp8_cache_q_beyond_fp16. fp8_words keeps the fp16 clamp. fp8_qk scales each q row
-    by its amax, far past e4m3's 448, but elements under amax / 512 then keep only an absolute
-    accuracy of amax * 2^-17: at 2e5 the rest of the row (~1) is lost, and the many keys whose
-    e4m3 k tie in the huge channel are no longer told apart by it. At 2e3 they still are."""
-    check_decode([17, 64, 97], 8, 2, 32, 16, dtype=torch.bfloat16, num_splits=2, fp8_cache=True, q_first=q_first,
-                 config=FP8_VARIANTS[variant])
+def test_decode_fp8_words_large_q() -> None:
+    """As test_fp8_cache_q_beyond_fp16: the words loop keeps the fp16 clamp."""
+    check_decode([17, 64, 97], 8, 2, 32, 16, dtype=torch.bfloat16, num_splits=2, fp8_cache=True, q_first=2e5,
+                 config=FP8_VARIANTS["words"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -262,57 +253,39 @@ def test_decode_fp8_words_other_q_dtypes(dtype: torch.dtype) -> None:
                  config=FP8_VARIANTS["words"])
 
 
-def test_decode_fp8_variants_rejected() -> None:
+def test_decode_fp8_words_chosen_by_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default the words loop runs from _WORDS_MIN_PROGRAMS programs (request x kv head x
+    split) on, over an FP8 cache whose rows are 4-byte aligned; a config forces either loop."""
+    kv_cache, tables = make_cache([300, 9], 2, 32, 16, torch.float32)
+    fp8 = kv_cache.to(torch.float8_e4m3fn)
+    auto, n = _DecodeConfig(), PA._WORDS_MIN_PROGRAMS
+    assert PA._use_words(auto, fp8, n) and not PA._use_words(auto, fp8, n - 1)
+    assert not PA._use_words(auto, kv_cache, n) and not PA._use_words(auto, fp8[..., :30], n)
+    assert PA._use_words(FP8_VARIANTS["words"], fp8, 1) and not PA._use_words(FP8_VARIANTS["plain"], fp8, n)
+    # The launcher counts the grid's programs: 2 requests x 2 kv heads x 3 (then 2) splits of 128 keys.
+    seen = []
+    monkeypatch.setattr(PA, "_WORDS_MIN_PROGRAMS", 12)
+    monkeypatch.setattr(PA, "_launch_split", lambda *a: seen.append(a[-1]))
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    lens = torch.tensor([300, 9], device=DEVICE)
+    for splits in (3, 2):
+        paged_decode_attention(q, fp8, tables, lens, 0.2, 300, num_splits=splits)
+    assert seen == [True, False]
+
+
+def test_decode_fp8_words_rejected() -> None:
     kv_cache, tables = make_cache([20], 2, 32, 16, torch.float32)
     q = torch.randn(1, 4, 32, device=DEVICE)
     lens = torch.tensor([20], device=DEVICE)
     fp8 = kv_cache.to(torch.float8_e4m3fn)
     cases = [
         (q, kv_cache, _DecodeConfig(fp8_words=True), "float8_e4m3fn cache"),
-        (q, kv_cache, _DecodeConfig(fp8_qk=True), "float8_e4m3fn cache"),
-        (q, fp8, _DecodeConfig(fp8_qk=True), "bf16 q"),
         (q, fp8, _DecodeConfig(block_n=24), "power of two"),
         (q[..., :30], fp8[..., :30], _DecodeConfig(fp8_words=True), "32-bit words"),  # rows of 30 bytes
     ]
     for qq, cache, config, msg in cases:
         with pytest.raises(ValueError, match=msg):
             paged_decode_attention(qq, cache, tables, lens, 0.2, 20, _config=config)
-
-
-@triton.jit
-def _e4m3_terms_kernel(q_ptr, hi_ptr, lo_ptr, scale_ptr, ROWS: tl.constexpr, D: tl.constexpr, PTX: tl.constexpr):
-    rows = tl.arange(0, ROWS)
-    offs = rows[:, None] * D + tl.arange(0, D)[None, :]  # [ROWS, D]
-    hi, lo, scale = _e4m3_terms(tl.load(q_ptr + offs).to(tl.float32), PTX)
-    tl.store(hi_ptr + offs, hi)
-    tl.store(lo_ptr + offs, lo)
-    tl.store(scale_ptr + rows, scale)
-
-
-def test_e4m3_terms_split_bf16_q() -> None:
-    """fp8_qk's q = scale * (hi + lo): hi is q / scale rounded to nearest-even e4m3 (torch's cast;
-    on the GPU the kernel's cvt.rn), lo the rounded rest; |q / scale| < 256; exact for elements
-    >= amax / 512 of their row, within amax * 2^-17 below. Rows: Gaussian with outlier
-    channels, a wide dynamic range (small elements whose lo is subnormal), huge, zero."""
-    g = torch.Generator().manual_seed(7)
-    q = torch.randn(16, 128, generator=g) * 2.0  # [rows, D]
-    q[:4, [3, 67]] *= 12.0  # rotary outlier channels
-    q[4:8] *= torch.exp2(torch.randint(-20, 1, (4, 128), generator=g).float())
-    q[8, 0], q[9] = 2e5, 0.0
-    q = q.to(torch.bfloat16).to(DEVICE)
-    hi = torch.empty(16, 128, dtype=torch.float8_e4m3fn, device=DEVICE)
-    lo = torch.empty_like(hi)
-    scale = torch.empty(16, device=DEVICE)
-    _e4m3_terms_kernel[(1,)](q, hi, lo, scale, ROWS=16, D=128, PTX=not triton.knobs.runtime.interpret)
-    qf, s = q.float(), scale[:, None]
-    assert torch.equal(hi.float(), (qf / s).to(torch.float8_e4m3fn).float())
-    assert torch.equal(lo.float(), (qf / s - hi.float()).to(torch.float8_e4m3fn).float())
-    assert (qf / s).abs().max() < 256 and torch.equal(torch.frexp(scale)[0], torch.full_like(scale, 0.5))
-    err = (s * (hi.float() + lo.float()) - qf).abs()
-    amax = qf.abs().amax(1, keepdim=True)
-    big = qf.abs() >= amax / 512
-    assert err[big].max() == 0 and (err <= amax * 2**-17).all()
-    assert (~big[4:8]).sum() > 50  # the wide rows exercise the subnormal lo
 
 
 def realistic_fp8_case(heads: int, kv_heads: int, lens: list[int], seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -330,25 +303,23 @@ def realistic_fp8_case(heads: int, kv_heads: int, lens: list[int], seed: int = 0
 
 
 def check_fp8_variant_accuracy(variant: str, lens: list[int]) -> None:
-    """A variant is not materially less accurate than the shipped kernel: on realistic data its
-    max / RMS error against the fp32 reference stay within 1.5x / 1.1x the shipped kernel's (both
-    round the output to bf16; fp8_qk's q split is exact for nearly every element, so what is left
-    on the GPU is wgmma's fp8 accumulation). Prints both (pytest -s)."""
+    """A loop is not materially less accurate than the plain one: on realistic data its max / RMS
+    error against the fp32 reference stay within 1.5x / 1.1x the plain loop's (both round the
+    output to bf16). Prints both (pytest -s)."""
     q, cache, tables, seq_lens, ks, vs = realistic_fp8_case(32, 8, lens)
     args = (q, cache, tables, seq_lens, 128**-0.5, max(lens))
     ref = paged_decode_attention_ref(q.float(), *args[1:], k_scale=ks.item(), v_scale=vs.item())  # fp32
     errs = {}
-    for name, config in (("shipped", None), (variant, FP8_VARIANTS[variant])):
+    for name, config in (("plain", FP8_VARIANTS["plain"]), (variant, FP8_VARIANTS[variant])):
         out = paged_decode_attention(*args, k_scale=ks.item(), v_scale=vs.item(), _config=config)
         e = out.float() - ref
         errs[name] = (e.abs().max().item(), e.pow(2).mean().sqrt().item())
     print(f"\nfp8 decode error vs fp32 reference (max, rms): {errs}")
-    assert errs[variant][0] <= 1.5 * errs["shipped"][0] and errs[variant][1] <= 1.1 * errs["shipped"][1]
+    assert errs[variant][0] <= 1.5 * errs["plain"][0] and errs[variant][1] <= 1.1 * errs["plain"][1]
 
 
-@pytest.mark.parametrize("variant", ["words", "qk"])
-def test_fp8_variants_accuracy(variant: str) -> None:
-    check_fp8_variant_accuracy(variant, [300, 129, 33])
+def test_fp8_words_accuracy() -> None:
+    check_fp8_variant_accuracy("words", [300, 129, 33])
 
 
 def check_prefill(
@@ -643,9 +614,9 @@ def test_gpu_fp8_cache_scales_real_shapes(kv_scales: tuple[float, float]) -> Non
 @pytest.mark.parametrize("variant", FP8_VARIANTS)
 @pytest.mark.parametrize("heads,kv_heads", [(32, 8), (32, 32)])
 def test_gpu_decode_fp8_variants_real_shapes(variant: str, heads: int, kv_heads: int) -> None:
-    """The experimental variants at Llama-3-8B / Llama-2-7B head counts, D 128, block 16: the PTX
-    widening and fp8 wgmma the interpreter cannot run; every split count, both scale ranges, and
-    (GQA) a window over long contexts."""
+    """Both loops at Llama-3-8B / Llama-2-7B head counts, D 128, block 16: the PTX widening the
+    interpreter cannot run; every split count, both scale ranges, and (GQA) a window over long
+    contexts."""
     config = FP8_VARIANTS[variant]
     lens = torch.randint(1, 1025, (48,), generator=torch.Generator().manual_seed(6)).tolist()
     check_decode(lens, heads, kv_heads, 128, 16, dtype=torch.bfloat16, max_seq_len=1024, fp8_cache=True,
@@ -660,6 +631,6 @@ def test_gpu_decode_fp8_variants_real_shapes(variant: str, heads: int, kv_heads:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", FP8_VARIANTS)
+@pytest.mark.parametrize("variant", ["words", "words-64"])
 def test_gpu_fp8_variants_accuracy(variant: str) -> None:
     check_fp8_variant_accuracy(variant, [4096, 2500, 700, 33])

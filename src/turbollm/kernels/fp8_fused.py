@@ -11,20 +11,24 @@ compute the row and quantize it in the same program (vLLM fuses the same pairs):
     add_rmsnorm_quantize_fp8(x, residual, w, eps) -> (xq, scales, x + residual)
     silu_mul_quantize_fp8(gate_up) -> (xq, scales)
 
-Numerics: bit-equal to the unfused kernels followed by `quantize_fp8_per_token` — the row is
-rounded to the activations' dtype exactly as `fused_add_rmsnorm` / `silu_and_mul` round it
+Numerics: the same computation as the unfused kernels followed by `quantize_fp8_per_token` —
+the row is rounded to the activations' dtype as `fused_add_rmsnorm` / `silu_and_mul` round it
 (the same jit helpers compute it), and then quantized with fp8_matmul's per-token scale
 (amax * fp32(1 / 448), floored) and saturating e4m3 rounding. xq [T, N] float8_e4m3fn and
-scales [T, 1] float32 are the layout torch._scaled_mm and the small-M kernel take.
+scales [T, 1] float32 are the layout torch._scaled_mm and the small-M kernel take. Bit-equal in
+the tests (interpreter and H100). On the H100 the norm's sm_90 build rarely differs from
+the unfused pair's (they are compiled apart and may contract multiply-adds differently): on
+16,384 random rows of 4,096, 139 e4m3 codes of 67M differed by one step and one scale by
+one ulp (bench/scripts/gpu_fp8_fused.py, twelfth session); SwiGLU matched on every row.
 
 Program shapes: one row a program. The norm keeps the row in registers (rows up to
 rmsnorm._MAX_SINGLE_BLOCK; wider ones are refused, the caller keeps the unfused pair). SwiGLU
-rows up to _SINGLE_MAX stay in registers; wider ones (Llama: 11008, 14336) take an amax pass
-and a quantize pass, recomputing silu(gate) * up from gate_up, which the second pass reads
-from L2. Measured on an H100 (docs/performance.md, eleventh session): in a 512-sequence decode
-step of Llama-3-8B that two-pass row takes 22.6 us a layer, more than SwiGLU (12.7) plus a
-quantize launch; a one-pass row of up to 16,384 columns (16 or 32 warps, no spills in sm_90
-SASS) is the candidate, timed by bench/scripts/gpu_fp8_fused.py. Grids depend only on T
+rows up to _SINGLE_MAX (16,384: Llama's 11,008 and 14,336) stay in registers, with 32 warps
+past 8,192 columns (54 registers a thread, no spills in sm_90 SASS); wider ones take an amax
+pass and a quantize pass, recomputing silu(gate) * up from gate_up, which the second pass
+reads from L2. H100, 14,336 columns (bench/scripts/gpu_fp8_fused.py, twelfth session), µs at
+1 / 512 / 4,096 / 16,384 rows: one pass 4.1 / 11.8 / 98.5 / 379; two passes 6.9 / 16.5 / 178 /
+695; SwiGLU then the quantize launch 4.1 / 22.2 / 194 / 777. Grids depend only on T
 (CUDA-graph safe). On CPU the kernels run only under Triton's
 interpreter (TRITON_INTERPRET=1 set before import); the references run anywhere.
 """
@@ -44,7 +48,8 @@ from turbollm.kernels._interpreter import emulate_bf16_rounding, emulate_fp8_rou
 
 HAS_TRITON = triton is not None
 FP8 = torch.float8_e4m3fn
-_SINGLE_MAX = 8192  # widest SwiGLU output row kept in registers
+_SINGLE_MAX = 16384  # widest SwiGLU output row kept in registers
+_WIDE_WARPS = 32  # a one-pass SwiGLU row wider than 8,192 (16 warps: ~3% slower on the H100)
 _BLOCK = 2048  # columns per step of the two-pass SwiGLU loop
 MAX_NORM_WIDTH = rmsnorm._MAX_SINGLE_BLOCK
 """Widest row `add_rmsnorm_quantize_fp8` takes (the row stays in registers)."""
@@ -180,7 +185,7 @@ def silu_mul_quantize_fp8(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         _silu_mul_quant_kernel[(tokens,)](
             gate_up, xq, scales, inter, gate_up.stride(0), BLOCK=block, SINGLE=single,
             ROUND=emulate_bf16_rounding(gate_up.dtype), ROUND_FP8=emulate_fp8_rounding(FP8),
-            num_warps=rmsnorm._num_warps(block),
+            num_warps=_WIDE_WARPS if single and block > 8192 else rmsnorm._num_warps(block),
         )
     return xq, scales
 

@@ -17,23 +17,15 @@ h // (H // KV). With a sliding window W, a query at position p sees keys in (p -
   into the softmax scale and v_scale multiplies the normalized output; the references
   dequantize (cache * scale) and attend, which is the semantics.
 - The prefill kernel (variable-length chunks over a cached prefix) lives in
-  kernels/prefill_attention.py and shares this module's checks and references.
+  kernels/prefill_attention.py and shares this module's checks and references (which keep
+  this file ~20 lines over the house's ~500).
 
-Experimental FP8-cache variants of the decode kernel, opt-in through the private `_config`
-(`_DecodeConfig`) and not used by the engine until an H100 A/B (bench/scripts/
-gpu_decode_fp8_variants.py) says so. The shipped FP8 loop reads the cache at 65-80% of the copy
-bandwidth (bf16: 94-102%); its sm_90 SASS (bench/scripts/cpu_decode_fp8_sass.py, 128 keys a
-step, Llama-3-8B's group of 4) is 1,344 instructions a thread per step at 203 registers (2
-programs an SM): v reaches its mma.sync operand byte by byte (128 LDS.U8 + repacking: no
-ldmatrix for 8-bit data), and 717 are integer ALU (row addresses, register moves).
-- `fp8_words`: v is read as 32-bit words and widened by cvt.rn.f16x2.e4m3x2 in registers, then
-  staged as fp16 for ldmatrix.trans. Same fp16 dots as shipped. 941 instructions, 149 registers.
-- `fp8_qk` (kernels/paged_attention_fp8.py, bf16 q, Hopper): scores are computed as [keys,
-  heads] = k q^T on fp8 wgmma, k straight from shared memory, q as two e4m3 terms; p v as fp16
-  wgmma on v^T from words. 693 instructions (16 QGMMA + 16 HGMMA), 160 registers, 90 KB of
-  shared memory. In its own module; the variant pieces left here (`_DecodeConfig`, the
-  V_WORDS branch, `_fp8_rows_f16`) hold this file ~25 lines over the house's ~500 until the
-  A/B promotes or deletes them.
+- Decode over an FP8 cache: below _WORDS_MIN_PROGRAMS programs (request x kv head x split) v
+  reaches its mma.sync operand byte by byte (sm_90: 1,344 instructions a 128-key step, 2
+  programs an SM); from there on (V_WORDS) it is read as 32-bit words and widened by
+  cvt.rn.f16x2.e4m3x2 (941 instructions, 3 programs an SM, bit-equal): on an H100 76-91% of
+  the copy bandwidth against 73-81%, but slower at 512 programs (wave quantization).
+  docs/performance.md (twelfth session) has the A/B and the deleted fp8-wgmma QK^T loop.
 
 Contract not checked (it would need a host sync): every seq_lens[r] <= max_seq_len and
 <= block_tables.shape[1] * block_size. Requests with seq_len 0 (CUDA-graph padding) get a
@@ -63,6 +55,7 @@ _LOG2E = 1.4426950408889634
 _DECODE_BLOCK_N = 64  # keys per inner iteration of the decode kernel
 _DECODE_BLOCK_N_FP8 = 128  # the same over an FP8 cache (the same bytes a tile; H100 sweep, docs/performance.md)
 _MIN_PARTITION = 256  # fewest keys worth a split of their own
+_WORDS_MIN_PROGRAMS = 1024  # an FP8 cache's decode reads v as words from this many programs on
 _MAX_SPLITS = 64
 _DECODE_WARPS = 4
 _DECODE_STAGES: int | None = None  # None: Triton's default
@@ -87,7 +80,7 @@ if triton is not None:
         HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr, HAS_WINDOW: tl.constexpr,
         DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, F16_DOT: tl.constexpr,
-        V_WORDS: tl.constexpr,  # experimental (_DecodeConfig.fp8_words): an FP8 v read as 32-bit words
+        V_WORDS: tl.constexpr,  # an FP8 v read as 32-bit words (_use_words)
         PTX: tl.constexpr,  # inline PTX allowed (False under the interpreter)
         PDL: tl.constexpr,
     ):
@@ -160,10 +153,8 @@ if triton is not None:
     @triton.jit
     def _fp8_rows_f16(rows, valid, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PTX: tl.constexpr):
         """[N, D_PAD] fp16 (exact) of e4m3 rows (`rows`: [N] pointers to each key's first value),
-        read as 32-bit words. A byte tile carried between pipelined iterations holds one value a
-        register and is repacked byte by byte before the widening (PRMT / LOP3 / IMAD, sm_90 SASS);
-        words widen with one cvt.rn.f16x2.e4m3x2 per pair. Needs HEAD_DIM % 4 == 0 and 4-byte
-        aligned rows (the launcher checks)."""
+        read as 32-bit words, one cvt.rn.f16x2.e4m3x2 a pair (a byte tile would be repacked
+        byte by byte). Needs HEAD_DIM % 4 == 0 and 4-byte aligned rows (_words_fit)."""
         offs_w = tl.arange(0, HEAD_DIM_PAD // 4)
         words = rows.to(tl.pointer_type(tl.int32))  # [N]
         mask = valid[:, None] & (offs_w < HEAD_DIM // 4)[None, :]
@@ -329,12 +320,10 @@ def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class _DecodeConfig:
-    """Private launch options of `paged_decode_attention` for tests and A/B benchmarks; the
-    default is the shipped kernel. fp8_words and fp8_qk are experimental variants for an FP8
-    cache (module docstring); None fields take the module's shipped settings."""
+    """Private launch options of `paged_decode_attention` for tests and A/B benchmarks; None
+    fields take the shipped choice."""
 
-    fp8_words: bool = False  # v read as 32-bit words and widened by cvt.rn.f16x2.e4m3x2; fp16 dots as shipped
-    fp8_qk: bool = False  # _decode_split_kernel_fp8qk: QK^T on fp8 wgmma, q as two e4m3 terms (bf16 q)
+    fp8_words: bool | None = None  # FP8 cache: v as 32-bit words (V_WORDS); None: _use_words by the grid
     block_n: int | None = None  # keys a step (a power of two >= 16); None: _DECODE_BLOCK_N(_FP8)
     num_warps: int | None = None  # None: _DECODE_WARPS
     num_stages: int | None = None  # None: _DECODE_STAGES
@@ -343,16 +332,28 @@ class _DecodeConfig:
 _SHIPPED = _DecodeConfig()
 
 
-def _check_config(config: _DecodeConfig, q: torch.Tensor, kv_cache: torch.Tensor) -> None:
-    """ValueError naming what a variant of `config` cannot run on."""
-    if config.fp8_words or config.fp8_qk:
+def _words_fit(kv_cache: torch.Tensor) -> bool:
+    """An FP8 cache whose rows can be read as 4-byte words."""
+    return (kv_cache.dtype == torch.float8_e4m3fn and kv_cache.data_ptr() % 4 == 0
+            and not any(s % 4 for s in kv_cache.stride()[:-1]) and kv_cache.shape[-1] % 4 == 0)
+
+
+def _use_words(config: _DecodeConfig, kv_cache: torch.Tensor, programs: int) -> bool:
+    """Whether the decode loop reads v as words (module docstring): an FP8 cache that fits, from
+    _WORDS_MIN_PROGRAMS programs on, unless the config forces it either way."""
+    if config.fp8_words is not None:
+        return config.fp8_words
+    return programs >= _WORDS_MIN_PROGRAMS and _words_fit(kv_cache)
+
+
+def _check_config(config: _DecodeConfig, kv_cache: torch.Tensor) -> None:
+    """ValueError naming what `config` cannot run on."""
+    if config.fp8_words:
         if kv_cache.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"_DecodeConfig variants read a float8_e4m3fn cache, got {kv_cache.dtype}")
-        if kv_cache.data_ptr() % 4 or any(s % 4 for s in kv_cache.stride()[:-1]) or kv_cache.shape[-1] % 4:
-            raise ValueError("_DecodeConfig variants read the cache as 32-bit words: it needs 4-byte "
+            raise ValueError(f"_DecodeConfig.fp8_words reads a float8_e4m3fn cache, got {kv_cache.dtype}")
+        if not _words_fit(kv_cache):
+            raise ValueError("_DecodeConfig.fp8_words reads the cache as 32-bit words: it needs 4-byte "
                              f"aligned rows and head_dim % 4 == 0 (strides {kv_cache.stride()})")
-    if config.fp8_qk and q.dtype != torch.bfloat16:
-        raise ValueError(f"_DecodeConfig.fp8_qk splits a bf16 q into two exact e4m3 terms, got {q.dtype}")
     bn = config.block_n
     if bn is not None and (bn < 16 or bn & (bn - 1)):
         raise ValueError(f"_DecodeConfig.block_n must be a power of two >= 16, got {bn}")
@@ -385,7 +386,7 @@ def paged_decode_attention(
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     config = _config or _SHIPPED
-    _check_config(config, q, kv_cache)
+    _check_config(config, kv_cache)
     kv_heads = kv_cache.shape[3]
     out = check_out(out, q)  # [B, H, D]
     if batch == 0:
@@ -406,8 +407,9 @@ def paged_decode_attention(
         part_out = torch.empty(batch, heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(batch, heads, num_splits, device=q.device, dtype=torch.float32)
         pstrides, lstrides = part_out.stride()[:3], part_lse.stride()[:2]
+    words = _use_words(config, kv_cache, batch * kv_heads * num_splits)
     _launch_split(q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale * k_scale * _LOG2E,
-                  v_scale, sliding_window, num_splits, pstrides, lstrides, block_n, config)
+                  v_scale, sliding_window, num_splits, pstrides, lstrides, block_n, config, words)
     if num_splits > 1:
         _combine_kernel[(batch, heads)](
             part_out, part_lse, out, num_splits,
@@ -422,14 +424,14 @@ def _launch_split(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
     out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor, qk_scale: float, v_scale: float,
     sliding_window: int | None, num_splits: int, pstrides: tuple[int, ...], lstrides: tuple[int, ...],
-    block_n: int, config: _DecodeConfig,
+    block_n: int, config: _DecodeConfig, words: bool,
 ) -> None:
     """One launch of the split kernel over (request, kv head, split)."""
     kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     pdl = pdl_kwargs(q.device)
     kernel, const, options = _split_kernel(
         q.dtype, kv_cache.dtype, q.shape[1] // kv_heads, q.shape[2], block_size, block_n, num_splits == 1,
-        sliding_window is not None, config, pdl["PDL"],
+        sliding_window is not None, config, words, pdl["PDL"],
     )
     kernel[(q.shape[0], kv_heads, num_splits)](
         q, kv_cache, block_tables, seq_lens, out, part_out, part_lse,
@@ -445,26 +447,22 @@ def _launch_split(
 
 def _split_kernel(
     q_dtype: torch.dtype, kv_dtype: torch.dtype, group: int, head_dim: int, block_size: int, block_n: int,
-    direct: bool, has_window: bool, config: _DecodeConfig, pdl: bool,
+    direct: bool, has_window: bool, config: _DecodeConfig, words: bool, pdl: bool,
 ) -> tuple[object, dict[str, object], dict[str, int]]:
-    """(kernel, constexprs, num_warps / num_stages) of the split launch `config` picks: the
-    shipped kernel or a variant. bench/scripts/cpu_decode_fp8_sass.py compiles from these."""
+    """(kernel, constexprs, num_warps / num_stages) of the split launch; `words`: V_WORDS
+    (_use_words). bench/scripts/cpu_decode_fp8_sass.py compiles from these."""
     const: dict[str, object] = dict(
         GROUP=group, GROUP_PAD=max(16, _next_pow2(group)), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=max(16, _next_pow2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=block_n,
         DIRECT=direct, HAS_WINDOW=has_window, PTX=not triton.knobs.runtime.interpret, PDL=pdl,
     )
-    kernel = _decode_split_kernel
-    if config.fp8_qk:  # imported here: that module builds on this one's jit helpers
-        from turbollm.kernels.paged_attention_fp8 import _decode_split_kernel_fp8qk as kernel
-    if not config.fp8_qk:
-        const.update(DOT_PREC=_dot_precision(q_dtype), UPCAST=_upcast(q_dtype),
-                     F16_DOT=_f16_dot(q_dtype, kv_dtype), V_WORDS=config.fp8_words)
+    const.update(DOT_PREC=_dot_precision(q_dtype), UPCAST=_upcast(q_dtype),
+                 F16_DOT=_f16_dot(q_dtype, kv_dtype), V_WORDS=words)
     options = {"num_warps": config.num_warps or _DECODE_WARPS}
     stages = _DECODE_STAGES if config.num_stages is None else config.num_stages
     if stages is not None:
         options["num_stages"] = stages
-    return kernel, const, options
+    return _decode_split_kernel, const, options
 
 
 # ---------------------------------------------------------------------------------------------
