@@ -42,8 +42,7 @@ def corpus_tokens(tokenizer: Callable[..., object], part: str) -> torch.Tensor:
     """The part's text (corpus.load_corpus) tokenized without special tokens: [num_tokens]."""
     if part not in _PARTS:
         raise ValueError(f"corpus part {part!r} is neither 'calibration' nor 'heldout'")
-    ids = tokenizer(corpus.load_corpus(_PARTS[part]), add_special_tokens=False).input_ids  # type: ignore[attr-defined]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(corpus.tokenize_text(tokenizer, corpus.load_corpus(_PARTS[part])), dtype=torch.long)
 
 
 def calibration_windows(

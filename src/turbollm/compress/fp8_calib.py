@@ -129,20 +129,24 @@ def gptq_fp8(
         out[:, perm] = q
         return out
     hinv = inverse_hessian_factor(h, damp)  # [K, K] upper
-    q = torch.empty(n, k, dtype=torch.float8_e4m3fn, device=w.device)
+    qt = torch.empty(k, n, dtype=torch.float8_e4m3fn, device=w.device)  # codes, column i in row i
+    s = s[:, 0]  # [N]
+    # The block is held transposed (a column a contiguous row) and updated in place, in as few
+    # torch calls a column as possible: the loop runs K times a linear in Python (2x faster
+    # than column slices of W on 2 CPU cores).
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
-        w1 = w[:, b0:b1].clone()  # [N, B]
+        w1 = w[:, b0:b1].t().contiguous()  # [B, N]
         err1 = torch.empty_like(w1)
         hinv1 = hinv[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            code = (w1[:, i:i + 1] / s).clamp(-grids.FP8_MAX, grids.FP8_MAX).to(torch.float8_e4m3fn)  # [N, 1]
-            q[:, b0 + i] = code[:, 0]
-            e = (w1[:, i] - code[:, 0].float() * s[:, 0]) / hinv1[i, i]  # [N]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = e
-        w[:, b1:] -= err1 @ hinv[b0:b1, b1:]
-    return q
+            code = (w1[i] / s).clamp_(-grids.FP8_MAX, grids.FP8_MAX).to(torch.float8_e4m3fn)  # [N]
+            qt[b0 + i] = code
+            e = torch.sub(w1[i], code.float().mul_(s)).div_(hinv1[i, i])  # [N]
+            w1[i:].addr_(hinv1[i, i:], e, alpha=-1.0)
+            err1[i] = e
+        w[:, b1:].addmm_(err1.t(), hinv[b0:b1, b1:], alpha=-1.0)
+    return qt.t().contiguous()
 
 
 def smoothing_factors(act_amax: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
