@@ -113,3 +113,32 @@ def test_quantized_perplexity_on_a_held_out_slice() -> None:
     print(f"baseline {ref:.3f}, deltas % {deltas}")
     assert 0 < abs(deltas["int8"]) <= 2.5
     assert deltas["int4"] > deltas["int8"] and deltas["int4"] <= 50.0
+
+
+class _FastTokenizer:
+    """A stand-in for a Rust-backed tokenizer: serializes to `spec`, counts its calls."""
+
+    def __init__(self, spec: str) -> None:
+        self.backend_tokenizer = type("Backend", (), {"to_str": lambda _self: spec})()
+        self.calls = 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        self.calls += 1
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def test_tokenize_text_is_remembered_per_tokenizer_and_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(corpus, "_TOKENIZED", type(corpus._TOKENIZED)())
+    a, a_again, b = _FastTokenizer("vocab A"), _FastTokenizer("vocab A"), _FastTokenizer("vocab B")
+    ids = corpus.tokenize_text(a, "abc")
+    assert ids == [97, 98, 99] and a.calls == 1
+    ids.append(0)  # callers get their own list
+    assert corpus.tokenize_text(a_again, "abc") == [97, 98, 99] and a_again.calls == 0  # same serialized form
+    assert corpus.tokenize_text(b, "abc") == [97, 98, 99] and b.calls == 1  # another tokenizer
+    assert corpus.tokenize_text(a, "abd") == [97, 98, 100] and a.calls == 2  # another text
+    for text in ("w", "x", "y", "z"):  # only the latest _TOKENIZED_KEEP stay
+        corpus.tokenize_text(a, text)
+    corpus.tokenize_text(a, "abc")
+    assert a.calls == 7
+    plain = _CharTokenizer()  # not a fast tokenizer: called every time
+    assert corpus.tokenize_text(plain, "hi") == corpus.tokenize_text(plain, "hi") == [104, 105]

