@@ -42,10 +42,12 @@ CLASSES = {  # column -> opcode prefixes (before the first '.')
     "int": ("IMAD", "IADD3", "VIADD", "LEA", "SHF", "LOP3", "SEL", "ISETP", "IABS", "SGXT"),
 }
 VARIANTS = {  # name -> _DecodeConfig (the fp8 wgmma QK^T loop was deleted in the twelfth session)
-    "plain": PA._DecodeConfig(fp8_words=False),
-    "fp8_words": PA._DecodeConfig(fp8_words=True),
-    "fp8_words 64 keys": PA._DecodeConfig(fp8_words=True, block_n=64),
-    "fp8_words 2 stages": PA._DecodeConfig(fp8_words=True, num_stages=2),
+    "plain": PA._DecodeConfig(fp8_words=False, paged=True),
+    "fp8_words": PA._DecodeConfig(fp8_words=True, paged=True),
+    "fp8_words 64 keys": PA._DecodeConfig(fp8_words=True, block_n=64, paged=True),
+    "fp8_words 2 stages": PA._DecodeConfig(fp8_words=True, num_stages=2, paged=True),
+    "plain, per key": PA._DecodeConfig(fp8_words=False, paged=False),
+    "words, per key": PA._DecodeConfig(fp8_words=True, paged=False),
 }
 COLS = [*CLASSES, "IMAD.MOV"]
 MODELS = {"llama-3-8b": 4, "llama-2-7b": 1}  # GQA group (q heads a kv head)
@@ -172,8 +174,9 @@ def main() -> None:
           + "  REG STACK   smem warp-ops/key CTAs/SM")
     cases = [(m, name, config.block_n or PA._DECODE_BLOCK_N_FP8, lambda c=config, g=g: compile_variant(c, g))
              for m, g in MODELS.items() for name, config in VARIANTS.items()]
-    cases += [(m, "bf16 cache (ref.)", PA._DECODE_BLOCK_N, lambda g=g: compile_variant(PA._DecodeConfig(), g, True))
-              for m, g in MODELS.items()]
+    cases += [(m, name, PA._DECODE_BLOCK_N, lambda g=g, c=c: compile_variant(c, g, True))
+              for m, g in MODELS.items()
+              for name, c in (("bf16 cache (ref.)", PA._DecodeConfig()), ("bf16 cache, paged", PA._DecodeConfig(paged=True)))]
     if a.tma:
         cases += [(m, f"TMA proto {p} pages", 16 * p, lambda p=p, g=g: compile_tma_prototype(p, g))
                   for m, g in MODELS.items() for p in (1, 2, 8)]

@@ -40,8 +40,14 @@ VARIANTS = {  # name -> (_config (None: the shipped choice, _use_words), num_spl
     "plain 2 splits": (_DecodeConfig(fp8_words=False), 2),
     "fp8_words": (_DecodeConfig(fp8_words=True), None),
     "fp8_words 2 splits": (_DecodeConfig(fp8_words=True), 2),
+    # the per-key loop (every key's table entry and masks, as before the thirteenth session)
+    "plain per key": (_DecodeConfig(fp8_words=False, paged=False), None),
+    "words per key": (_DecodeConfig(fp8_words=True, paged=False), None),
+    "bf16 cache per key": (_DecodeConfig(paged=False), None),
+    "words 64": (_DecodeConfig(fp8_words=True, block_n=64), None),  # names starting "bf16 cache": the bf16 cache
 }
 REF_REQUESTS = 8
+JITTER = False  # --jitter
 
 
 def make_case(heads: int, kv_heads: int, batch: int, ctx: int) -> dict[str, object]:
@@ -56,7 +62,9 @@ def make_case(heads: int, kv_heads: int, batch: int, ctx: int) -> dict[str, obje
     fp8 = torch.stack([(kv[0] / k_scale), (kv[1] / v_scale)]).to(torch.float8_e4m3fn)
     tables = torch.zeros(batch, MAX_BLOCKS, device="cuda", dtype=torch.int32)  # [B, 128]
     tables[:, : nb // batch] = torch.randperm(nb, device="cuda", generator=g).view(batch, -1).to(torch.int32)
-    lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)  # [B]
+    # Lengths in (ctx - 128, ctx] (--jitter): as in serving, most requests end inside a tile.
+    jitter = torch.randint(0, 128, (batch,), device="cuda", generator=g) if JITTER else 0
+    lens = (torch.full((batch,), ctx, device="cuda") - jitter).to(torch.int32)  # [B]
     return dict(q=q.to(torch.bfloat16), bf16=kv, fp8=fp8, tables=tables, lens=lens, k_scale=k_scale,
                 v_scale=v_scale, ctx=ctx)
 
@@ -83,7 +91,7 @@ def measure(case: dict[str, object], name: str, variant: tuple[_DecodeConfig | N
     recorded. A variant whose output differs from the shipped one is still timed (its row keeps
     the mismatch), so a fixable accuracy fault does not hide its speed."""
     config, splits = variant
-    cache = "bf16" if name == "bf16 cache" else "fp8"
+    cache = "bf16" if name.startswith("bf16 cache") else "fp8"
     row: dict[str, object] = dict(variant=name)
     try:
         out = attention(case, cache, config, splits)
@@ -109,7 +117,10 @@ def main() -> None:
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out"), "gpu_decode_fp8_variants.json"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    ap.add_argument("--jitter", action="store_true", help="lengths in (ctx - 128, ctx] instead of all ctx")
     a = ap.parse_args()
+    global JITTER
+    JITTER = a.jitter
     names = [n for n in a.variants.split(",") if n]
     copy = copy_bandwidth_gbs()
     print(f"{torch.cuda.get_device_name()}, copy {copy:.0f} GB/s", flush=True)
@@ -119,10 +130,11 @@ def main() -> None:
             case = make_case(heads, kv_heads, batch, ctx)
             shipped = attention(case, "fp8", None)
             for name in ["bf16 cache", *names]:
-                row = measure(case, name, VARIANTS.get(name, (None, None)), None if name in ("bf16 cache", "shipped") else shipped,
+                row = measure(case, name, VARIANTS.get(name, (None, None)),
+                              None if name.startswith("bf16 cache") or name == "shipped" else shipped,
                               a.rounds)
-                elem = 2 if name == "bf16 cache" else 1
-                nbytes = batch * ctx * kv_heads * D * 2 * elem + 2 * case["q"].numel() * 2
+                elem = 2 if name.startswith("bf16 cache") else 1
+                nbytes = int(case["lens"].sum()) * kv_heads * D * 2 * elem + 2 * case["q"].numel() * 2
                 if "us" in row:
                     row["gbs"] = nbytes / row["us"] / 1e3
                     row["frac_of_copy"] = row["gbs"] / copy

@@ -192,6 +192,42 @@ def test_decode_half_precision(dtype: torch.dtype, num_splits: int) -> None:
     check_decode([1, 33, 100], 8, 2, 64, 16, dtype=dtype, num_splits=num_splits, window=None)
 
 
+@pytest.mark.parametrize("cache,block_size,splits", [("fp32", 16, 1), ("fp32", 128, 2), ("fp8-words", 16, 2),
+                                                     ("fp8-plain", 32, 1)])
+def test_decode_paged_tiles_equal_per_key_loop(cache: str, block_size: int, splits: int) -> None:
+    """The shipped loop (whole tiles addressed a block at a time, unmasked, then one masked tile)
+    gives the per-key loop's output bit for bit: lengths below, at and past whole tiles of 64
+    (fp32) / 128 (FP8) keys, a zero length, a split that starts past its request's end, and a
+    block of 128 tokens over 64-key tiles (per-key fallback). Both match the reference."""
+    lens = [0, 1, 63, 64, 65, 128, 129, 200, 257]
+    fp8 = cache.startswith("fp8")
+    kv_cache, tables = make_cache(lens, 2, 32, block_size, torch.float32)
+    kv_cache = kv_cache.to(torch.float8_e4m3fn) if fp8 else kv_cache
+    q = torch.randn(len(lens), 8, 32, generator=torch.Generator().manual_seed(1))
+    q = q.to(torch.bfloat16 if fp8 else torch.float32).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    args = (q, kv_cache, tables, seq_lens, 32**-0.5, 320, None, splits)
+    words = None if not fp8 else cache == "fp8-words"
+    scales = dict(k_scale=0.7, v_scale=1.3) if fp8 else {}
+    outs = [paged_decode_attention(*args, **scales, _config=_DecodeConfig(fp8_words=words, paged=p))
+            for p in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    ref = paged_decode_attention_ref(*args, **scales)
+    tol = TOL[q.dtype]
+    torch.testing.assert_close(outs[0].float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_decode_paged_tiles_chosen_for_fp8_gqa() -> None:
+    """By default tiles are addressed a block at a time over an FP8 cache with GQA only (faster
+    there on an H200; slower for MHA and for a bf16 cache); a config forces either loop."""
+    fp8, bf16 = torch.float8_e4m3fn, torch.bfloat16
+    assert PA._paged(fp8, 4) and not PA._paged(fp8, 1) and not PA._paged(bf16, 4)
+    for paged in (True, False):
+        const = PA._split_kernel(bf16, bf16, 1, 128, 16, 64, True, False, _DecodeConfig(paged=paged), False,
+                                 False)[1]
+        assert const["PAGED"] is paged
+
+
 def test_decode_zero_length_request_gives_zeros() -> None:
     kv_cache, tables = make_cache([20, 0], 2, 32, 16, torch.float32)
     q = torch.randn(2, 4, 32, device=DEVICE)
@@ -634,3 +670,25 @@ def test_gpu_decode_fp8_variants_real_shapes(variant: str, heads: int, kv_heads:
 @pytest.mark.parametrize("variant", ["words", "words-64"])
 def test_gpu_fp8_variants_accuracy(variant: str) -> None:
     check_fp8_variant_accuracy(variant, [4096, 2500, 700, 33])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cache", ["bf16", "fp8-words", "fp8-plain"])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (32, 32)])
+def test_gpu_decode_paged_tiles_equal_per_key_loop(cache: str, heads: int, kv_heads: int) -> None:
+    """As test_decode_paged_tiles_equal_per_key_loop at Llama-3-8B / Llama-2-7B head counts, D 128,
+    block 16, lengths up to 1,024, one split and four."""
+    lens = torch.randint(1, 1025, (40,), generator=torch.Generator().manual_seed(9)).tolist()
+    fp8 = cache != "bf16"
+    kv_cache, tables = make_cache(lens, kv_heads, 128, 16, torch.bfloat16)
+    kv_cache = kv_cache.to(torch.float8_e4m3fn) if fp8 else kv_cache
+    q = torch.randn(len(lens), heads, 128, device=DEVICE, dtype=torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    scales = dict(k_scale=0.4, v_scale=2.5) if fp8 else {}
+    words = None if not fp8 else cache == "fp8-words"
+    for splits in (1, 4):
+        args = (q, kv_cache, tables, seq_lens, 128**-0.5, 1024, None, splits)
+        a, b = (paged_decode_attention(*args, **scales, _config=_DecodeConfig(fp8_words=words, paged=p))
+                for p in (True, False))
+        assert torch.equal(a, b), f"max abs difference {(a.float() - b.float()).abs().max().item():.3g}"
