@@ -3,12 +3,13 @@
 # 98d46d7 src`, the twelfth session's tree): decode attention with whole tiles addressed a block at a
 # time (PAGED) against the per-key loop, kernel table first; its GPU tests; then the offline FP8
 # recipes, new / old trees alternating (the first run of each tree compiles its kernels).
+# gpu_visit13c.sh runs this with VARIANT_FLAGS, VARIANTS and TESTS_K set.
 source bench/scripts/gpu_env.sh
-timeout 150 python3 bench/scripts/gpu_decode_fp8_variants.py --rounds 2 \
-  --variants "shipped,bf16 cache per key,words per key,plain per key,fp8_words,plain" \
+timeout 170 python3 bench/scripts/gpu_decode_fp8_variants.py --rounds 2 ${VARIANT_FLAGS:-} \
+  --variants "${VARIANTS:-shipped,bf16 cache per key,words per key,plain per key,fp8_words,plain}" \
   --json "$OUT/fp8_variants.json" 2>&1 | tail -11
-timeout 90 "${P[@]}" -m gpu --tb=short -rf tests/kernels/test_paged_attention.py 2>&1 | tee "$OUT/gpu_tests.log" \
-  | grep -E "^FAILED|^E  |passed|failed" | tail -6
+timeout 90 "${P[@]}" -m gpu --tb=short -rf tests/kernels/test_paged_attention.py -k "${TESTS_K:-gpu}" 2>&1 \
+  | tee "$OUT/gpu_tests.log" | grep -E "^FAILED|^E  |passed|failed" | tail -6
 tp() {  # tree tag model prompts flags...
   local tree=$1 tag=$2 model=$3 n=$4; shift 4
   PYTHONPATH=/tmp/site:$tree timeout 100 python3 -m turbollm.cli bench throughput --model $model --load-format dummy \

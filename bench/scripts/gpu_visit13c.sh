@@ -1,28 +1,9 @@
 #!/bin/bash
 # Thirteenth session, third visit (one call, ~8 min, H200; carry .whl and .stage/old = `git archive
-# 98d46d7 src`, the twelfth session's tree): decode attention with whole tiles addressed a block at a
-# time (PAGED, one masked loop) against the per-key loop, kernel table first with lengths jittered into the last tile; its GPU tests; then the offline FP8
-# recipes, new / old trees alternating (the first run of each tree compiles its kernels).
-source bench/scripts/gpu_env.sh
-timeout 170 python3 bench/scripts/gpu_decode_fp8_variants.py --rounds 2 --jitter \
-  --variants "shipped,bf16 cache per key,words per key,plain per key,fp8_words,plain,words 64" \
-  --json "$OUT/fp8_variants.json" 2>&1 | tail -11
-timeout 90 "${P[@]}" -m gpu --tb=short -rf tests/kernels/test_paged_attention.py \
-  -k "paged_tiles or fp8_variants or decode_real or decode_fp8_cache or long_context" 2>&1 | tee "$OUT/gpu_tests.log" \
-  | grep -E "^FAILED|^E  |passed|failed" | tail -6
-tp() {  # tree tag model prompts flags...
-  local tree=$1 tag=$2 model=$3 n=$4; shift 4
-  PYTHONPATH=/tmp/site:$tree timeout 100 python3 -m turbollm.cli bench throughput --model $model --load-format dummy \
-    --dataset random --num-prompts $n --input-len 512 --output-len 256 --ignore-eos --compare none --repeats 1 \
-    --output-json "$OUT/offline-$tag.json" "$@" 2>&1 | grep -i "error" | tail -2
-  python3 -c "import json; r=json.load(open('$OUT/offline-$tag.json'))['runs'][0]; print('$tag', round(r['tok_per_s'], 1))"
-}
-L3=(--quantization fp8 --kv-cache-dtype fp8 --max-num-seqs 512 --max-num-batched-tokens 16384)
-L2=(--quantization fp8 --kv-cache-dtype fp8 --max-num-batched-tokens 8192)
-for r in 1 2; do
-  tp src l3-new-$r llama-3-8b 1000 "${L3[@]}"; tp .stage/old/src l3-old-$r llama-3-8b 1000 "${L3[@]}"
-done
-for r in 1 2; do
-  tp src l2-new-$r llama-2-7b 1000 "${L2[@]}"; tp .stage/old/src l2-old-$r llama-2-7b 1000 "${L2[@]}"
-done
-(cd "$OUT" && tar czf offline.tgz offline-*.json && rm offline-*.json)
+# 98d46d7 src`): visit 13b again with the paged tiles in one masked loop (this tree at the time),
+# the kernel table with lengths jittered into the last tile and a words loop of 64 keys, a subset
+# of the GPU tests (the new paged-vs-per-key one among them); the offline JSONs come back as one tgz.
+VARIANT_FLAGS=--jitter VARIANTS="shipped,bf16 cache per key,words per key,plain per key,fp8_words,plain,words 64" \
+  TESTS_K="paged_tiles or fp8_variants or decode_real or decode_fp8_cache or long_context" \
+  bash bench/scripts/gpu_visit13b.sh
+(cd "${OUT:-out}" && tar czf offline.tgz offline-*.json && rm offline-*.json)
