@@ -195,10 +195,10 @@ def test_decode_half_precision(dtype: torch.dtype, num_splits: int) -> None:
 @pytest.mark.parametrize("cache,block_size,splits", [("fp32", 16, 1), ("fp32", 128, 2), ("fp8-words", 16, 2),
                                                      ("fp8-plain", 32, 1)])
 def test_decode_paged_tiles_equal_per_key_loop(cache: str, block_size: int, splits: int) -> None:
-    """The shipped loop (whole tiles addressed a block at a time, unmasked, then one masked tile)
-    gives the per-key loop's output bit for bit: lengths below, at and past whole tiles of 64
-    (fp32) / 128 (FP8) keys, a zero length, a split that starts past its request's end, and a
-    block of 128 tokens over 64-key tiles (per-key fallback). Both match the reference."""
+    """Tiles addressed a block at a time (PAGED) give the per-key loop's output bit for bit:
+    lengths below, at and past whole tiles of 64 (fp32) / 128 (FP8) keys, a zero length, a split
+    that starts past its request's end, and a block of 128 tokens over 64-key tiles (where the
+    kernel falls back to the per-key loop). Both match the reference."""
     lens = [0, 1, 63, 64, 65, 128, 129, 200, 257]
     fp8 = cache.startswith("fp8")
     kv_cache, tables = make_cache(lens, 2, 32, block_size, torch.float32)

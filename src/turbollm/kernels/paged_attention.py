@@ -433,8 +433,8 @@ def _launch_split(
 def _paged(kv_dtype: torch.dtype, group: int) -> bool:
     """Whether the decode loop addresses its tiles a block at a time (PAGED) by default: over an
     FP8 cache with GQA. In offline runs on an H200 that made Llama-3-8B's decode attention 14%
-    faster, but Llama-2-7B's (MHA) 2% slower, and a bf16 cache's tiles 3-30% slower at fixed
-    shapes (docs/performance.md, thirteenth session)."""
+    faster but Llama-2-7B's (MHA) 2% slower; over a bf16 cache it was 3-30% slower in the
+    kernel table (docs/performance.md, thirteenth session)."""
     return kv_dtype == torch.float8_e4m3fn and group > 1
 
 
