@@ -10,10 +10,6 @@ import pytest
 from turbollm.cli import build_parser, main
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "turbollm.cli", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_help_lists_commands() -> None:
     text = build_parser().format_help()
     for cmd in ("generate", "chat", "bench"):
@@ -47,15 +43,20 @@ def test_malformed_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str]) -> N
 
 @pytest.mark.slow
 def test_generate_and_too_long_prompt_in_a_real_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    ok = run_cli("generate", "--device", "cpu", "--max-tokens", "5", "--temperature", "0", "The capital of France is")
-    assert ok.returncode == 0, ok.stderr
-    assert "tok/s" in ok.stdout and "[5 tokens" in ok.stdout
     prompts = tmp_path / "p.txt"
     prompts.write_text("word " * 40 + "\nshort\n")
-    bad = run_cli("generate", "--device", "cpu", "--max-model-len", "16", "--file", str(prompts))
-    assert bad.returncode == 2
-    assert bad.stderr.strip().splitlines()[-1].startswith("turbollm: error: the prompt has")
-    assert "Traceback" not in bad.stderr
+    # The two processes run side by side (each spends most of its time importing and loading).
+    procs = [subprocess.Popen([sys.executable, "-m", "turbollm.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for args in (("generate", "--device", "cpu", "--max-tokens", "5", "--temperature", "0",
+                           "The capital of France is"),
+                          ("generate", "--device", "cpu", "--max-model-len", "16", "--file", str(prompts)))]
+    (ok_out, ok_err), (_, bad_err) = (p.communicate(timeout=300) for p in procs)
+    assert procs[0].returncode == 0, ok_err
+    assert "tok/s" in ok_out and "[5 tokens" in ok_out
+    assert procs[1].returncode == 2
+    assert bad_err.strip().splitlines()[-1].startswith("turbollm: error: the prompt has")
+    assert "Traceback" not in bad_err
 
 
 def test_speculative_flags_reach_the_engine_options(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,6 @@ transformers model loaded from the same file. A GGUF file written here with gguf
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from dataclasses import replace
@@ -60,18 +59,8 @@ def embedded_tokenizer(embedded: ModelSource):
     return embedded.load_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def embedded_reference():
-    path = embedded_model_path()
-    return AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
-        local_files_only=True,
-    )
-
-
-@pytest.mark.slow
-def test_embedded_weights_equal_transformers(embedded: ModelSource, embedded_reference) -> None:
-    ref = embedded_reference.state_dict()
+def test_embedded_weights_equal_transformers(embedded: ModelSource, hf_smollm) -> None:  # type: ignore[no-untyped-def]
+    ref = hf_smollm.state_dict()
     seen = []
     for name, w in embedded.iter_weights():
         assert name in ref, name
@@ -84,8 +73,8 @@ def test_embedded_weights_equal_transformers(embedded: ModelSource, embedded_ref
 
 
 @pytest.mark.slow
-def test_embedded_arch_matches_transformers_config(embedded: ModelSource, embedded_reference) -> None:
-    arch, cfg = embedded.arch, embedded_reference.config
+def test_embedded_arch_matches_transformers_config(embedded: ModelSource, hf_smollm) -> None:  # type: ignore[no-untyped-def]
+    arch, cfg = embedded.arch, hf_smollm.config
     assert embedded.kind == "gguf" and embedded.path.endswith(EMBEDDED_GGUF)
     assert arch.architecture == "LlamaForCausalLM"
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
