@@ -15,7 +15,7 @@ kernel's CTAs an SM).
 Times: CUDA-graph replays, the best of --rounds rounds; GB/s counts the cache bytes (FP8: one a
 value) + q and out, against a same-run 1 GiB device copy.
 
-Usage: python bench/scripts/gpu_decode_fp8_variants.py [--json PATH] [--rounds 2] [--variants a,b]
+Usage: python bench/scripts/gpu_decode_fp8_variants.py [--json PATH] [--rounds 2] [--variants a,b] [--jitter]
 Prints a table; writes --json (default $OUT/gpu_decode_fp8_variants.json).
 """
 from __future__ import annotations
@@ -43,8 +43,10 @@ VARIANTS = {  # name -> (_config (None: the shipped choice, _use_words), num_spl
     # the per-key loop (every key's table entry and masks, as before the thirteenth session)
     "plain per key": (_DecodeConfig(fp8_words=False, paged=False), None),
     "words per key": (_DecodeConfig(fp8_words=True, paged=False), None),
+    "words 64": (_DecodeConfig(fp8_words=True, block_n=64), None),
+    # names starting "bf16 cache" time the bf16 cache
     "bf16 cache per key": (_DecodeConfig(paged=False), None),
-    "words 64": (_DecodeConfig(fp8_words=True, block_n=64), None),  # names starting "bf16 cache": the bf16 cache
+    "bf16 cache paged": (_DecodeConfig(paged=True), None),  # the "bf16 cache" column of visits 13b / 13c
 }
 REF_REQUESTS = 8
 JITTER = False  # --jitter
